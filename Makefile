@@ -1,0 +1,23 @@
+# `make demo`: install and run the built-in default (a small transformer on a toy task).
+# `make test`: install and run the test suite with ruff and mypy.
+PYTHON ?= python3
+
+.PHONY: install demo test test-slow lint
+
+install:
+	# torch first: 2.13.0 is the CPU build this project develops on; any torch>=2.4 works.
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
+	$(PYTHON) -m pip install -q -e ".[test]"
+
+demo: install
+	ppolm train
+
+lint:
+	$(PYTHON) -m ruff check src tests
+	$(PYTHON) -m mypy src
+
+test: install lint
+	$(PYTHON) -m pytest -q
+
+test-slow: install
+	$(PYTHON) -m pytest -q -m slow

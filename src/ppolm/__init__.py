@@ -1,0 +1,31 @@
+"""ppolm: Proximal Policy Optimization for language models."""
+
+from ppolm.advantages import compute_gae, masked_mean, masked_var, whiten
+from ppolm.config import PPOConfig
+from ppolm.env import TextGenerationEnv, read_prompts
+from ppolm.errors import (
+                          CheckpointError,
+                          ConfigError,
+                          DataError,
+                          PPOLMError,
+                          RewardError,
+                          TrainingError,
+)
+from ppolm.kl_control import KLController
+from ppolm.losses import entropy, kl_penalty, policy_loss, value_loss
+from ppolm.policies import HFPolicy, LSTMPolicy, Policy, TransformerPolicy, ValueHead
+from ppolm.rewards import CallableReward, RewardFunction, SequenceClassifierReward, WeightedReward
+from ppolm.tokenization import char_tokenizer
+from ppolm.trainer import Trainer
+from ppolm.types import Episodes, Rollout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallableReward", "CheckpointError", "ConfigError", "DataError", "Episodes", "HFPolicy",
+    "KLController", "LSTMPolicy", "PPOConfig", "PPOLMError", "Policy", "RewardError",
+    "RewardFunction", "Rollout", "SequenceClassifierReward", "TextGenerationEnv", "Trainer",
+    "TrainingError", "TransformerPolicy", "ValueHead", "WeightedReward", "char_tokenizer",
+    "compute_gae", "entropy", "kl_penalty", "masked_mean", "masked_var", "policy_loss",
+    "read_prompts", "value_loss", "whiten",
+]

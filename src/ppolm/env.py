@@ -1,0 +1,199 @@
+"""TextGenerationEnv: prompts -> sampled responses -> scores.
+
+The environment owns the prompts, their order, the tokenizer, the reward function and the
+sampling settings except the temperature, which belongs to PPOConfig because training must use
+the same one (the Trainer passes it in).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppolm.errors import DataError, RewardError
+from ppolm.policies.base import Policy
+from ppolm.rewards import RewardFunction, check_scores
+from ppolm.sampling import sample
+from ppolm.types import Episodes
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: ``.txt`` (one per line; ``\\n`` escapes a newline inside a prompt),
+    ``.jsonl`` (one object with a "prompt" key per line) or ``.json`` (a list of strings)."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"Prompts file {str(p)!r} does not exist.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"Cannot read prompts file {str(p)!r}: {e}") from None
+    try:
+        if p.suffix == ".json":
+            prompts = json.loads(text)
+            if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
+                raise DataError(f"{str(p)!r} must hold a JSON list of strings.")
+            return prompts
+        if p.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            if not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
+                raise DataError(f"each line of {str(p)!r} must be an object with a string "
+                                "'prompt' field.")
+            return [r["prompt"] for r in rows]
+    except json.JSONDecodeError as e:
+        raise DataError(f"Prompts file {str(p)!r} is not valid JSON: {e}") from None
+    if p.suffix not in (".txt", ""):
+        raise DataError(f"Prompts file {str(p)!r}: use .txt (one per line), .jsonl or .json.")
+    return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+
+
+class TextGenerationEnv:
+    """Samples responses to prompts from a policy and scores them.
+
+    Args:
+        prompts: a list of prompt strings, or the path of a prompts file (see ``read_prompts``).
+        tokenizer: a ``transformers`` tokenizer; used left-padded. One with no pad token gets
+            its EOS token as pad token.
+        reward_fn: a RewardFunction (or any callable ``(prompts, responses) -> list[float]``).
+        max_new_tokens: longest response.
+        top_k, top_p: sampling filters (0 and 1.0 keep every token).
+        missing_eos_penalty: added to the score of a response that never emitted EOS
+            (e.g. -1.0); None for no penalty.
+        add_special_tokens: let the tokenizer add its BOS etc. to the prompts.
+        seed: seed of the prompt order (a new shuffle every pass over the prompts).
+    """
+
+    def __init__(self, prompts: list[str] | str | Path, tokenizer: Any,
+                 reward_fn: RewardFunction | Any, max_new_tokens: int = 16, top_k: int = 0,
+                 top_p: float = 1.0, missing_eos_penalty: float | None = None,
+                 add_special_tokens: bool = True, seed: int = 0) -> None:
+        if isinstance(prompts, (str, Path)):
+            prompts = read_prompts(prompts)
+        if not isinstance(prompts, list) or not prompts:
+            raise DataError("prompts must be a non-empty list of strings (or a prompts file).")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise DataError(f"prompt {i} is {p!r}: every prompt must be a non-empty string.")
+        if max_new_tokens <= 0:
+            raise DataError(f"max_new_tokens={max_new_tokens} must be > 0.")
+        if top_k < 0 or not 0 < top_p <= 1:
+            raise DataError(f"top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1].")
+        if not callable(reward_fn):
+            raise RewardError(f"reward_fn must be a RewardFunction, got {reward_fn!r}.")
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise DataError("the tokenizer has neither a pad nor an EOS token; set one.")
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self.prompts, self.tokenizer, self.reward_fn = prompts, tokenizer, reward_fn
+        self.max_new_tokens, self.top_k, self.top_p = max_new_tokens, top_k, top_p
+        self.missing_eos_penalty = missing_eos_penalty
+        self.prompt_ids: list[list[int]] = tokenizer(
+            prompts, add_special_tokens=add_special_tokens)["input_ids"]
+        for i, ids in enumerate(self.prompt_ids):
+            if not ids:
+                raise DataError(f"prompt {i} ({prompts[i]!r}) tokenizes to no tokens.")
+        self._order_gen = torch.Generator().manual_seed(seed)
+        self._order = torch.randperm(len(prompts), generator=self._order_gen).tolist()
+        self._pos = 0
+
+    # --- prompt order (part of the resumable state) -------------------------------------------
+    def next_indices(self, n: int) -> list[int]:
+        """The next ``n`` prompt indices; reshuffles after each full pass."""
+        out: list[int] = []
+        while len(out) < n:
+            if self._pos == len(self._order):
+                self._order = torch.randperm(len(self.prompts), generator=self._order_gen).tolist()
+                self._pos = 0
+            out.append(self._order[self._pos])
+            self._pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": list(self._order), "pos": self._pos,
+                "gen": self._order_gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._order, self._pos = list(state["order"]), int(state["pos"])
+        self._order_gen.set_state(state["gen"])
+
+    # --- the work ------------------------------------------------------------------------------
+    def check_policy(self, policy: Policy) -> None:
+        """Refuse a policy whose vocabulary or context the prompts do not fit."""
+        top = max(max(ids) for ids in self.prompt_ids)
+        special = [t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+                   if t is not None]
+        if max([top, *special]) >= policy.vocab_size:
+            raise DataError(f"the tokenizer produces id {max([top, *special])} but the policy's "
+                            f"vocabulary has {policy.vocab_size} entries: they disagree.")
+        if policy.max_length is not None:
+            for i, ids in enumerate(self.prompt_ids):
+                if len(ids) + self.max_new_tokens > policy.max_length:
+                    raise DataError(
+                        f"prompt {i} ({self.prompts[i][:40]!r}...) has {len(ids)} tokens; with "
+                        f"max_new_tokens={self.max_new_tokens} it exceeds the policy's context "
+                        f"of {policy.max_length}. Shorten it or lower max_new_tokens.")
+
+    def sample(self, policy: Policy, n: int, temperature: float, device: torch.device,
+               generator: torch.Generator | None = None) -> Episodes:
+        """Sample one response for each of the next ``n`` prompts and score them."""
+        idx = self.next_indices(n)
+        prompts = [self.prompts[i] for i in idx]
+        enc = self.tokenizer.pad({"input_ids": [self.prompt_ids[i] for i in idx]},
+                                 return_tensors="pt")
+        query = enc["input_ids"].to(device)                              # (B, P)
+        query_mask = enc["attention_mask"].to(device)                    # (B, P)
+        response, response_mask = sample(
+            policy, query, query_mask, self.max_new_tokens, self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id, temperature, self.top_k, self.top_p, generator)
+        eos = self.tokenizer.eos_token_id
+        ended = ((response == eos) & response_mask.bool()).any(1)        # (B,)
+        texts = self.decode(response, response_mask)
+        t0 = time.perf_counter()
+        scores = self.score(prompts, texts)
+        reward_seconds = time.perf_counter() - t0
+        if self.missing_eos_penalty is not None:
+            scores = scores + self.missing_eos_penalty * (~ended).to(scores.dtype).cpu()
+        return Episodes(
+            prompts=prompts, responses=texts,
+            input_ids=torch.cat([query, response], 1),
+            attention_mask=torch.cat([query_mask, response_mask], 1),
+            response_mask=response_mask, scores=scores.float().to(device), ended=ended,
+            reward_parts=self.reward_parts(), reward_seconds=reward_seconds)
+
+    def decode(self, response: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        """Response texts, cut before EOS, special tokens dropped."""
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for ids, m in zip(response.tolist(), response_mask.tolist(), strict=True):
+            ids = [t for t, keep in zip(ids, m, strict=True) if keep and t != eos]
+            out.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return out
+
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Call the reward function and validate what it returns. Shapes: -> (B,) float64."""
+        try:
+            values = self.reward_fn(prompts, responses)
+        except Exception as e:
+            raise self._locate_failure(prompts, responses, e) from e
+        return check_scores(values, prompts)
+
+    def _locate_failure(self, prompts: list[str], responses: list[str], err: Exception
+                        ) -> RewardError:
+        """Find the first item the reward function fails on, to name it in the error."""
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            try:
+                self.reward_fn([p], [r])
+            except Exception as e:  # the item that fails on its own
+                return RewardError(f"reward function raised {type(e).__name__}: {e} at batch "
+                                   f"index {i} (prompt {p!r}, response {r!r}).")
+        return RewardError(f"reward function raised {type(err).__name__}: {err} on a batch of "
+                           f"{len(prompts)} (first prompt {prompts[0]!r}).")
+
+    def reward_parts(self) -> dict[str, float]:
+        parts = getattr(self.reward_fn, "parts", None)
+        return parts() if callable(parts) else {}

@@ -1,0 +1,157 @@
+"""The one interface every policy implements, and the forward pass PPO needs from it.
+
+A policy maps token ids to hidden states (its *trunk*) and hidden states to next-token logits (its
+*head*). Splitting the two lets a value head share the trunk (one forward for policy and value)
+and lets PPO project only the response positions to the vocabulary.
+
+Padding convention: prompts are left-padded, responses right-padded after EOS, so the real tokens
+of a row are contiguous. Position ids are derived from the attention mask
+(``cumsum(mask) - 1``), which makes a sequence's logits independent of its padding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ppolm.errors import CheckpointError, DataError
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that follow the padding. Shapes: (B, L) -> (B, L), long, 0 on left pads."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Policy(nn.Module, ABC):
+    """A causal language model: ``trunk`` (ids -> hidden states) then ``head`` (-> logits).
+
+    Subclasses set ``vocab_size``, ``hidden_size`` and ``max_length`` (None if unbounded).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    max_length: int | None
+
+    @abstractmethod
+    def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
+              use_cache: bool = False) -> tuple[Tensor, Any]:
+        """Hidden states of the new tokens, and the updated cache (None unless use_cache).
+
+        Shapes: input_ids (B, Lnew); attention_mask (B, Lpast + Lnew), covering the cached
+        tokens too; returns hidden (B, Lnew, H).
+        """
+
+    @abstractmethod
+    def head(self, hidden: Tensor) -> Tensor:
+        """Next-token logits. Shapes: (..., H) -> (..., V)."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits for every position. Shapes: (B, L), (B, L) -> (B, L, V)."""
+        hidden, _ = self.trunk(input_ids, attention_mask)
+        return self.head(hidden)
+
+    @abstractmethod
+    def save(self, path: str | Path) -> None:
+        """Write the weights (and whatever is needed to rebuild the policy) under ``path``."""
+
+    @abstractmethod
+    def load(self, path: str | Path) -> None:
+        """Load weights written by ``save`` into this policy."""
+
+
+def check_ids(policy: Policy, input_ids: Tensor, attention_mask: Tensor) -> None:
+    """Clear errors for inputs a policy cannot take (instead of an index error deep in torch)."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise DataError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
+                        f"{tuple(attention_mask.shape)} must both be (B, L).")
+    top = int(input_ids.max()) if input_ids.numel() else 0
+    if top >= policy.vocab_size or (input_ids.numel() and int(input_ids.min()) < 0):
+        raise DataError(f"token id {top} is outside the policy's vocabulary of "
+                        f"{policy.vocab_size}: the tokenizer and the policy disagree.")
+    if policy.max_length is not None and input_ids.shape[1] > policy.max_length:
+        raise DataError(f"sequence of {input_ids.shape[1]} tokens exceeds the policy's "
+                        f"max_length of {policy.max_length}.")
+
+
+@dataclass(frozen=True)
+class ResponseForward:
+    """What one forward pass gives PPO about the response tokens."""
+
+    logprobs: Tensor       # (B, T) log-probability of each response token, at the temperature
+    logits: Tensor         # (B, T, V) temperature-scaled logits predicting each response token
+    hidden: Tensor         # (B, T, H) trunk hidden states at the positions predicting them
+
+
+def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
+                     response_len: int, temperature: float) -> ResponseForward:
+    """Logprobs of the last ``response_len`` tokens of each row, under ``policy``.
+
+    The hidden state at position i predicts token i + 1, so the response tokens
+    ``input_ids[:, L-T:]`` are predicted from positions ``L-T-1 .. L-2``. Only those positions
+    are projected to the vocabulary. Logits are divided by ``temperature`` exactly as when
+    sampling, so the logprobs stored at rollout and recomputed for training agree.
+
+    Shapes: input_ids, attention_mask (B, L); returns (B, T) logprobs.
+    """
+    L, T = input_ids.shape[1], response_len
+    hidden, _ = policy.trunk(input_ids, attention_mask)            # (B, L, H)
+    hidden = hidden[:, L - T - 1: L - 1]                          # (B, T, H)
+    logits = policy.head(hidden).float() / temperature            # (B, T, V)
+    tokens = input_ids[:, L - T:]                                  # (B, T)
+    logprobs = token_logprobs(logits, tokens)
+    return ResponseForward(logprobs=logprobs, logits=logits, hidden=hidden)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[token], by gather minus logsumexp (no full log-softmax copy).
+
+    Shapes: logits (B, T, V), tokens (B, T) -> (B, T).
+    """
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+class TorchPolicy(Policy):
+    """A policy defined in plain torch: saved as its constructor arguments plus a state dict."""
+
+    arch: dict[str, Any]   # the constructor's keyword arguments
+
+    def save(self, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        torch.save({"class": type(self).__name__, "arch": self.arch,
+                    "state_dict": self.state_dict()}, Path(path) / "policy.pt")
+
+    def load(self, path: str | Path) -> None:
+        blob = _read_policy_file(Path(path) / "policy.pt")
+        if blob.get("arch") != self.arch:
+            raise CheckpointError(f"Saved policy at {str(path)!r} has architecture "
+                                  f"{blob.get('arch')}; this policy has {self.arch}.")
+        self.load_state_dict(blob["state_dict"])
+
+    @classmethod
+    def from_saved(cls, path: str | Path) -> TorchPolicy:
+        """Rebuild a policy written by ``save``."""
+        blob = _read_policy_file(Path(path) / "policy.pt")
+        if blob.get("class") != cls.__name__:
+            raise CheckpointError(f"{str(path)!r} holds a {blob.get('class')}, "
+                                  f"not a {cls.__name__}.")
+        policy = cls(**blob["arch"])
+        policy.load_state_dict(blob["state_dict"])
+        return policy
+
+
+def _read_policy_file(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise CheckpointError(f"No saved policy at {str(file)!r}.")
+    try:
+        blob = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure means a corrupt or foreign file
+        raise CheckpointError(f"Saved policy {str(file)!r} is corrupt or unreadable: {e}") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob:
+        raise CheckpointError(f"{str(file)!r} is not a ppolm policy file.")
+    return blob

@@ -1,0 +1,123 @@
+"""Reward functions: the one method a user writes, and the built-in rewards.
+
+A reward function scores a batch: ``reward_fn(prompts, responses) -> list[float]``, one finite
+float per response. ppolm checks what comes back and names the offending item when it is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ppolm.errors import RewardError
+
+
+class RewardFunction(ABC):
+    """Subclass and implement ``__call__``: a batch of prompts and responses -> scores."""
+
+    @abstractmethod
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """One float per response, higher is better."""
+
+    def parts(self) -> dict[str, float]:
+        """Named components of the last batch's reward (mean of each), for logging."""
+        return {}
+
+
+class CallableReward(RewardFunction):
+    """Wraps a plain function ``fn(prompts, responses) -> list[float]`` (or, with
+    ``per_sample=True``, ``fn(prompt, response) -> float``)."""
+
+    def __init__(self, fn: Callable[..., Any], per_sample: bool = False) -> None:
+        if not callable(fn):
+            raise RewardError(f"CallableReward needs a callable, got {fn!r}.")
+        self.fn, self.per_sample = fn, per_sample
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if self.per_sample:
+            return [self.fn(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return self.fn(prompts, responses)
+
+
+class WeightedReward(RewardFunction):
+    """A weighted sum of named rewards; the mean of each part is logged as ``reward/<name>``."""
+
+    def __init__(self, parts: dict[str, tuple[RewardFunction, float]]) -> None:
+        if not parts:
+            raise RewardError("WeightedReward needs at least one (reward, weight) part.")
+        self._parts = parts
+        self._last: dict[str, float] = {}
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        total = torch.zeros(len(responses), dtype=torch.float64)
+        self._last = {}
+        for name, (fn, weight) in self._parts.items():
+            scores = check_scores(fn(prompts, responses), prompts, source=name)
+            self._last[name] = float(scores.mean())
+            total += weight * scores
+        return total.tolist()
+
+    def parts(self) -> dict[str, float]:
+        return dict(self._last)
+
+
+class SequenceClassifierReward(RewardFunction):
+    """Reward from a ``transformers`` sequence-classification model (e.g. a trained reward model).
+
+    The score is the logit of ``label`` (num_labels=1 reward models: label 0), computed on
+    ``prompt + response`` (or the response alone with ``include_prompt=False``), in batches.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, label: int = 0, include_prompt: bool = True,
+                 batch_size: int = 32, max_length: int = 512) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.label, self.include_prompt = label, include_prompt
+        self.batch_size, self.max_length = batch_size, max_length
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        texts = [p + r if self.include_prompt else r for p, r in zip(prompts, responses,
+                                                                      strict=True)]
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i: i + self.batch_size], return_tensors="pt",
+                                 padding=True, truncation=True, max_length=self.max_length)
+            logits = self.model(**enc.to(device)).logits            # (b, num_labels)
+            out.extend(logits[:, self.label].float().tolist())
+        return out
+
+
+def check_scores(values: Any, prompts: Sequence[str], source: str = "reward function"
+                 ) -> torch.Tensor:
+    """Validate what a reward function returned: one finite real number per prompt.
+
+    Returns a float64 tensor (B,). Raises RewardError naming the batch index and the prompt.
+    """
+    n = len(prompts)
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or values.shape[0] != n:
+            raise RewardError(f"{source} returned a tensor of shape {tuple(values.shape)}; "
+                              f"expected ({n},), one score per response.")
+        values = values.detach().cpu().tolist()
+    if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise RewardError(f"{source} returned {type(values).__name__}; expected a list of "
+                          f"{n} floats, one per response.")
+    if len(values) != n:
+        raise RewardError(f"{source} returned {len(values)} scores for {n} responses; "
+                          "return exactly one float per response.")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise RewardError(f"{source} returned {v!r} ({type(v).__name__}) at batch index {i} "
+                              f"(prompt {prompts[i]!r}); scores must be real numbers.")
+        if not math.isfinite(float(v)):
+            raise RewardError(f"{source} returned {v} at batch index {i} (prompt {prompts[i]!r}); "
+                              "scores must be finite.")
+    return torch.tensor([float(v) for v in values], dtype=torch.float64)

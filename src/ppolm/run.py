@@ -1,0 +1,178 @@
+"""RunSpec: what a whole run needs (model, prompts, reward, sampling, PPOConfig), as the CLI's
+YAML file says it, and ``build_run`` that turns it into a ready Trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ppolm.config import PPOConfig, check_keys, load_yaml_mapping, parse_overrides
+from ppolm.errors import ConfigError
+
+ModelKind = Literal["transformer", "lstm", "hf"]
+ValueKind = Literal["shared", "detached", "separate"]
+
+
+@dataclass
+class ModelSpec:
+    """The policy (and how its value head is attached)."""
+
+    kind: ModelKind = "transformer"
+    """transformer or lstm (built from scratch), or hf (a local transformers model)."""
+    path: str | None = None
+    """hf: a local folder (or a GGUF file) with the causal LM and its tokenizer."""
+    hidden_size: int = 64
+    """transformer / lstm width."""
+    n_layers: int = 2
+    """transformer / lstm layers."""
+    n_heads: int = 4
+    """transformer attention heads."""
+    value: ValueKind = "shared"
+    """Value head on the shared trunk, on the shared trunk with detached features, or on a
+    separate critic trunk (a copy of the policy)."""
+
+
+@dataclass
+class EnvSpec:
+    """Sampling settings of the TextGenerationEnv (the temperature is in ppo)."""
+
+    max_new_tokens: int = 6
+    """Longest response."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0: all)."""
+    missing_eos_penalty: float | None = None
+    """Added to the score of a response without EOS (e.g. -1.0)."""
+
+
+@dataclass
+class RunSpec:
+    """A whole run. Either a built-in toy ``task`` or ``prompts`` + ``reward``."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    env: EnvSpec = field(default_factory=EnvSpec)
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
+        iterations=150, batch_size=64, minibatch_size=16, learning_rate=5e-4, kl_coef=0.01,
+        output_dir="runs/default"))
+    task: str | None = "continue"
+    """Built-in toy task (continue, target_char): tokenizer, prompts and reward in one."""
+    prompts: str | None = None
+    """Prompts file (.txt one per line, .jsonl, .json); overrides the task's prompts."""
+    reward: str | None = None
+    """A built-in reward name (see BUILTIN_REWARDS) or 'package.module:ClassName'."""
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the reward class."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunSpec:
+        check_keys(cls, values, where="the run config")
+        values = dict(values)
+        for name, sub in (("model", ModelSpec), ("env", EnvSpec)):
+            if name in values:
+                check_keys(sub, values[name], where=name)
+                values[name] = sub(**values[name])
+        if "ppo" in values:
+            values["ppo"] = PPOConfig.from_dict(values["ppo"])
+        spec = cls(**values)
+        if spec.task is None and (spec.prompts is None or spec.reward is None):
+            raise ConfigError("Give a built-in 'task', or both 'prompts' and 'reward'.")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["ppo"] = self.ppo.to_dict()
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str]) -> RunSpec:
+        """The spec from a YAML file (or the defaults) with ``key=value`` overrides applied.
+
+        Override keys are dotted (``ppo.learning_rate=1e-4``, ``model.kind=lstm``); a bare
+        PPOConfig field name (``learning_rate=1e-4``) means ``ppo.<name>``.
+        """
+        values = load_yaml_mapping(path) if path is not None else {}
+        base = cls().to_dict()
+        for key in ("model", "env", "ppo"):
+            base[key].update(values.pop(key, None) or {})
+        base.update(values)
+        ppo_fields = {f.name for f in dataclasses.fields(PPOConfig) if f.init}
+        for key, value in parse_overrides(overrides).items():
+            section, _, name = key.rpartition(".")
+            if not section and name in ppo_fields:
+                section = "ppo"
+            if section:
+                if section not in ("model", "env", "ppo"):
+                    raise ConfigError(f"Unknown section {section!r} in override {key!r}; use "
+                                      "model., env. or ppo.")
+                base[section][name] = value
+            else:
+                base[name] = value
+        return cls.from_dict(base)
+
+
+def load_reward(name: str, kwargs: dict[str, Any]) -> Any:
+    """A reward from a built-in name or a 'module:Class' path, built with ``kwargs``."""
+    from ppolm.tasks import BUILTIN_REWARDS
+
+    if name in BUILTIN_REWARDS:
+        cls = BUILTIN_REWARDS[name]
+    elif ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"Cannot import reward {name!r}: {e}") from None
+    else:
+        raise ConfigError(f"Unknown reward {name!r}: use one of {sorted(BUILTIN_REWARDS)} or "
+                          "'package.module:ClassName'.")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"Cannot build reward {name!r} with {kwargs}: {e}") from None
+
+
+def build_run(spec: RunSpec) -> Any:
+    """Policy, tokenizer, environment and Trainer from a RunSpec; returns the Trainer."""
+    import torch
+
+    from ppolm.env import TextGenerationEnv
+    from ppolm.policies import HFPolicy, LSTMPolicy, TransformerPolicy, ValueHead
+    from ppolm.tasks import make_task
+    from ppolm.tokenization import char_tokenizer
+    from ppolm.trainer import Trainer, seed_everything
+
+    seed_everything(spec.ppo.seed)
+    m = spec.model
+    task = make_task(spec.task) if spec.task else None
+    prompts: Any = spec.prompts if spec.prompts else (task.prompts if task else None)
+    reward = load_reward(spec.reward, spec.reward_kwargs) if spec.reward else (
+        task.reward if task else None)
+    if m.kind == "hf":
+        if not m.path:
+            raise ConfigError("model.kind=hf needs model.path (a local model folder).")
+        from transformers import AutoTokenizer
+
+        policy: Any = HFPolicy(m.path)
+        tokenizer = AutoTokenizer.from_pretrained(m.path)
+    else:
+        if task is None:
+            raise ConfigError(f"model.kind={m.kind} builds a character model, which needs a "
+                              "built-in task for its alphabet.")
+        tokenizer = char_tokenizer(task.alphabet)
+        if m.kind == "lstm":
+            policy = LSTMPolicy(len(tokenizer), hidden_size=m.hidden_size, n_layers=m.n_layers)
+        else:
+            policy = TransformerPolicy(len(tokenizer), hidden_size=m.hidden_size,
+                                       n_layers=m.n_layers, n_heads=m.n_heads)
+    value_head = (ValueHead.separate(policy) if m.value == "separate"
+                  else ValueHead(policy.hidden_size, detach=m.value == "detached"))
+    e = spec.env
+    env = TextGenerationEnv(prompts, tokenizer, reward, max_new_tokens=e.max_new_tokens,
+                            top_k=e.top_k, top_p=e.top_p,
+                            missing_eos_penalty=e.missing_eos_penalty, seed=spec.ppo.seed)
+    torch.manual_seed(spec.ppo.seed)
+    return Trainer(policy, env, spec.ppo, value_head=value_head)

@@ -1,0 +1,78 @@
+"""Toy tasks with a known optimum, for tests, the CLI default and quick experiments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ppolm.rewards import RewardFunction
+
+ALPHABET = "abcdefghij"
+
+
+class TargetCharReward(RewardFunction):
+    """Share of the first ``length`` response characters equal to ``target`` (optimum 1.0)."""
+
+    def __init__(self, target: str = "a", length: int = 8) -> None:
+        self.target, self.length = target, length
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [sum(c == self.target for c in r[: self.length]) / self.length for r in responses]
+
+
+class ContinueSequenceReward(RewardFunction):
+    """The prompt is a run of consecutive letters of ``alphabet`` (cyclic); the response should
+    continue it for ``length`` characters. Score: share of positions that match (optimum 1.0).
+    """
+
+    def __init__(self, alphabet: str = ALPHABET, length: int = 6) -> None:
+        self.alphabet, self.length = alphabet, length
+
+    def target(self, prompt: str) -> str:
+        start = self.alphabet.index(prompt[-1]) + 1
+        n = len(self.alphabet)
+        return "".join(self.alphabet[(start + i) % n] for i in range(self.length))
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for p, r in zip(prompts, responses, strict=True):
+            want = self.target(p)
+            out.append(sum(a == b for a, b in zip(r, want, strict=False)) / self.length)
+        return out
+
+
+@dataclass(frozen=True)
+class ToyTask:
+    """Everything a toy run needs besides the policy."""
+
+    name: str
+    alphabet: str
+    prompts: list[str]
+    reward: RewardFunction
+    max_new_tokens: int
+    optimum: float
+
+
+def continue_prompts(alphabet: str = ALPHABET, length: int = 3) -> list[str]:
+    """Every cyclic run of ``length`` consecutive letters: 'abc', 'bcd', ..., 'jab'."""
+    n = len(alphabet)
+    return ["".join(alphabet[(s + i) % n] for i in range(length)) for s in range(n)]
+
+
+def make_task(name: str) -> ToyTask:
+    """A built-in toy task by name: 'continue' or 'target_char'."""
+    if name == "continue":
+        return ToyTask("continue", ALPHABET, continue_prompts(), ContinueSequenceReward(length=6),
+                       max_new_tokens=6, optimum=1.0)
+    if name == "target_char":
+        return ToyTask("target_char", ALPHABET, continue_prompts(), TargetCharReward("a", 8),
+                       max_new_tokens=8, optimum=1.0)
+    from ppolm.errors import ConfigError
+
+    raise ConfigError(f"Unknown toy task {name!r}; use 'continue' or 'target_char'.")
+
+
+#: Reward classes the CLI knows by name.
+BUILTIN_REWARDS: dict[str, type[RewardFunction]] = {
+    "target_char": TargetCharReward,
+    "continue": ContinueSequenceReward,
+}

@@ -1,0 +1,337 @@
+"""Trainer: the PPO loop. ``train()`` reads as the algorithm: collect, compute advantages,
+update, log, save."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ppolm.advantages import compute_gae, explained_variance, whiten
+from ppolm.config import PPOConfig
+from ppolm.env import TextGenerationEnv
+from ppolm.errors import TrainingError
+from ppolm.kl_control import KLController
+from ppolm.losses import entropy, kl_penalty, policy_loss, value_loss
+from ppolm.metrics import MetricsWriter
+from ppolm.policies.base import Policy, forward_response
+from ppolm.policies.value import ValueHead
+from ppolm.types import Episodes, Rollout
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """PPO for a language-model policy.
+
+    Args:
+        policy: the policy to train (any ``Policy``).
+        env: the TextGenerationEnv giving prompts and rewards.
+        config: the PPOConfig.
+        value_head: a ValueHead; default a head on the policy's shared trunk.
+        reference: the frozen reference policy for the KL penalty; default a frozen copy of
+            ``policy`` as it is now.
+    """
+
+    def __init__(self, policy: Policy, env: TextGenerationEnv, config: PPOConfig,
+                 value_head: ValueHead | None = None, reference: Policy | None = None) -> None:
+        self.config, self.env = config, env
+        self.device = resolve_device(config.device)
+        env.check_policy(policy)
+        # Dropout off everywhere: it makes logprobs noisy and the PPO ratio wrong.
+        self.policy = policy.to(self.device).eval()
+        self.value_head = (value_head or ValueHead(policy.hidden_size)).to(self.device).eval()
+        self.reference = (reference or copy.deepcopy(policy)).to(self.device).eval()
+        self.reference.requires_grad_(False)
+        params = {id(p): p for m in (self.policy, self.value_head) for p in m.parameters()
+                  if p.requires_grad}
+        self.params = list(params.values())
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+                                           eps=config.adam_eps, weight_decay=config.weight_decay)
+        total = config.iterations * config.ppo_epochs * config.num_minibatches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: _lr_factor(config.lr_schedule, step, total))
+        self.kl_ctl = KLController(config.kl_coef, config.adaptive_kl, config.kl_target,
+                                   config.kl_horizon)
+        self.sample_gen = torch.Generator(self.device).manual_seed(config.seed)
+        self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.iteration = 0            # iterations completed
+        self.bad_updates = 0          # non-finite updates in a row
+        self.history: list[dict[str, Any]] = []
+        self.output_dir = Path(config.output_dir)
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
+
+    # --- the loop --------------------------------------------------------------------------
+    def train(self) -> list[dict[str, Any]]:
+        """Run the remaining iterations; returns one metrics dict per iteration run."""
+        from ppolm.checkpoint import save_checkpoint
+
+        cfg = self.config
+        with _progress(cfg.progress, cfg.iterations, self.iteration) as bar:
+            while self.iteration < cfg.iterations:
+                timer = _Timer()
+                episodes, rollout = self.collect(timer)
+                with timer("time_advantages"):
+                    rollout = self.compute_advantages(rollout)
+                with timer("time_train"):
+                    stats = self.update(rollout)
+                self.iteration += 1
+                row = self.log(episodes, rollout, stats, timer)
+                bar.update(row)
+                if cfg.save_every and self.iteration % cfg.save_every == 0:
+                    save_checkpoint(self)
+        if not cfg.save_every or self.iteration % cfg.save_every:
+            save_checkpoint(self)
+        return self.history
+
+    # --- phases ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self, timer: _Timer | None = None) -> tuple[Episodes, Rollout]:
+        """Sample a batch, then one forward pass each of policy (logprobs and values, sharing the
+        trunk) and reference over the whole sequences, at the sampling temperature."""
+        timer = timer or _Timer()
+        cfg = self.config
+        with timer("time_generate"), self._autocast():
+            episodes = self.env.sample(self.policy, cfg.batch_size, cfg.temperature,
+                                       self.device, self.sample_gen)
+        timer.add("time_reward", episodes.reward_seconds)
+        timer.add("time_generate", -episodes.reward_seconds)
+        ids, mask = episodes.input_ids, episodes.attention_mask
+        T = episodes.response_mask.shape[1]
+        with timer("time_forward"), self._autocast():
+            fwd = forward_response(self.policy, ids, mask, T, cfg.temperature)
+            values = self.value_head(fwd.hidden, ids, mask, T).float()
+            ref = forward_response(self.reference, ids, mask, T, cfg.temperature).logprobs
+        rmask = episodes.response_mask.float()
+        zeros = torch.zeros_like(rmask)
+        rollout = Rollout(input_ids=ids, attention_mask=mask, response_mask=rmask,
+                          logprobs=fwd.logprobs.float() * rmask, ref_logprobs=ref.float() * rmask,
+                          values=values * rmask, scores=episodes.scores.float(),
+                          rewards=zeros, advantages=zeros, returns=zeros)
+        return episodes, rollout
+
+    def compute_advantages(self, rollout: Rollout) -> Rollout:
+        """Per-token rewards (score at the last response token, -beta * KL on every token when
+        the KL is in the reward), then GAE and advantage whitening."""
+        cfg, mask = self.config, rollout.response_mask
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
+        scores = rollout.scores
+        if cfg.whiten_rewards:
+            ones = torch.ones_like(scores)
+            scores = whiten(scores, ones, shift_mean=False)
+        rewards = -self.kl_ctl.value * kl if cfg.kl_mode == "reward" else torch.zeros_like(kl)
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)   # (B,)
+        rewards = rewards.scatter_add(1, last[:, None], scores[:, None])
+        advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        return Rollout(**{**rollout.__dict__, "rewards": rewards, "advantages": advantages,
+                          "returns": returns})
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """K epochs over shuffled minibatches; one optimizer step per minibatch."""
+        cfg = self.config
+        stats: dict[str, list[float]] = defaultdict(list)
+        epochs_done = 0
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(cfg.batch_size, generator=self.shuffle_gen).to(self.device)
+            epoch_kl = []
+            for start in range(0, cfg.batch_size, cfg.minibatch_size):
+                step = self.optimizer_step(rollout.select(perm[start: start + cfg.minibatch_size]))
+                if epoch == 0 and start == 0:
+                    stats["ratio_dev_first"].append(step["ratio_max_dev"])
+                for k, v in step.items():
+                    stats[k].append(v)
+                epoch_kl.append(step["approx_kl"])
+            epochs_done += 1
+            if cfg.target_approx_kl is not None and np.mean(epoch_kl) > cfg.target_approx_kl:
+                break
+        out = {k: float(np.nanmean(v)) for k, v in stats.items() if k != "skipped"}
+        out["skipped_updates"] = float(np.sum(stats["skipped"]))
+        out["epochs_done"] = float(epochs_done)
+        return out
+
+    def optimizer_step(self, minibatch: Rollout) -> dict[str, float]:
+        """Accumulate gradients over micro-batches, clip the norm, step (or skip a non-finite
+        update). Losses are normalised by the minibatch's token count, so accumulation gives
+        the gradients of one big batch."""
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        num_tokens = minibatch.response_mask.sum().clamp(min=1)
+        totals: dict[str, float] = defaultdict(float)
+        n = minibatch.input_ids.shape[0]
+        size = cfg.minibatch_size // cfg.grad_accum_steps      # = micro_batch_size
+        for start in range(0, n, size):
+            micro = minibatch.select(torch.arange(start, min(start + size, n), device=self.device))
+            with self._autocast():
+                loss, parts = self.loss(micro, num_tokens)
+            loss.backward()
+            share = float(micro.response_mask.sum() / num_tokens)
+            for k, v in parts.items():
+                totals[k] = max(totals[k], v) if k == "ratio_max_dev" else totals[k] + share * v
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
+        if finite:
+            self.optimizer.step()
+            self.bad_updates = 0
+        else:
+            # A non-finite update is skipped, not applied (veRL does the same).
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_updates += 1
+            if self.bad_updates >= cfg.max_bad_updates:
+                raise TrainingError(
+                    f"{self.bad_updates} non-finite updates in a row (loss {totals['loss']}, "
+                    f"grad norm {grad_norm}) at iteration {self.iteration + 1}; check the "
+                    "rewards and lower learning_rate. The last checkpoint is kept.")
+        self.scheduler.step()
+        totals["grad_norm"] = grad_norm
+        totals["skipped"] = 0.0 if finite else 1.0
+        return dict(totals)
+
+    def loss(self, micro: Rollout, num_tokens: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """The PPO loss of one micro-batch: clipped surrogate + vf_coef * clipped value loss
+        - ent_coef * entropy (+ beta * KL when the KL is in the loss)."""
+        cfg, mask = self.config, micro.response_mask
+        T = mask.shape[1]
+        fwd = forward_response(self.policy, micro.input_ids, micro.attention_mask, T,
+                               cfg.temperature)
+        values = self.value_head(fwd.hidden, micro.input_ids, micro.attention_mask, T)
+        pg, pg_stats = policy_loss(fwd.logprobs, micro.logprobs, micro.advantages, mask,
+                                   cfg.clip_range, num_tokens)
+        vf, vf_stats = value_loss(values, micro.values, micro.returns, mask,
+                                  cfg.clip_range_value, num_tokens)
+        with torch.set_grad_enabled(cfg.ent_coef > 0 and torch.is_grad_enabled()):
+            ent = entropy(fwd.logits, mask, num_tokens)
+        loss = pg + cfg.vf_coef * vf - cfg.ent_coef * ent
+        if cfg.kl_mode == "loss":
+            kl = kl_penalty(fwd.logprobs, micro.ref_logprobs, cfg.kl_estimator)
+            loss = loss + self.kl_ctl.value * (kl * mask).sum() / num_tokens
+        # The shares of a mean over the minibatch: the caller adds them up.
+        scale = float(num_tokens / mask.sum().clamp(min=1))
+        stats = {"loss": float(loss.detach()) * scale, "policy_loss": float(pg.detach()) * scale,
+                 "value_loss": float(vf.detach()) * scale, "entropy": float(ent.detach()) * scale,
+                 **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
+        return loss, stats
+
+    def log(self, episodes: Episodes, rollout: Rollout, stats: dict[str, float],
+            timer: _Timer) -> dict[str, Any]:
+        """Write the iteration's metrics (fixed names, see ppolm.metrics.METRIC_NAMES)."""
+        cfg, mask = self.config, rollout.response_mask
+        kl_seq = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator)
+                  * mask).sum(1)                                            # (B,)
+        beta = self.kl_ctl.value
+        self.kl_ctl.update(float(kl_seq.mean()), cfg.batch_size)
+        total = timer.total()
+        n_tokens = float(mask.sum())
+        row: dict[str, Any] = {
+            "iteration": self.iteration,
+            "reward_mean": float(rollout.rewards.sum(1).mean()),
+            "reward_std": float(rollout.rewards.sum(1).std()),
+            "score_mean": float(rollout.scores.mean()),
+            "score_std": float(rollout.scores.std()),
+            "kl": float(kl_seq.mean()), "kl_coef": beta,
+            "explained_variance": explained_variance(rollout.values, rollout.returns, mask),
+            "lr": self.scheduler.get_last_lr()[0],
+            "response_length": float(mask.sum(1).mean()),
+            "eos_fraction": float(episodes.ended.float().mean()),
+            "tokens_per_s": n_tokens / total, "episodes_per_s": cfg.batch_size / total,
+            **stats, **timer.seconds, "time_total": total,
+            **{f"reward/{k}": v for k, v in episodes.reward_parts.items()},
+        }
+        self.history.append(row)
+        self.metrics.write(row)
+        return row
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type == "cuda" and self.config.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint (default: under output_dir/checkpoints); returns its folder."""
+        from ppolm.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path)
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Load a checkpoint (default: the newest complete one under output_dir/checkpoints)
+        and continue from it on the next ``train()``; returns the iteration reached."""
+        from ppolm.checkpoint import load_checkpoint
+
+        load_checkpoint(self, path)
+        return self.iteration
+
+
+def _lr_factor(schedule: str, step: int, total: int) -> float:
+    frac = min(step / max(total, 1), 1.0)
+    if schedule == "linear":
+        return 1.0 - frac
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    return 1.0
+
+
+class _Timer:
+    """Seconds per named phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - t0
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] += seconds
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+class _Bar:
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def update(self, row: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{row['score_mean']:.3f}", kl=f"{row['kl']:.3f}")
+            self.bar.update(1)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, initial: int) -> Iterator[_Bar]:
+    if not enabled:
+        yield _Bar(None)
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc="ppo", unit="it", dynamic_ncols=True)
+    try:
+        yield _Bar(bar)
+    finally:
+        bar.close()

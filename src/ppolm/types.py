@@ -1,0 +1,54 @@
+"""Typed batches passed between the phases of a PPO iteration.
+
+Shapes: B episodes, P prompt tokens (left-padded), T response tokens (right-padded after EOS),
+L = P + T. Every mask is 1 on real tokens and 0 on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """What the environment returns: sampled responses and their scores."""
+
+    prompts: list[str]             # B prompt strings
+    responses: list[str]           # B decoded responses (up to, not including, EOS)
+    input_ids: Tensor              # (B, L) prompt then response tokens
+    attention_mask: Tensor         # (B, L) 1 on real prompt and response tokens
+    response_mask: Tensor          # (B, T) 1 on response tokens up to and including EOS
+    scores: Tensor                 # (B,) reward of each response (penalties included)
+    ended: Tensor                  # (B,) bool: the response emitted EOS
+    reward_parts: dict[str, float]  # mean of each named part of a combined reward
+    reward_seconds: float          # time spent in the reward function
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One iteration's experience, with everything the update needs."""
+
+    input_ids: Tensor       # (B, L)
+    attention_mask: Tensor  # (B, L)
+    response_mask: Tensor   # (B, T) float
+    logprobs: Tensor        # (B, T) log pi_old(a_t | s_t) at the sampling temperature
+    ref_logprobs: Tensor    # (B, T) log pi_ref(a_t | s_t) at the sampling temperature
+    values: Tensor          # (B, T) V_old(s_t)
+    scores: Tensor          # (B,) reward-function scores
+    rewards: Tensor         # (B, T) per-token rewards (score at the last token, KL penalty)
+    advantages: Tensor      # (B, T)
+    returns: Tensor         # (B, T) advantages + values
+
+    def select(self, idx: Tensor) -> Rollout:
+        """The episodes at ``idx`` (a 1-D index tensor), as a smaller Rollout."""
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def to(self, device: torch.device) -> Rollout:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
