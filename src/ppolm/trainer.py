@@ -172,9 +172,34 @@ class Trainer:
         return out
 
     def optimizer_step(self, minibatch: Rollout) -> dict[str, float]:
-        """Accumulate gradients over micro-batches, clip the norm, step (or skip a non-finite
-        update). Losses are normalised by the minibatch's token count, so accumulation gives
-        the gradients of one big batch."""
+        """Gradients of one minibatch, global-norm clipping, then an optimizer step, or a
+        skipped step when the loss or the gradient norm is not finite."""
+        cfg = self.config
+        totals = self.accumulate_gradients(minibatch)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_updates = 0
+        else:
+            # Skip the update rather than apply NaN/inf to the weights (as veRL does).
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_updates += 1
+            if self.bad_updates >= cfg.max_bad_updates:
+                raise TrainingError(
+                    f"{self.bad_updates} non-finite updates in a row (loss {totals['loss']}, "
+                    f"grad norm {grad_norm}) at iteration {self.iteration + 1}; check the "
+                    "rewards and lower learning_rate. The last checkpoint is kept.")
+        totals["grad_norm"] = grad_norm
+        totals["skipped"] = 0.0 if finite else 1.0
+        return totals
+
+    def accumulate_gradients(self, minibatch: Rollout) -> dict[str, float]:
+        """Zero the gradients, then backward each micro-batch. Losses are normalised by the
+        token count of the whole minibatch, so the accumulated gradients equal those of one
+        pass over it. Returns the minibatch's loss statistics."""
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         num_tokens = minibatch.response_mask.sum().clamp(min=1)
@@ -189,24 +214,6 @@ class Trainer:
             share = float(micro.response_mask.sum() / num_tokens)
             for k, v in parts.items():
                 totals[k] = max(totals[k], v) if k == "ratio_max_dev" else totals[k] + share * v
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
-        if finite:
-            self.optimizer.step()
-            self.bad_updates = 0
-        else:
-            # A non-finite update is skipped, not applied (veRL does the same).
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_updates += 1
-            if self.bad_updates >= cfg.max_bad_updates:
-                raise TrainingError(
-                    f"{self.bad_updates} non-finite updates in a row (loss {totals['loss']}, "
-                    f"grad norm {grad_norm}) at iteration {self.iteration + 1}; check the "
-                    "rewards and lower learning_rate. The last checkpoint is kept.")
-        self.scheduler.step()
-        totals["grad_norm"] = grad_norm
-        totals["skipped"] = 0.0 if finite else 1.0
         return dict(totals)
 
     def loss(self, micro: Rollout, num_tokens: Tensor) -> tuple[Tensor, dict[str, float]]:

@@ -5,6 +5,7 @@ The only module that imports `transformers` model code.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ class HFPolicy(Policy):
         self.hidden_size = int(head.weight.shape[1])
         self.max_length = getattr(cfg, "max_position_embeddings", None) or getattr(
             cfg, "n_positions", None)
+        # transformers 5.x renamed `past_key_values` to `cache`; support both.
+        params = inspect.signature(model.base_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
               use_cache: bool = False) -> tuple[Tensor, Any]:
@@ -49,8 +53,8 @@ class HFPolicy(Policy):
         out = self.model.base_model(
             input_ids=input_ids, attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask)[:, past:],
-            past_key_values=cache, use_cache=use_cache)
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+            use_cache=use_cache, **{self._cache_arg: cache})
+        return out.last_hidden_state, (out[self._cache_arg] if use_cache else None)
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.model.get_output_embeddings()(hidden)
