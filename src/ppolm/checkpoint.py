@@ -9,6 +9,7 @@ looks complete.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -83,8 +84,9 @@ def load_checkpoint(trainer: Trainer, path: str | Path | None = None) -> Path:
         trainer.env.load_state_dict(state["env"])
         trainer.iteration, trainer.bad_updates = state["iteration"], state["bad_updates"]
         _set_rng(trainer, state["rng"])
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"Checkpoint {str(path)!r} does not fit this run: {e}") from None
+    _truncate_metrics(trainer.metrics.path, trainer.iteration)
     return path
 
 
@@ -123,9 +125,25 @@ def _load(file: Path) -> Any:
 
 
 def _prune(folder: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop temporary folders of killed saves."""
     done = sorted(p for p in folder.glob("iter-*") if (p / COMPLETE).is_file())
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for tmp in folder.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric lines of iterations after ``iteration`` (written by a run that crashed
+    before its next checkpoint), so a resumed run's metrics.jsonl has each iteration once."""
+    if not path.is_file():
+        return
+    from ppolm.metrics import read_metrics
+
+    rows = [r for r in read_metrics(path) if r.get("iteration", 0) <= iteration]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _fsync_tree(root: Path) -> None:
