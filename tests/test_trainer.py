@@ -4,6 +4,7 @@ update, gradient accumulation equal to one big batch, non-finite updates skipped
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -176,3 +177,18 @@ def test_early_stop_on_target_approx_kl(tok, tmp_path):
                            learning_rate=5e-2, target_approx_kl=1e-6)
     history = trainer.train()
     assert history[0]["epochs_done"] < 8
+
+
+def test_nan_reward_inside_a_rollout_skips_every_update(tok, tmp_path):
+    """A NaN that reaches the rollout (the env refuses one from the reward function itself)
+    poisons the advantages; every update is skipped and counted, no weight changes."""
+    trainer = make_trainer("transformer", tok, tmp_path, ppo_epochs=2, max_bad_updates=100)
+    before = copy.deepcopy(trainer.policy.state_dict())
+    _, rollout = trainer.collect()
+    scores = rollout.scores.clone()
+    scores[3] = float("nan")
+    rollout = trainer.compute_advantages(dataclasses.replace(rollout, scores=scores))
+    stats = trainer.update(rollout)
+    assert stats["skipped_updates"] == 2 * trainer.config.num_minibatches
+    after = trainer.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
