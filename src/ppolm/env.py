@@ -139,9 +139,13 @@ class TextGenerationEnv:
                         f"of {policy.max_length}. Shorten it or lower max_new_tokens.")
 
     def sample(self, policy: Policy, n: int, temperature: float, device: torch.device,
-               generator: torch.Generator | None = None) -> Episodes:
-        """Sample one response for each of the next ``n`` prompts and score them."""
-        idx = self.next_indices(n)
+               generator: torch.Generator | None = None, indices: list[int] | None = None
+               ) -> Episodes:
+        """Sample one response for each of the next ``n`` prompts and score them.
+
+        With ``indices``, use those prompts instead (``n`` is then ignored and the prompt order
+        is left untouched), as an evaluation over a fixed set does."""
+        idx = list(indices) if indices is not None else self.next_indices(n)
         prompts = [self.prompts[i] for i in idx]
         enc = self.tokenizer.pad({"input_ids": [self.prompt_ids[i] for i in idx]},
                                  return_tensors="pt")

@@ -1,10 +1,12 @@
-"""Toy tasks with a known optimum, for tests, the CLI default and quick experiments."""
+"""Toy tasks with a known optimum, for tests, the CLI default and quick experiments; and the
+movie-review prompts of the SmolLM2 sentiment example."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from ppolm.rewards import RewardFunction
+from ppolm.rewards import RewardFunction, SentimentReward
 
 ALPHABET = "abcdefghij"
 
@@ -71,8 +73,29 @@ def make_task(name: str) -> ToyTask:
     raise ConfigError(f"Unknown toy task {name!r}; use 'continue' or 'target_char'.")
 
 
+DATA_DIR = Path(__file__).parent / "data"
+
+
+def movie_review_prompts(split: str = "train") -> list[str]:
+    """Requests for a two-sentence review of a named movie, as plain user messages (wrap them
+    with ``ppolm.models.chat_prompts`` for a chat model). 'train': 294 prompts; 'eval': 64
+    held-out prompts about other movies."""
+    from ppolm.env import read_prompts
+    from ppolm.errors import ConfigError
+
+    if split not in ("train", "eval"):
+        raise ConfigError(f"movie_review_prompts split={split!r}: use 'train' or 'eval'.")
+    return read_prompts(movie_review_path(split))
+
+
+def movie_review_path(split: str) -> Path:
+    """The file of ``movie_review_prompts(split)`` (one prompt per line)."""
+    return DATA_DIR / f"movie_reviews_{split}.txt"
+
+
 #: Reward classes the CLI knows by name.
 BUILTIN_REWARDS: dict[str, type[RewardFunction]] = {
     "target_char": TargetCharReward,
     "continue": ContinueSequenceReward,
+    "sentiment": SentimentReward,
 }

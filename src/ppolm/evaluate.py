@@ -1,0 +1,200 @@
+"""Evaluation on held-out prompts: reward, share positive, KL to the reference, length and
+diversity, with a fixed sampling seed, for any policy and any reward function.
+
+The figures (``EvalResult``):
+
+- ``reward_mean``, ``reward_std``: the reward function's scores (no penalties added).
+- ``positive_share``: share of responses whose score exceeds ``positive_threshold`` (0.05 is
+  VADER's threshold for "positive").
+- ``kl``: mean over responses of ``sum_t (log p(a_t) - log p_ref(a_t))`` over the response
+  tokens (EOS included), at the sampling temperature: for responses sampled from the policy this
+  is an unbiased estimate of KL(policy || reference) per response, in nats, the figure the
+  trainer logs as ``kl`` (Ziegler et al. 2019 report the same).
+- ``response_length``: mean response tokens (EOS included); ``eos_fraction``: share that ended.
+- ``distinct_2``: distinct word bigrams / all word bigrams over all responses (Li et al. 2016).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ppolm.env import TextGenerationEnv
+from ppolm.errors import DataError
+from ppolm.losses import kl_penalty
+from ppolm.policies.base import Policy, forward_response
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """One held-out prompt, the sampled response and its score."""
+
+    prompt: str
+    response: str
+    reward: float
+    kl: float | None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The figures of one evaluation (see the module docstring) and its samples."""
+
+    reward_mean: float
+    reward_std: float
+    positive_share: float
+    kl: float | None            # None when no reference was given
+    response_length: float
+    eos_fraction: float
+    distinct_2: float
+    n: int
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    samples: list[EvalSample] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvalResult:
+        samples = [EvalSample(**s) for s in values.get("samples", [])]
+        return cls(**{**values, "samples": samples})
+
+    def save(self, path: str | Path) -> None:
+        """Write the result (figures, settings and every sample) as JSON."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct word n-grams over all texts / all word n-grams (Li et al. 2016); words are the
+    lower-cased whitespace-separated tokens. 0.0 when there is no n-gram at all."""
+    if n <= 0:
+        raise DataError(f"distinct_n needs n >= 1, got {n}.")
+    grams: list[tuple[str, ...]] = []
+    for text in texts:
+        words = text.lower().split()
+        grams.extend(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """KL estimate per response: the sum of k1 = log p - log p_ref over its tokens.
+
+    Shapes: logprobs, ref_logprobs, mask (B, T) -> (B,).
+    """
+    if not logprobs.shape == ref_logprobs.shape == mask.shape or logprobs.dim() != 2:
+        raise DataError(f"sequence_kl needs three (B, T) tensors; got {tuple(logprobs.shape)}, "
+                        f"{tuple(ref_logprobs.shape)}, {tuple(mask.shape)}.")
+    return (kl_penalty(logprobs, ref_logprobs, "k1") * mask).sum(1)
+
+
+@torch.no_grad()
+def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
+             reference: Policy | None = None, *, max_new_tokens: int = 48,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             batch_size: int = 32, add_special_tokens: bool = True,
+             positive_threshold: float = 0.05, out: str | Path | None = None) -> EvalResult:
+    """Sample one response per prompt (in order, with a generator seeded by ``seed``), score
+    it, and measure the figures of the module docstring; write them to ``out`` (JSON) if given.
+
+    The same seed, batch size and prompts give the same samples for the same policy, so a
+    before/after comparison sees the same randomness. ``reference`` (e.g. the model before
+    training) gives the KL figure; pass the policy itself for a baseline (KL exactly 0).
+    """
+    if batch_size <= 0:
+        raise DataError(f"batch_size={batch_size} must be > 0.")
+    env = TextGenerationEnv(prompts, tokenizer, reward_fn, max_new_tokens=max_new_tokens,
+                            top_k=top_k, top_p=top_p, add_special_tokens=add_special_tokens)
+    env.check_policy(policy)
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    was_training = policy.training
+    policy.eval()
+    t0 = time.perf_counter()
+    samples: list[EvalSample] = []
+    lengths, ended = [], []
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(start + batch_size, len(prompts))))
+        ep = env.sample(policy, len(idx), temperature, device, generator, indices=idx)
+        mask = ep.response_mask.float()                                   # (B, T)
+        kl = None
+        if reference is not None:
+            T = mask.shape[1]
+            logp = forward_response(policy, ep.input_ids, ep.attention_mask, T, temperature)
+            ref = forward_response(reference, ep.input_ids, ep.attention_mask, T, temperature)
+            kl = sequence_kl(logp.logprobs, ref.logprobs, mask).tolist()   # B floats
+        for i in range(len(idx)):
+            samples.append(EvalSample(ep.prompts[i], ep.responses[i], float(ep.scores[i]),
+                                      kl[i] if kl is not None else None))
+        lengths.extend(mask.sum(1).tolist())
+        ended.extend(ep.ended.float().tolist())
+    policy.train(was_training)
+    scores = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+    result = EvalResult(
+        reward_mean=float(scores.mean()),
+        reward_std=float(scores.std()) if len(samples) > 1 else 0.0,
+        positive_share=float((scores > positive_threshold).double().mean()),
+        kl=(sum(s.kl for s in samples if s.kl is not None) / len(samples)
+            if reference is not None else None),
+        response_length=sum(lengths) / len(lengths),
+        eos_fraction=sum(ended) / len(ended),
+        distinct_2=distinct_n([s.response for s in samples], 2),
+        n=len(samples), seconds=time.perf_counter() - t0,
+        settings=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed, batch_size=batch_size,
+                      positive_threshold=positive_threshold),
+        samples=samples)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+#: (label, attribute, format) of each row of the comparison table.
+_ROWS = (
+    ("mean reward", "reward_mean", "{:.3f}"),
+    ("share positive", "positive_share", "{:.1%}"),
+    ("KL to reference (nats/response)", "kl", "{:.2f}"),
+    ("mean response length (tokens)", "response_length", "{:.1f}"),
+    ("responses ending with EOS", "eos_fraction", "{:.1%}"),
+    ("distinct-2", "distinct_2", "{:.3f}"),
+)
+
+
+def format_table(results: dict[str, EvalResult]) -> str:
+    """A Markdown table with one column per named result (e.g. {"before": a, "after": b})."""
+    names = list(results)
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for label, attr, fmt in _ROWS:
+        cells = []
+        for name in names:
+            value = getattr(results[name], attr)
+            cells.append("n/a" if value is None else fmt.format(value))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_pairs(before: EvalResult, after: EvalResult, k: int = 5,
+                 labels: list[str] | None = None) -> str:
+    """The first ``k`` prompts with their responses before and after, as Markdown.
+
+    ``labels`` replace the prompts in the output (e.g. the user requests without the chat
+    template)."""
+    out = []
+    for i, (b, a) in enumerate(list(zip(before.samples, after.samples, strict=False))[:k]):
+        if b.prompt != a.prompt:
+            raise DataError("format_pairs needs two evaluations over the same prompts.")
+        title = labels[i] if labels is not None else b.prompt.strip()
+        out.append(f"**{title}**\n\n"
+                   f"- before ({b.reward:+.2f}): {b.response.strip()}\n"
+                   f"- after ({a.reward:+.2f}): {a.response.strip()}\n")
+    return "\n".join(out)

