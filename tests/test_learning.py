@@ -16,21 +16,22 @@ from ppolm import (
 )
 from ppolm.tasks import make_task
 
-# (policy, task) -> (iterations, batch size, learning rate, schedule). Found by a small sweep
-# (transformer/continue with lr 1e-3 and linear decay: last-5 mean 0.95 and 0.97 for seeds 0, 1;
-# 5e-4 constant: 0.82). The KL coefficient is small so that the KL-regularised optimum is
-# still near the reward optimum.
+# (policy, task) -> (iterations, batch size, learning rate, schedule, entropy coefficient).
+# Found by a small sweep; for transformer/continue, last-5 mean score with 1e-3, linear decay,
+# ent_coef 0.01: 0.82 / 0.98 / 0.96 (seeds 0, 1, 2) at 150 iterations, 0.96 / 0.99 (seeds 0, 1)
+# at 200. The KL coefficient is small so that the KL-regularised optimum stays near the
+# reward optimum.
 SETTINGS = {
-    ("transformer", "target_char"): (40, 32, 1e-3, "constant"),
-    ("lstm", "target_char"): (40, 32, 3e-3, "constant"),
-    ("transformer", "continue"): (150, 64, 1e-3, "linear"),
-    ("lstm", "continue"): (80, 64, 3e-3, "constant"),
+    ("transformer", "target_char"): (40, 32, 1e-3, "constant", 0.0),
+    ("lstm", "target_char"): (40, 32, 3e-3, "constant", 0.0),
+    ("transformer", "continue"): (200, 64, 1e-3, "linear", 0.01),
+    ("lstm", "continue"): (80, 64, 3e-3, "constant", 0.0),
 }
 
 
 @pytest.mark.parametrize("kind,task_name", list(SETTINGS))
 def test_policy_learns_toy_task(kind, task_name, tmp_path):
-    iterations, batch, lr, schedule = SETTINGS[(kind, task_name)]
+    iterations, batch, lr, schedule, ent_coef = SETTINGS[(kind, task_name)]
     torch.manual_seed(0)
     task = make_task(task_name)
     tok = char_tokenizer(task.alphabet)
@@ -38,8 +39,8 @@ def test_policy_learns_toy_task(kind, task_name, tmp_path):
               else LSTMPolicy(len(tok), hidden_size=64))
     env = TextGenerationEnv(task.prompts, tok, task.reward, max_new_tokens=task.max_new_tokens)
     config = PPOConfig(iterations=iterations, batch_size=batch, minibatch_size=batch // 4,
-                       learning_rate=lr, lr_schedule=schedule, kl_coef=0.01, seed=0,
-                       progress=False,
+                       learning_rate=lr, lr_schedule=schedule, ent_coef=ent_coef,
+                       kl_coef=0.01, seed=0, progress=False,
                        output_dir=str(tmp_path))
     history = Trainer(policy, env, config).train()
     start = sum(r["score_mean"] for r in history[:5]) / 5

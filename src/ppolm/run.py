@@ -77,8 +77,8 @@ class RunSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     env: EnvSpec = field(default_factory=EnvSpec)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
-        iterations=150, batch_size=64, minibatch_size=16, learning_rate=1e-3,
-        lr_schedule="linear", kl_coef=0.01, output_dir="runs/default"))
+        iterations=200, batch_size=64, minibatch_size=16, learning_rate=1e-3,
+        lr_schedule="linear", ent_coef=0.01, kl_coef=0.01, output_dir="runs/default"))
     task: str | None = "continue"
     """Built-in toy task (continue, target_char): tokenizer, prompts and reward in one."""
     prompts: str | None = None
