@@ -36,22 +36,30 @@ from ppolm.tasks import movie_review_prompts
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=40, help="PPO iterations")
+    p.add_argument("--iterations", type=int, default=20, help="PPO iterations")
     p.add_argument("--batch-size", type=int, default=16, help="episodes per iteration")
     p.add_argument("--minibatch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=2)
-    p.add_argument("--learning-rate", type=float, default=2e-5)
+    p.add_argument("--learning-rate", type=float, default=7e-5)
+    p.add_argument("--lam", type=float, default=1.0,
+                   help="GAE lambda (1.0: the final score reaches every token undiscounted)")
     p.add_argument("--kl-coef", type=float, default=0.05)
     p.add_argument("--kl-target", type=float, default=4.0,
                    help="target KL (nats per response) of the adaptive KL controller")
     p.add_argument("--trainable-layers", type=int, default=10,
                    help="train the top N of the 30 decoder layers (30: the whole model)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--missing-eos-penalty", type=float, default=-0.5)
+    p.add_argument("--missing-eos-penalty", type=float, default=-0.2)
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts to evaluate")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is robust on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/sentiment_smollm2", help="results folder")
+    p.add_argument("--out", default="runs/sentiment_smollm2/results",
+                   help="results folder: evaluations, summary, plots")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite results.md from the JSON files already in --out")
+    p.add_argument("--run-dir", default="runs/sentiment_smollm2",
+                   help="trainer output: metrics.jsonl and the final checkpoint")
     return p.parse_args(argv)
 
 
@@ -59,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.report_only:
+        return write_report(out)
     out.mkdir(parents=True, exist_ok=True)
 
     # The model, the prompts (wrapped in the chat template) and the reward.
@@ -87,9 +97,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = PPOConfig(
         iterations=args.iterations, batch_size=args.batch_size,
         minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs,
-        learning_rate=args.learning_rate, kl_coef=args.kl_coef, adaptive_kl=True,
+        learning_rate=args.learning_rate, lam=args.lam, kl_coef=args.kl_coef, adaptive_kl=True,
         kl_target=args.kl_target, kl_horizon=10 * args.batch_size, temperature=1.0,
-        seed=args.seed, device="cpu", output_dir=str(out / "run"), keep_checkpoints=1)
+        seed=args.seed, device="cpu", output_dir=args.run_dir, keep_checkpoints=1)
     trainer = Trainer(policy, env, config, reference=reference)
     t0 = time.perf_counter()
     history = trainer.train()
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
     summary = {
         "command": "python examples/sentiment_smollm2.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "report_only"),
         "before": {k: v for k, v in before.to_dict().items() if k != "samples"},
         "after": {k: v for k, v in after.to_dict().items() if k != "samples"},
         "train_seconds": train_seconds,
@@ -111,10 +121,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(history, before, after, out)
-    print(format_table({"before": before, "after": after}))
-    print(f"\ntraining: {train_seconds / 60:.1f} min, "
-          f"{summary['seconds_per_iteration']:.1f} s/iteration, peak memory {peak_gib:.2f} GiB\n")
-    print(format_pairs(before, after, k=5, labels=eval_requests))
+    write_report(out)
+    print((out / "results.md").read_text())
+    return summary
+
+
+def write_report(out: Path) -> dict[str, Any]:
+    """results.md: the before/after table, time and memory, and 5 before/after samples."""
+    summary = json.loads((out / "summary.json").read_text())
+    before = EvalResult.load(out / "eval_before.json")
+    after = EvalResult.load(out / "eval_after.json")
+    requests = movie_review_prompts("eval")[: before.n]
+    text = (f"# SmolLM2-135M-Instruct, PPO toward positive movie reviews\n\n"
+            f"Held-out prompts: {before.n}, temperature 1.0, {before.settings['max_new_tokens']} "
+            f"new tokens at most, sampling seed {before.settings['seed']}.\n\n"
+            f"{format_table({'before': before, 'after': after})}\n\n"
+            f"Training: {summary['train_seconds'] / 60:.1f} min for "
+            f"{len(summary['history'])} iterations "
+            f"({summary['seconds_per_iteration']:.0f} s/iteration, {summary['threads']} "
+            f"CPU thread(s)); peak memory (max RSS) {summary['peak_memory_gib']:.2f} GiB.\n\n"
+            f"Command: `{summary['command']}`\n\n"
+            f"![reward curve](reward_curve.png) ![reward vs KL](reward_vs_kl.png)\n\n"
+            f"## Five held-out prompts, before and after\n\n"
+            f"{format_pairs(before, after, k=5, labels=requests)}")
+    (out / "results.md").write_text(text)
     return summary
 
 
