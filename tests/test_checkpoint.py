@@ -132,3 +132,13 @@ def test_corrupt_or_missing_checkpoints(tmp_path):
         build(tmp_path / "a", iterations=1).resume()
     with pytest.raises(CheckpointError, match="not a complete ppolm checkpoint"):
         build(tmp_path / "a").resume(tmp_path)
+
+
+def test_corrupt_gguf_file_is_a_checkpoint_error(tmp_path):
+    pytest.importorskip("gguf")
+    from ppolm.models import load_gguf
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00\xff" * 64)
+    with pytest.raises(CheckpointError, match="broken.gguf"):
+        load_gguf(bad, cache_dir=tmp_path / "cache")
