@@ -15,7 +15,7 @@ from ppolm.run import RunSpec
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ppolm.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+                          text=True, cwd=cwd, timeout=1800)
 
 
 def test_default_run_completes_and_reward_rises(tmp_path):
