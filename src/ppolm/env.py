@@ -63,6 +63,8 @@ class TextGenerationEnv:
         top_k, top_p: sampling filters (0 and 1.0 keep every token).
         missing_eos_penalty: added to the score of a response that never emitted EOS
             (e.g. -1.0); None for no penalty.
+        ignore_eos: sample exactly ``max_new_tokens`` tokens for every prompt: EOS is then an
+            ordinary token that does not end the response (benchmarks, fixed-length tasks).
         add_special_tokens: let the tokenizer add its BOS etc. to the prompts.
         seed: seed of the prompt order (a new shuffle every pass over the prompts).
     """
@@ -70,7 +72,8 @@ class TextGenerationEnv:
     def __init__(self, prompts: list[str] | str | Path, tokenizer: Any,
                  reward_fn: RewardFunction | Any, max_new_tokens: int = 16, top_k: int = 0,
                  top_p: float = 1.0, missing_eos_penalty: float | None = None,
-                 add_special_tokens: bool = True, seed: int = 0) -> None:
+                 add_special_tokens: bool = True, seed: int = 0, ignore_eos: bool = False
+                 ) -> None:
         if isinstance(prompts, (str, Path)):
             prompts = read_prompts(prompts)
         if not isinstance(prompts, list) or not prompts:
@@ -92,6 +95,7 @@ class TextGenerationEnv:
         self.prompts, self.tokenizer, self.reward_fn = prompts, tokenizer, reward_fn
         self.max_new_tokens, self.top_k, self.top_p = max_new_tokens, top_k, top_p
         self.missing_eos_penalty = missing_eos_penalty
+        self.ignore_eos = ignore_eos
         self.prompt_ids: list[list[int]] = tokenizer(
             prompts, add_special_tokens=add_special_tokens)["input_ids"]
         for i, ids in enumerate(self.prompt_ids):
@@ -152,7 +156,8 @@ class TextGenerationEnv:
         query = enc["input_ids"].to(device)                              # (B, P)
         query_mask = enc["attention_mask"].to(device)                    # (B, P)
         response, response_mask = sample(
-            policy, query, query_mask, self.max_new_tokens, self.tokenizer.eos_token_id,
+            policy, query, query_mask, self.max_new_tokens,
+            None if self.ignore_eos else self.tokenizer.eos_token_id,
             self.tokenizer.pad_token_id, temperature, self.top_k, self.top_p, generator)
         eos = self.tokenizer.eos_token_id
         ended = ((response == eos) & response_mask.bool()).any(1)        # (B,)

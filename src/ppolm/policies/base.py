@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ppolm.errors import CheckpointError, DataError
+from ppolm.policies.fused import head_logprobs
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -49,6 +50,16 @@ class Policy(nn.Module, ABC):
     @abstractmethod
     def head(self, hidden: Tensor) -> Tensor:
         """Next-token logits. Shapes: (..., H) -> (..., V)."""
+
+    def head_params(self) -> tuple[Tensor, Tensor | None] | None:
+        """(weight (V, H), bias (V,) or None) when ``head`` is one linear map, else None.
+
+        With them, ``forward_response`` computes logprobs without keeping the logits (see
+        ``ppolm.policies.fused``) and the sampler projects with them directly; None falls back
+        to ``head``. A subclass that overrides ``head`` must return None here (the built-in
+        policies do so by themselves).
+        """
+        return None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits for every position. Shapes: (B, L), (B, L) -> (B, L, V)."""
@@ -83,12 +94,13 @@ class ResponseForward:
     """What one forward pass gives PPO about the response tokens."""
 
     logprobs: Tensor       # (B, T) log-probability of each response token, at the temperature
-    logits: Tensor         # (B, T, V) temperature-scaled logits predicting each response token
+    entropy: Tensor        # (B, T) entropy of each token's distribution, at the temperature
     hidden: Tensor         # (B, T, H) trunk hidden states at the positions predicting them
 
 
 def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
-                     response_len: int, temperature: float) -> ResponseForward:
+                     response_len: int, temperature: float, entropy_grad: bool = False
+                     ) -> ResponseForward:
     """Logprobs of the last ``response_len`` tokens of each row, under ``policy``.
 
     The hidden state at position i predicts token i + 1, so the response tokens
@@ -96,15 +108,28 @@ def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
     are projected to the vocabulary. Logits are divided by ``temperature`` exactly as when
     sampling, so the logprobs stored at rollout and recomputed for training agree.
 
-    Shapes: input_ids, attention_mask (B, L); returns (B, T) logprobs.
+    The entropy carries a gradient only with ``entropy_grad=True`` (an entropy bonus in the
+    loss); otherwise it is a statistic, and a policy with a linear head gets logprobs and
+    entropy from one fused function that keeps no logits (``ppolm.policies.fused``).
+
+    Shapes: input_ids, attention_mask (B, L); returns (B, T) logprobs and entropy.
     """
     L, T = input_ids.shape[1], response_len
     hidden, _ = policy.trunk(input_ids, attention_mask)            # (B, L, H)
     hidden = hidden[:, L - T - 1: L - 1]                          # (B, T, H)
-    logits = policy.head(hidden).float() / temperature            # (B, T, V)
-    tokens = input_ids[:, L - T:]                                  # (B, T)
-    logprobs = token_logprobs(logits, tokens)
-    return ResponseForward(logprobs=logprobs, logits=logits, hidden=hidden)
+    B, H = hidden.shape[0], hidden.shape[2]
+    flat = hidden.reshape(B * T, H)                                # (B*T, H), contiguous
+    tokens = input_ids[:, L - T:].reshape(B * T)                   # (B*T,)
+    params = policy.head_params()
+    if params is not None and not entropy_grad:
+        logprobs, entropy = head_logprobs(flat, params[0], params[1], tokens, temperature)
+    else:
+        logits = policy.head(flat).float() / temperature           # (B*T, V)
+        logprobs = token_logprobs(logits, tokens)
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+    return ResponseForward(logprobs=logprobs.view(B, T), entropy=entropy.view(B, T),
+                           hidden=hidden)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:

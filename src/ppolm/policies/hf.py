@@ -9,7 +9,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ppolm.errors import CheckpointError
 from ppolm.policies.base import Policy, positions_from_mask
@@ -58,6 +58,12 @@ class HFPolicy(Policy):
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.model.get_output_embeddings()(hidden)
+
+    def head_params(self) -> tuple[Tensor, Tensor | None] | None:
+        if type(self).head is not HFPolicy.head:     # a subclass makes its own logits
+            return None
+        head = self.model.get_output_embeddings()
+        return (head.weight, head.bias) if isinstance(head, nn.Linear) else None
 
     def save(self, path: str | Path) -> None:
         self.model.save_pretrained(str(path))

@@ -96,3 +96,8 @@ class TransformerPolicy(TorchPolicy):
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
+
+    def head_params(self) -> tuple[Tensor, Tensor | None] | None:
+        if type(self).head is not TransformerPolicy.head:   # a subclass makes its own logits
+            return None
+        return self.lm_head.weight, None

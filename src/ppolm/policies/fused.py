@@ -1,0 +1,160 @@
+"""The LM head, token logprobs and entropy in one autograd function, with one full-vocabulary
+tensor.
+
+PPO needs, for each response token, ``log softmax(z / temperature)[token]`` (with gradient) and
+the entropy of that distribution (a statistic). Written with plain torch ops, autograd keeps the
+logits, makes temporaries for the temperature division, the logsumexp and the entropy, and builds
+the gradient of the logits from three more full-vocabulary tensors (softmax, a scattered
+one-hot, their sum). With a vocabulary of 49k those copies cost as much time as the head's matmul.
+
+Here the forward pass makes the logits once, turns them in place into the softmax, and keeps only
+that for the backward pass, where it becomes the gradient of the logits in place:
+
+    p = softmax(z),  d logp[token] / dz = onehot(token) - p
+
+The entropy, ``H = lse - sum(p * z)``, comes from the same tensors at the cost of one
+dot product per row. Its gradient is not provided: ``forward_response`` uses the plain path when
+the entropy is part of the loss (``ent_coef > 0``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def head_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
+                  temperature: float) -> tuple[Tensor, Tensor]:
+    """Logprobs of ``tokens`` and entropies under ``softmax((hidden @ weight.T + bias) / T)``.
+
+    Shapes: hidden (R, H), weight (V, H), bias (V,) or None, tokens (R,) -> logprobs (R,),
+    entropy (R,) in float32. The entropy carries no gradient.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        out: tuple[Tensor, Tensor] = _HeadLogprobs.apply(hidden, weight, bias, tokens,
+                                                         1.0 / temperature)
+        return out
+    logprobs, entropy, _ = _forward(hidden, weight, bias, tokens, 1.0 / temperature,
+                                    keep_probs=False)
+    return logprobs, entropy
+
+
+# Elements per block of logits made at once without gradient (16 MiB in float32), and per chunk
+# of rows whose softmax statistics are taken while they sit in cache (2 MiB).
+_BLOCK = 1 << 22
+_CHUNK = 1 << 19
+
+
+def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
+             inv_temp: float, keep_probs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(logprobs, entropy, softmax or None).
+
+    With ``keep_probs`` one (R, V) tensor is made, and ends as the softmax; without, the logits
+    are made a block of rows at a time into one reused buffer.
+    """
+    if bias is None and inv_temp != 1.0:
+        hidden = hidden * inv_temp                       # (R, H): cheaper than scaling (R, V)
+    R, V = hidden.shape[0], weight.shape[0]
+    if keep_probs:
+        z = _logits(hidden, weight, bias, inv_temp, None)            # (R, V)
+        logprobs, entropy = _softmax_stats_(z, tokens)
+        return logprobs, entropy, z
+    blocks = -(-R // max(1, _BLOCK // V))
+    rows = -(-R // blocks)                               # even blocks: no thin last block
+    same = hidden.dtype == weight.dtype == torch.float32 and (bias is None or
+                                                            bias.dtype == torch.float32)
+    buf = torch.empty(rows, V, device=hidden.device) if same else None
+    parts = []
+    for start in range(0, R, rows):
+        h = hidden[start: start + rows]
+        z = _logits(h, weight, bias, inv_temp, None if buf is None else buf[: h.shape[0]])
+        parts.append(_softmax_stats_(z, tokens[start: start + rows]))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temp: float,
+            out: Tensor | None) -> Tensor:
+    """(hidden @ weight.T + bias) * inv_temp (the scale already in ``hidden`` without a bias),
+    in float32, into ``out`` when given. Shapes: (R, H), (V, H) -> (R, V)."""
+    if out is not None:
+        z = (torch.mm(hidden, weight.t(), out=out) if bias is None
+             else torch.addmm(bias, hidden, weight.t(), out=out))
+    else:
+        z = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()                                    # softmax statistics in float32
+    if bias is not None and inv_temp != 1.0:
+        z.mul_(inv_temp)
+    return z
+
+
+def _softmax_stats_(z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Logprobs of ``tokens`` and entropies of ``softmax(z)``; turns ``z`` into that softmax.
+
+    Works through a few rows at a time, so each row is read from memory once and written once:
+    with m = max z, e = exp(z - m), s = sum e:  logp = z[token] - m - log s,
+    H = log s - sum(e * (z - m)) / s.  Shapes: z (R, V), tokens (R,) -> (R,), (R,).
+    """
+    R, V = z.shape
+    rows = max(1, _CHUNK // V)
+    picked = torch.empty(R, dtype=z.dtype, device=z.device)
+    log_s = torch.empty_like(picked)
+    ez = torch.empty_like(picked)
+    for a in range(0, R, rows):
+        b = min(a + rows, R)
+        zc = z[a:b]
+        zc.sub_(zc.amax(-1, keepdim=True))                           # shifted: max 0
+        picked[a:b] = zc.gather(-1, tokens[a:b, None]).squeeze(-1)
+        e = torch.exp(zc)
+        s = e.sum(-1)
+        ez[a:b] = zc.mul_(e).sum(-1) / s                             # sum p (z - m)
+        torch.div(e, s[:, None], out=zc)                             # the softmax, in place
+        log_s[a:b] = torch.log(s)
+    return picked - log_s, log_s - ez
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    # Under CUDA autocast the backward matmuls run in the forward's precision (bf16).
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
+                inv_temp: float) -> tuple[Tensor, Tensor]:
+        logprobs, entropy, probs = _forward(hidden, weight, bias, tokens, inv_temp,
+                                            keep_probs=True)
+        ctx.save_for_backward(hidden, weight, probs, tokens)
+        ctx.has_bias, ctx.inv_temp = bias is not None, inv_temp
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx: Any, grad_logprobs: Tensor, _grad_entropy: Tensor) -> tuple[Any, ...]:
+        hidden, weight, probs, tokens = ctx.saved_tensors
+        g = grad_logprobs.to(probs.dtype)
+        # d logp / dz = onehot - p, scaled by the upstream gradient; built in place in `probs`
+        # (a second backward through this graph is refused by autograd's version check).
+        grad_z = probs.mul_(-g[:, None])
+        grad_z.scatter_add_(-1, tokens[:, None], g[:, None])
+        if grad_z.dtype != weight.dtype:                 # a model held in bf16
+            grad_z = grad_z.to(weight.dtype)
+        if ctx.has_bias:
+            # z = (h W^T + b) * s: the scale goes on the gradient of z
+            if ctx.inv_temp != 1.0:
+                grad_z.mul_(ctx.inv_temp)
+            x = hidden
+        else:
+            # z = (h * s) W^T: the scale goes on the gradient of h
+            x = hidden * ctx.inv_temp if ctx.inv_temp != 1.0 else hidden
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = grad_z @ weight
+            if not ctx.has_bias and ctx.inv_temp != 1.0:
+                grad_hidden.mul_(ctx.inv_temp)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_z.t() @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_z.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None

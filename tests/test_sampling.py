@@ -1,0 +1,55 @@
+"""The sampler's draw (inverse CDF) and fixed-length responses with ``ignore_eos``."""
+
+from __future__ import annotations
+
+import torch
+
+from ppolm import CallableReward, TextGenerationEnv, TransformerPolicy
+from ppolm.sampling import draw
+
+
+def test_draw_follows_the_probabilities_and_skips_zeros():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 1.0]])
+    n = 20000
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros_like(probs)
+    for _ in range(n // 500):
+        idx = draw(probs.repeat_interleave(500, 0), gen).view(2, 500)
+        for row in range(2):
+            counts[row] += torch.bincount(idx[row], minlength=5).float()
+    freq = counts / n
+    assert freq[0, 1] == 0 and freq[0, 4] == 0 and freq[1, 4] == 1
+    sd = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 4 * sd + 1e-9).all(), freq
+
+
+def test_draw_is_reproducible_with_a_generator():
+    probs = torch.softmax(torch.randn(8, 100), -1)
+    a = draw(probs, torch.Generator().manual_seed(3))
+    b = draw(probs, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+class MostlyEOS(TransformerPolicy):
+    """Puts almost all probability on EOS (id 1 in the character tokenizer)."""
+
+    def head(self, hidden):
+        logits = torch.zeros(*hidden.shape[:-1], self.vocab_size)
+        logits[..., 1] = 8.0
+        return logits
+
+
+def test_ignore_eos_gives_every_response_max_new_tokens(tok):
+    policy = MostlyEOS(len(tok), hidden_size=32)
+    reward = CallableReward(lambda ps, rs: [0.0] * len(rs))
+    cpu = torch.device("cpu")
+    stop = TextGenerationEnv(["ab", "cde"], tok, reward, max_new_tokens=6)
+    short = stop.sample(policy, 8, 1.0, cpu, torch.Generator().manual_seed(0))
+    assert short.response_mask.shape[1] < 6              # every row stopped at an EOS
+
+    fixed = TextGenerationEnv(["ab", "cde"], tok, reward, max_new_tokens=6, ignore_eos=True)
+    ep = fixed.sample(policy, 8, 1.0, cpu, torch.Generator().manual_seed(0))
+    assert ep.response_mask.shape == (8, 6) and bool(ep.response_mask.bool().all())
+    response = ep.input_ids[:, -6:]
+    assert (response == tok.eos_token_id).sum(1).gt(1).all()   # EOS sampled, and sampled on
