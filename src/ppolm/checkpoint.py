@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ppolm.errors import CheckpointError
+from ppolm.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from ppolm.trainer import Trainer
@@ -51,6 +51,25 @@ def save_checkpoint(trainer: Trainer, path: str | Path | None = None) -> Path:
     if path is None:
         _prune(final.parent, trainer.config.keep_checkpoints)
     return final
+
+
+def start_fresh(trainer: Trainer) -> None:
+    """Before a new run's first iteration: refuse to mix it with an earlier run found in
+    output_dir (its checkpoints would be resumed, its metrics read as this run's), unless
+    ``config.overwrite``, which deletes them."""
+    folder, metrics = checkpoint_dir(trainer), trainer.metrics.path
+    found = latest_checkpoint(folder)
+    has_metrics = metrics.is_file() and metrics.stat().st_size > 0
+    if found is None and not has_metrics:
+        return
+    if not trainer.config.overwrite:
+        what = f"checkpoint {found.name}" if found else f"metrics in {metrics.name}"
+        raise ConfigError(
+            f"output_dir {trainer.config.output_dir!r} holds an earlier run ({what}). Continue "
+            "it with --resume (trainer.resume()), start over with overwrite=true (deletes it), "
+            "or choose another output_dir.")
+    shutil.rmtree(folder, ignore_errors=True)
+    metrics.unlink(missing_ok=True)
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:

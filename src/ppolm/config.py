@@ -108,6 +108,9 @@ class PPOConfig:
     """Use bf16 autocast on CUDA (ignored on CPU, where everything is float32)."""
     output_dir: str = "runs/ppolm"
     """Where metrics.jsonl and checkpoints go."""
+    overwrite: bool = False
+    """Let a new run start in an output_dir that holds an earlier run's checkpoints or metrics,
+    deleting them. Without it such a start is refused (resume continues the earlier run)."""
     save_every: int = 0
     """Save a checkpoint every this many iterations (0: only at the end)."""
     keep_checkpoints: int = 2

@@ -88,9 +88,11 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
         """Run the remaining iterations; returns one metrics dict per iteration run."""
-        from ppolm.checkpoint import save_checkpoint
+        from ppolm.checkpoint import save_checkpoint, start_fresh
 
         cfg = self.config
+        if self.iteration == 0:
+            start_fresh(self)
         with _progress(cfg.progress, cfg.iterations, self.iteration) as bar:
             while self.iteration < cfg.iterations:
                 timer = _Timer()
