@@ -43,7 +43,7 @@ from ppolm.tasks import movie_review_prompts
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=48, help="PPO iterations")
+    p.add_argument("--iterations", type=int, default=46, help="PPO iterations")
     p.add_argument("--batch-size", type=int, default=16, help="episodes per iteration")
     p.add_argument("--minibatch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=2)
@@ -62,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trainable-layers", type=int, default=10,
                    help="train the top N of the 30 decoder layers (30: the whole model)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--missing-eos-penalty", type=float, default=-0.2)
+    p.add_argument("--missing-eos-penalty", type=float, default=0.0,
+                   help="added to the score of a response cut at --max-new-tokens (0: none; "
+                        "a penalty spends KL on ending early, which the sentiment does not need)")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts to evaluate")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (use 1 on a machine shared with other work)")
