@@ -70,9 +70,13 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 
 def entropy(logits: Tensor, mask: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
     """Mean entropy of the token distributions. Shapes: logits (B, T, V), mask (B, T) -> ()."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    ent = -(logp.exp() * logp).sum(-1)                  # (B, T)
+    ent = token_entropy(torch.log_softmax(logits.float(), dim=-1))   # (B, T)
     return _mean(ent, mask, num_tokens)
+
+
+def token_entropy(logp: Tensor) -> Tensor:
+    """Entropy of each distribution from its log-probabilities. Shapes: (..., V) -> (...)."""
+    return -(logp.exp() * logp).sum(-1)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:

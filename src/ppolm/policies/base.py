@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ppolm.errors import CheckpointError, DataError
+from ppolm.losses import token_entropy
 from ppolm.policies.fused import head_logprobs
 
 
@@ -126,8 +127,7 @@ def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
     else:
         logits = policy.head(flat).float() / temperature           # (B*T, V)
         logprobs = token_logprobs(logits, tokens)
-        logp = torch.log_softmax(logits, dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        entropy = token_entropy(torch.log_softmax(logits, dim=-1))
     return ResponseForward(logprobs=logprobs.view(B, T), entropy=entropy.view(B, T),
                            hidden=hidden)
 
