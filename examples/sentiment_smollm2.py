@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=7e-5)
     p.add_argument("--lam", type=float, default=1.0,
                    help="GAE lambda (1.0: the final score reaches every token undiscounted)")
+    p.add_argument("--kl", choices=("k1", "full"), default="k1",
+                   help="'k1': log p - log p_ref of the sampled tokens, in the reward; 'full': "
+                        "the exact KL over the vocabulary at every response token, in the loss "
+                        "(try --kl-coef 0.2: the loss works in whitened-advantage units)")
     p.add_argument("--kl-coef", type=float, default=0.1, help="initial KL coefficient")
     p.add_argument("--kl-target", type=float, default=4.0,
                    help="target KL (nats per response) of the adaptive KL controller")
@@ -112,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = PPOConfig(
         iterations=args.iterations, batch_size=args.batch_size,
         minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs,
-        learning_rate=args.learning_rate, lam=args.lam, kl_coef=args.kl_coef, adaptive_kl=True,
+        learning_rate=args.learning_rate, lam=args.lam, kl_coef=args.kl_coef,
+        kl_mode="loss" if args.kl == "full" else "reward", kl_estimator=args.kl,
+        adaptive_kl=True,
         kl_target=args.kl_target, kl_horizon=args.kl_horizon, temperature=1.0,
         seed=args.seed, device="cpu", output_dir=args.run_dir, keep_checkpoints=1,
         overwrite=True)

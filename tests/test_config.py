@@ -26,6 +26,7 @@ def test_defaults_and_derived_sizes():
     ({"batch_size": "32"}, "wrong type"),
     ({"iterations": 2.5}, "iterations=2.5"),
     ({"device": "tpu"}, "device='tpu'"),
+    ({"kl_estimator": "full"}, "needs kl_mode='loss'"),
 ])
 def test_bad_values_name_the_field(kwargs, words):
     with pytest.raises(ConfigError, match=words.replace("(", "\\(")) as err:

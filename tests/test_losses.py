@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ppolm import entropy, kl_penalty, policy_loss, value_loss
+from ppolm.losses import full_kl
 
 
 def test_policy_loss_at_ratio_one_is_minus_mean_advantage():
@@ -87,3 +88,30 @@ def test_k1_and_k3_are_unbiased_estimates_of_the_true_kl():
     lp, lq = p.log()[x], q.log()[x]
     for est in ("k1", "k3"):
         assert kl_penalty(lp, lq, est).mean().item() == pytest.approx(true_kl.item(), abs=0.01)
+
+
+def test_full_kl_is_the_exact_kl_and_the_mean_of_k1():
+    g = torch.Generator().manual_seed(1)
+    logits, ref_logits = torch.randn(3, 5, 11, generator=g), torch.randn(3, 5, 11, generator=g)
+    lp, lq = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+    exact = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=logits),
+                                              torch.distributions.Categorical(logits=ref_logits))
+    assert torch.allclose(full_kl(lp, lq), exact, atol=1e-6)
+    assert (full_kl(lp, lp).abs() < 1e-7).all()
+    # k1 on tokens sampled from pi estimates the same number (one distribution, 200k draws).
+    x = torch.multinomial(lp[0, 0].exp(), 200_000, replacement=True, generator=g)
+    k1 = kl_penalty(lp[0, 0][x], lq[0, 0][x], "k1").mean()
+    assert k1.item() == pytest.approx(full_kl(lp[0, 0], lq[0, 0]).item(), abs=0.01)
+
+
+def test_full_kl_gradient_moves_every_token_toward_the_reference():
+    # d KL / d logits_v = pi_v * (log pi_v - log q_v - KL): every token, sampled or not.
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(7, generator=g, requires_grad=True)
+    lq = torch.log_softmax(torch.randn(7, generator=g), -1)
+    lp = torch.log_softmax(logits, -1)
+    kl = full_kl(lp, lq)
+    kl.backward()
+    p = lp.detach().exp()
+    expect = p * (lp.detach() - lq - kl.detach())
+    assert torch.allclose(logits.grad, expect, atol=1e-6)

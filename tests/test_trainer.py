@@ -21,6 +21,8 @@ from ppolm import (
     TransformerPolicy,
 )
 from ppolm.errors import TrainingError
+from ppolm.losses import full_kl
+from ppolm.policies.base import forward_response
 
 # Prompts of different lengths, so rows carry left padding; an untrained policy emits EOS at
 # random times, so responses carry right padding too.
@@ -192,3 +194,53 @@ def test_nan_reward_inside_a_rollout_skips_every_update(tok, tmp_path):
     assert stats["skipped_updates"] == 2 * trainer.config.num_minibatches
     after = trainer.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_exact_kl_in_the_loss(tok, tmp_path):
+    trainer = make_trainer("transformer", tok, tmp_path, kl_mode="loss", kl_estimator="full",
+                           kl_coef=0.5)
+    _, rollout = trainer.collect()
+    mask = rollout.response_mask
+    B, T = mask.shape
+    assert rollout.ref_dist is not None and rollout.ref_dist.shape == (B, T, len(tok))
+    # The stored distribution gives the stored reference logprobs of the sampled tokens.
+    tokens = rollout.input_ids[:, -T:]
+    picked = rollout.ref_dist.gather(-1, tokens[..., None]).squeeze(-1) * mask
+    assert torch.allclose(picked, rollout.ref_logprobs, atol=1e-5)
+    rollout = trainer.compute_advantages(rollout)
+    assert (rollout.rewards.sum(1) == rollout.scores).all()      # no KL in the rewards
+    n = mask.sum()
+    # Policy == reference: the KL term is 0. After moving the policy, the loss is the loss
+    # without the term plus beta * the exact KL of the new distributions, per token.
+    loss0, _ = trainer.loss(rollout, n)
+    trainer.config.kl_mode = "reward"   # the same loss without the KL term
+    assert trainer.loss(rollout, n)[0].item() == pytest.approx(loss0.item(), abs=1e-6)
+    with torch.no_grad():
+        for p in trainer.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss_plain, _ = trainer.loss(rollout, n)
+    trainer.config.kl_mode = "loss"
+    loss_kl, _ = trainer.loss(rollout, n)
+    fwd = forward_response(trainer.policy, rollout.input_ids, rollout.attention_mask, T, 1.0,
+                           full_dist=True)
+    kl = (full_kl(fwd.dist, rollout.ref_dist) * mask).sum() / n
+    assert kl.item() > 1e-3
+    assert loss_kl.item() == pytest.approx(loss_plain.item() + 0.5 * kl.item(), rel=1e-4)
+
+
+def test_exact_kl_holds_the_policy_closer_to_the_reference(tok, tmp_path):
+    kls = []
+    for beta in (0.0, 2.0):
+        trainer = make_trainer("transformer", tok, tmp_path / str(beta), iterations=4,
+                               kl_mode="loss", kl_estimator="full", kl_coef=beta,
+                               learning_rate=3e-3)
+        trainer.train()
+        _, rollout = trainer.collect()
+        T = rollout.response_mask.shape[1]
+        with torch.no_grad():
+            fwd = forward_response(trainer.policy, rollout.input_ids, rollout.attention_mask,
+                                   T, 1.0, full_dist=True)
+        kl = full_kl(fwd.dist, rollout.ref_dist) * rollout.response_mask
+        kls.append(float(kl.sum(1).mean()))
+    # Measured 0.97 nats without the term and 0.24 with it.
+    assert kls[1] < 0.5 * kls[0]

@@ -21,7 +21,7 @@ import yaml
 from ppolm.errors import ConfigError
 
 KLMode = Literal["reward", "loss"]
-KLEstimator = Literal["k1", "k2", "k3"]
+KLEstimator = Literal["k1", "k2", "k3", "full"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 
 
@@ -86,7 +86,9 @@ class PPOConfig:
     (a KL term added to the policy loss, GRPO style)."""
     kl_estimator: KLEstimator = "k1"
     """Per-token KL estimator: k1 = logp - logp_ref, k2 = (logp - logp_ref)^2 / 2,
-    k3 = (r - 1) - log r with r = p_ref / p."""
+    k3 = (r - 1) - log r with r = p_ref / p (on the sampled token), or 'full', the exact KL
+    over the vocabulary (kl_mode='loss' only; the rollout then holds the reference's whole
+    distribution, batch_size x response length x vocabulary floats)."""
     adaptive_kl: bool = False
     """Adapt kl_coef toward kl_target (Ziegler et al. 2019)."""
     kl_target: float = 6.0
@@ -162,6 +164,10 @@ class PPOConfig:
         for name in ("kl_coef", "vf_coef", "ent_coef", "weight_decay", "adam_eps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0.")
+        if self.kl_estimator == "full" and self.kl_mode != "loss":
+            raise ConfigError("kl_estimator='full' (the exact KL over the vocabulary) needs "
+                              "kl_mode='loss': in the reward it would act through the sampled "
+                              "tokens only. Set kl_mode=loss, or use k1/k2/k3.")
         if not self.kl_target > 0:
             raise ConfigError(f"kl_target={self.kl_target} must be > 0.")
         if self.save_every < 0:

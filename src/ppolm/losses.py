@@ -95,4 +95,15 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
         return 0.5 * log_ratio ** 2
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1', 'k2' or 'k3'.")
+    raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1', 'k2' or 'k3' (the exact "
+                     "'full' KL needs the whole distributions: see full_kl).")
+
+
+def full_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Exact per-token KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v)), over the
+    whole vocabulary: the expectation of k1 over the next token, with no sampling noise. Its
+    gradient pulls every token's probability toward the reference, not only the sampled one's.
+
+    Shapes: log-softmax (..., V), (..., V) -> (...).
+    """
+    return (logp.exp() * (logp - ref_logp)).sum(-1)

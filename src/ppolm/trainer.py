@@ -22,7 +22,7 @@ from ppolm.config import PPOConfig
 from ppolm.env import TextGenerationEnv
 from ppolm.errors import TrainingError
 from ppolm.kl_control import KLController
-from ppolm.losses import kl_penalty, policy_loss, value_loss
+from ppolm.losses import full_kl, kl_penalty, policy_loss, value_loss
 from ppolm.metrics import MetricsWriter
 from ppolm.policies.base import Policy, forward_response
 from ppolm.policies.value import ValueHead
@@ -114,7 +114,8 @@ class Trainer:
     @torch.no_grad()
     def collect(self, timer: _Timer | None = None) -> tuple[Episodes, Rollout]:
         """Sample a batch, then one forward pass each of policy (logprobs and values, sharing the
-        trunk) and reference over the whole sequences, at the sampling temperature."""
+        trunk) and reference over the whole sequences, at the sampling temperature (with
+        kl_estimator='full', the reference's whole distribution over the response too)."""
         timer = timer or _Timer()
         cfg = self.config
         with timer("time_generate"), self._autocast():
@@ -124,28 +125,36 @@ class Trainer:
         timer.add("time_generate", -episodes.reward_seconds)
         ids, mask = episodes.input_ids, episodes.attention_mask
         T = episodes.response_mask.shape[1]
+        full_kl = cfg.kl_estimator == "full"
         with timer("time_forward"), self._autocast():
-            fwd = forward_response(self.policy, ids, mask, T, cfg.temperature)
+            # The same path as the update's forward, so the first ratio is exactly 1.
+            fwd = forward_response(self.policy, ids, mask, T, cfg.temperature, full_dist=full_kl)
             values = self.value_head(fwd.hidden, ids, mask, T).float()
-            ref = forward_response(self.reference, ids, mask, T, cfg.temperature).logprobs
+            ref = forward_response(self.reference, ids, mask, T, cfg.temperature,
+                                   full_dist=full_kl)
         rmask = episodes.response_mask.float()
         zeros = torch.zeros_like(rmask)
         rollout = Rollout(input_ids=ids, attention_mask=mask, response_mask=rmask,
-                          logprobs=fwd.logprobs.float() * rmask, ref_logprobs=ref.float() * rmask,
+                          logprobs=fwd.logprobs.float() * rmask,
+                          ref_logprobs=ref.logprobs.float() * rmask,
                           values=values * rmask, scores=episodes.scores.float(),
-                          rewards=zeros, advantages=zeros, returns=zeros)
+                          rewards=zeros, advantages=zeros, returns=zeros,
+                          ref_dist=ref.dist.float() if ref.dist is not None else None)
         return episodes, rollout
 
     def compute_advantages(self, rollout: Rollout) -> Rollout:
         """Per-token rewards (score at the last response token, -beta * KL on every token when
         the KL is in the reward), then GAE and advantage whitening."""
         cfg, mask = self.config, rollout.response_mask
-        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
         scores = rollout.scores
         if cfg.whiten_rewards:
             ones = torch.ones_like(scores)
             scores = whiten(scores, ones, shift_mean=False)
-        rewards = -self.kl_ctl.value * kl if cfg.kl_mode == "reward" else torch.zeros_like(kl)
+        if cfg.kl_mode == "reward":
+            kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
+            rewards = -self.kl_ctl.value * kl
+        else:
+            rewards = torch.zeros_like(mask)
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)   # (B,)
         rewards = rewards.scatter_add(1, last[:, None], scores[:, None])
         advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
@@ -229,8 +238,9 @@ class Trainer:
         - ent_coef * entropy (+ beta * KL when the KL is in the loss)."""
         cfg, mask = self.config, micro.response_mask
         T = mask.shape[1]
+        full = cfg.kl_mode == "loss" and cfg.kl_estimator == "full"
         fwd = forward_response(self.policy, micro.input_ids, micro.attention_mask, T,
-                               cfg.temperature, entropy_grad=cfg.ent_coef > 0)
+                               cfg.temperature, entropy_grad=cfg.ent_coef > 0, full_dist=full)
         values = self.value_head(fwd.hidden, micro.input_ids, micro.attention_mask, T)
         pg, pg_stats = policy_loss(fwd.logprobs, micro.logprobs, micro.advantages, mask,
                                    cfg.clip_range, num_tokens)
@@ -239,7 +249,11 @@ class Trainer:
         ent = masked_sum(fwd.entropy, mask) / num_tokens
         loss = pg + cfg.vf_coef * vf - cfg.ent_coef * ent
         if cfg.kl_mode == "loss":
-            kl = kl_penalty(fwd.logprobs, micro.ref_logprobs, cfg.kl_estimator)
+            if full:
+                assert fwd.dist is not None and micro.ref_dist is not None
+                kl = full_kl(fwd.dist, micro.ref_dist)                        # (b, T)
+            else:
+                kl = kl_penalty(fwd.logprobs, micro.ref_logprobs, cfg.kl_estimator)
             loss = loss + self.kl_ctl.value * (kl * mask).sum() / num_tokens
         # The shares of a mean over the minibatch: the caller adds them up.
         scale = float(num_tokens / mask.sum().clamp(min=1))
@@ -252,7 +266,10 @@ class Trainer:
             timer: _Timer) -> dict[str, Any]:
         """Write the iteration's metrics (fixed names, see ppolm.metrics.METRIC_NAMES)."""
         cfg, mask = self.config, rollout.response_mask
-        kl_seq = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator)
+        # The metric uses the optimised estimator; for the exact KL (optimised per state),
+        # k1 on the sampled tokens: the unbiased estimate of the KL of whole responses.
+        estimator = "k1" if cfg.kl_estimator == "full" else cfg.kl_estimator
+        kl_seq = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, estimator)
                   * mask).sum(1)                                            # (B,)
         beta = self.kl_ctl.value
         self.kl_ctl.update(float(kl_seq.mean()), cfg.batch_size)

@@ -45,10 +45,13 @@ class Rollout:
     rewards: Tensor         # (B, T) per-token rewards (score at the last token, KL penalty)
     advantages: Tensor      # (B, T)
     returns: Tensor         # (B, T) advantages + values
+    ref_dist: Tensor | None = None  # (B, T, V) log pi_ref(. | s_t), for kl_estimator='full'
 
     def select(self, idx: Tensor) -> Rollout:
         """The episodes at ``idx`` (a 1-D index tensor), as a smaller Rollout."""
-        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if getattr(self, f.name) is not None})
 
     def to(self, device: torch.device) -> Rollout:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})

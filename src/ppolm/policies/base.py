@@ -97,11 +97,12 @@ class ResponseForward:
     logprobs: Tensor       # (B, T) log-probability of each response token, at the temperature
     entropy: Tensor        # (B, T) entropy of each token's distribution, at the temperature
     hidden: Tensor         # (B, T, H) trunk hidden states at the positions predicting them
+    dist: Tensor | None = None  # (B, T, V) log-softmax over the vocabulary, when asked for
 
 
 def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
-                     response_len: int, temperature: float, entropy_grad: bool = False
-                     ) -> ResponseForward:
+                     response_len: int, temperature: float, entropy_grad: bool = False,
+                     full_dist: bool = False) -> ResponseForward:
     """Logprobs of the last ``response_len`` tokens of each row, under ``policy``.
 
     The hidden state at position i predicts token i + 1, so the response tokens
@@ -113,6 +114,8 @@ def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
     loss); otherwise it is a statistic, and a policy with a linear head gets logprobs and
     entropy from one fused function that keeps no logits (``ppolm.policies.fused``).
 
+    ``full_dist=True`` also returns the whole log-softmax (B, T, V) (the exact KL needs it).
+
     Shapes: input_ids, attention_mask (B, L); returns (B, T) logprobs and entropy.
     """
     L, T = input_ids.shape[1], response_len
@@ -122,6 +125,12 @@ def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
     flat = hidden.reshape(B * T, H)                                # (B*T, H), contiguous
     tokens = input_ids[:, L - T:].reshape(B * T)                   # (B*T,)
     params = policy.head_params()
+    if full_dist:
+        dist = torch.log_softmax(policy.head(flat).float() / temperature, dim=-1)   # (B*T, V)
+        logprobs = dist.gather(-1, tokens[:, None]).squeeze(-1)
+        return ResponseForward(logprobs=logprobs.view(B, T),
+                               entropy=token_entropy(dist).view(B, T), hidden=hidden,
+                               dist=dist.view(B, T, -1))
     if params is not None and not entropy_grad:
         logprobs, entropy = head_logprobs(flat, params[0], params[1], tokens, temperature)
     else:
