@@ -16,10 +16,7 @@ import statistics
 import time
 
 import torch
-
-from ppolm import SentimentReward, TextGenerationEnv
-from ppolm.models import chat_prompts, load_smollm2
-from ppolm.tasks import movie_review_prompts
+from smollm2_samples import repeated_prompts_env
 
 
 def main() -> None:
@@ -30,22 +27,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    policy, tok = load_smollm2()
-    prompts = chat_prompts(tok, movie_review_prompts("eval")[: args.prompts])
-    repeated = [q for q in prompts for _ in range(args.n)]
-    env = TextGenerationEnv(repeated, tok, SentimentReward(), max_new_tokens=48,
-                            add_special_tokens=False, seed=0)
+    policy, env = repeated_prompts_env("eval", args.prompts, args.n)
     gen = torch.Generator().manual_seed(1234)
     scores: list[float] = []
     t0 = time.perf_counter()
-    for start in range(0, len(repeated), args.batch_size):
-        idx = list(range(start, min(start + args.batch_size, len(repeated))))
+    total = args.prompts * args.n
+    for start in range(0, total, args.batch_size):
+        idx = list(range(start, min(start + args.batch_size, total)))
         ep = env.sample(policy, len(idx), 1.0, torch.device("cpu"), gen, indices=idx)
         scores += ep.scores.tolist()
     positive = sum(s > 0.05 for s in scores) / len(scores)
     print(f"{len(scores)} samples in {time.perf_counter() - t0:.0f} s; mean "
           f"{statistics.mean(scores):.3f}, positive {positive:.1%}")
-    rows = [scores[i * args.n: (i + 1) * args.n] for i in range(len(prompts))]
+    rows = [scores[i * args.n: (i + 1) * args.n] for i in range(args.prompts)]
     k = 1
     while k <= args.n:
         best = [max(r[:k]) for r in rows]
