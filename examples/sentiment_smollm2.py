@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minibatch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--learning-rate", type=float, default=7e-5)
+    p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="learning-rate schedule over the run (linear: decays to 0)")
     p.add_argument("--lam", type=float, default=1.0,
                    help="GAE lambda (1.0: the final score reaches every token undiscounted)")
     p.add_argument("--kl", choices=("k1", "full"), default="k1",
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = PPOConfig(
         iterations=args.iterations, batch_size=args.batch_size,
         minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs,
-        learning_rate=args.learning_rate, lam=args.lam, kl_coef=args.kl_coef,
+        learning_rate=args.learning_rate, lr_schedule=args.lr_schedule, lam=args.lam,
+        kl_coef=args.kl_coef,
         kl_mode="loss" if args.kl == "full" else "reward", kl_estimator=args.kl,
         adaptive_kl=True,
         kl_target=args.kl_target, kl_horizon=args.kl_horizon, temperature=1.0,

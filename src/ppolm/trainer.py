@@ -125,13 +125,13 @@ class Trainer:
         timer.add("time_generate", -episodes.reward_seconds)
         ids, mask = episodes.input_ids, episodes.attention_mask
         T = episodes.response_mask.shape[1]
-        full_kl = cfg.kl_estimator == "full"
+        exact_kl = cfg.kl_estimator == "full"      # (config: only with kl_mode='loss')
         with timer("time_forward"), self._autocast():
             # The same path as the update's forward, so the first ratio is exactly 1.
-            fwd = forward_response(self.policy, ids, mask, T, cfg.temperature, full_dist=full_kl)
+            fwd = forward_response(self.policy, ids, mask, T, cfg.temperature, full_dist=exact_kl)
             values = self.value_head(fwd.hidden, ids, mask, T).float()
             ref = forward_response(self.reference, ids, mask, T, cfg.temperature,
-                                   full_dist=full_kl)
+                                   full_dist=exact_kl)
         rmask = episodes.response_mask.float()
         zeros = torch.zeros_like(rmask)
         rollout = Rollout(input_ids=ids, attention_mask=mask, response_mask=rmask,
@@ -238,9 +238,10 @@ class Trainer:
         - ent_coef * entropy (+ beta * KL when the KL is in the loss)."""
         cfg, mask = self.config, micro.response_mask
         T = mask.shape[1]
-        full = cfg.kl_mode == "loss" and cfg.kl_estimator == "full"
+        exact_kl = cfg.kl_estimator == "full"      # (config: only with kl_mode='loss')
         fwd = forward_response(self.policy, micro.input_ids, micro.attention_mask, T,
-                               cfg.temperature, entropy_grad=cfg.ent_coef > 0, full_dist=full)
+                               cfg.temperature, entropy_grad=cfg.ent_coef > 0,
+                               full_dist=exact_kl)
         values = self.value_head(fwd.hidden, micro.input_ids, micro.attention_mask, T)
         pg, pg_stats = policy_loss(fwd.logprobs, micro.logprobs, micro.advantages, mask,
                                    cfg.clip_range, num_tokens)
@@ -249,7 +250,7 @@ class Trainer:
         ent = masked_sum(fwd.entropy, mask) / num_tokens
         loss = pg + cfg.vf_coef * vf - cfg.ent_coef * ent
         if cfg.kl_mode == "loss":
-            if full:
+            if exact_kl:
                 assert fwd.dist is not None and micro.ref_dist is not None
                 kl = full_kl(fwd.dist, micro.ref_dist)                        # (b, T)
             else:
