@@ -43,15 +43,16 @@ from ppolm.tasks import movie_review_prompts
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=46, help="PPO iterations")
+    p.add_argument("--iterations", type=int, default=56, help="PPO iterations")
     p.add_argument("--batch-size", type=int, default=16, help="episodes per iteration")
     p.add_argument("--minibatch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=2)
-    p.add_argument("--learning-rate", type=float, default=7e-5)
-    p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="linear",
                    help="learning-rate schedule over the run (linear: decays to 0)")
-    p.add_argument("--lam", type=float, default=1.0,
-                   help="GAE lambda (1.0: the final score reaches every token undiscounted)")
+    p.add_argument("--lam", type=float, default=0.95,
+                   help="GAE lambda (with prefix shaping, < 1 gives each token mostly the "
+                        "score changes near it; 1.0: the whole rest of the response)")
     p.add_argument("--kl", choices=("k1", "full"), default="k1",
                    help="'k1': log p - log p_ref of the sampled tokens, in the reward; 'full': "
                         "the exact KL over the vocabulary at every response token, in the loss "
@@ -71,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--missing-eos-penalty", type=float, default=0.0,
                    help="added to the score of a response cut at --max-new-tokens (0: none; "
                         "a penalty spends KL on ending early, which the sentiment does not need)")
+    p.add_argument("--prefix-shaping", action=argparse.BooleanOptionalAction, default=True,
+                   help="reward each token with the change of the sentiment of the text so far "
+                        "(the changes add up to the final score; see docs/maths.md); "
+                        "--no-prefix-shaping puts the whole score on the last token")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts to evaluate")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (use 1 on a machine shared with other work)")
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # PPO: the KL penalty in the reward with an adaptive coefficient (Ziegler et al. 2019).
     env = TextGenerationEnv(train_prompts, tokenizer, reward, max_new_tokens=args.max_new_tokens,
                             missing_eos_penalty=args.missing_eos_penalty,
+                            prefix_shaping=args.prefix_shaping,
                             add_special_tokens=False, seed=args.seed)
     config = PPOConfig(
         iterations=args.iterations, batch_size=args.batch_size,
@@ -135,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
     summary = {
         "command": "python examples/sentiment_smollm2.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "report_only"),
+            (f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}")
+            if isinstance(v, bool) else f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items() if k != "report_only"),
         "before": {k: v for k, v in before.to_dict().items() if k != "samples"},
         "after": {k: v for k, v in after.to_dict().items() if k != "samples"},
         "train_seconds": train_seconds,

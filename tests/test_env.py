@@ -179,3 +179,35 @@ def test_sequence_classifier_reward_scores_with_a_real_model(tok):
     with torch.no_grad():
         alone = model(**tok(["decdefg"], return_tensors="pt")).logits[0, 0].item()
     assert len(scores) == 3 and scores[1] == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.mark.parametrize("penalty", [None, -1.0])
+def test_prefix_shaping_rewards_each_token_with_the_score_increment(tok, penalty):
+    # Length of the text so far: with one character per token, each token adds 1 but the
+    # special ones (EOS, BOS, ...: not in the text) add 0; a missing-EOS penalty lands on the
+    # last token.
+    policy = TransformerPolicy(len(tok), hidden_size=32)
+    env = make_env(tok, max_new_tokens=10, prefix_shaping=True, missing_eos_penalty=penalty)
+    ep = env.sample(policy, 32, temperature=1.0, device=torch.device("cpu"),
+                    generator=torch.Generator().manual_seed(0))
+    resp = ep.input_ids[:, -ep.response_mask.shape[1]:]
+    assert ep.ended.any() and (~ep.ended).any()
+    for b in range(32):
+        n = int(ep.response_mask[b].sum())
+        expect = [0.0 if t in tok.all_special_ids else 1.0 for t in resp[b, :n].tolist()]
+        if penalty is not None and not ep.ended[b]:
+            expect[-1] += penalty
+        expect += [0.0] * (resp.shape[1] - n)
+        assert ep.token_scores[b].tolist() == pytest.approx(expect)
+    assert torch.allclose(ep.token_scores.sum(1), ep.scores)
+
+
+def test_score_increments_add_up_to_the_score():
+    from ppolm.env import score_increments
+
+    phi = torch.tensor([[0.0, 0.1, 0.3, 0.9], [0.0, 0.5, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    out = score_increments(phi, torch.tensor([0.7, -0.2]), mask)
+    # phi beyond a row's end is ignored; the last real token gets score - phi[last]
+    expect = torch.tensor([[0.1, 0.2, 0.4, 0.0], [0.5, -0.7, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(out, expect)

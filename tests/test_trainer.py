@@ -244,3 +244,103 @@ def test_exact_kl_holds_the_policy_closer_to_the_reference(tok, tmp_path):
         kls.append(float(kl.sum(1).mean()))
     # Measured 0.97 nats without the term and 0.24 with it.
     assert kls[1] < 0.5 * kls[0]
+
+
+def test_prefix_shaping_is_a_baseline_of_the_score_so_far(tok, tmp_path):
+    # With gamma = lam = 1, V = 0 and no KL, the advantage of token t is the return to go: the
+    # final score unshaped, and score - phi(s_t) shaped, phi(s_t) the reward of the first t
+    # tokens, which does not depend on the token chosen at t (so the expected gradient is the
+    # same). count_a and a character tokenizer make phi easy to write down.
+    trainer = make_trainer("transformer", tok, tmp_path, kl_coef=0.0, adaptive_kl=False,
+                           lam=1.0, whiten_advantages=False)
+    trainer.env.prefix_shaping = True
+    episodes, rollout = trainer.collect()
+    mask = rollout.response_mask
+    rollout = dataclasses.replace(rollout, values=torch.zeros_like(mask))
+    phi = torch.zeros_like(mask)
+    response = rollout.input_ids[:, -mask.shape[1]:]
+    for b in range(16):
+        for t in range(1, int(mask[b].sum())):
+            text = tok.decode(response[b, :t], skip_special_tokens=True)
+            phi[b, t] = text.count("a") / 8
+    shaped = trainer.compute_advantages(rollout)
+    plain = trainer.compute_advantages(dataclasses.replace(rollout, token_scores=None))
+    assert (phi > 0).any()
+    assert torch.allclose(plain.advantages, rollout.scores[:, None] * mask)
+    assert torch.allclose(shaped.advantages, (rollout.scores[:, None] - phi) * mask, atol=1e-6)
+    assert torch.allclose(shaped.rewards.sum(1), rollout.scores, atol=1e-6)
+
+
+def test_prefix_shaping_with_kl_and_whitened_rewards(tok, tmp_path):
+    trainer = make_trainer("transformer", tok, tmp_path, kl_coef=0.5, whiten_rewards=True)
+    trainer.env.prefix_shaping = True
+    _, rollout = trainer.collect()
+    mask = rollout.response_mask
+    moved = dataclasses.replace(rollout, logprobs=rollout.ref_logprobs + 0.1 * mask)
+    out = trainer.compute_advantages(moved)
+    s = rollout.scores
+    whitened = (s - s.mean()) / torch.sqrt(s.var() + 1e-8) + s.mean()
+    # each token: -beta * KL + its increment / std; the rows add up to the whitened scores
+    assert torch.allclose(out.rewards.sum(1), whitened - 0.5 * 0.1 * mask.sum(1), atol=1e-5)
+    inner = mask.clone()
+    inner[torch.arange(16), mask.sum(1).long() - 1] = 0     # all but the last token
+    expect = (-0.05 + rollout.token_scores / torch.sqrt(s.var() + 1e-8)) * inner
+    assert torch.allclose(out.rewards * inner, expect, atol=1e-6)
+
+
+def frozen_trainer(kind, tok, path, reuse=True, reference=None, **overrides):
+    from ppolm.models import freeze_lower_layers
+
+    cfg = dict(iterations=1, batch_size=16, minibatch_size=8, ppo_epochs=2, seed=0,
+               progress=False, output_dir=str(path), reuse_frozen_layers=reuse)
+    cfg.update(overrides)
+    env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=8)
+    policy = freeze_lower_layers(make_policy(kind, len(tok)), 1)     # layer 0 and embeddings
+    return Trainer(policy, env, PPOConfig(**cfg), reference=reference)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_frozen_lower_layers_run_once_per_rollout_with_the_same_numbers(tok, tmp_path,
+                                                                         temperature):
+    fast = frozen_trainer("llama", tok, tmp_path / "a", temperature=temperature)
+    slow = frozen_trainer("llama", tok, tmp_path / "b", reuse=False, temperature=temperature)
+    assert (fast.depth, fast.ref_shares_bottom) == (1, True)
+    assert slow.depth == 0
+    _, ra = fast.collect()
+    _, rb = slow.collect()
+    assert torch.equal(ra.input_ids, rb.input_ids) and (ra.attention_mask[:, 0] == 0).any()
+    assert rb.bottom is None and ra.bottom.shape == (*ra.input_ids.shape, 32)
+    for name in ("logprobs", "ref_logprobs", "values"):
+        assert torch.allclose(getattr(ra, name), getattr(rb, name), atol=1e-6), name
+    assert torch.equal(ra.logprobs, ra.ref_logprobs)            # no KL before any update
+    ra, rb = fast.compute_advantages(ra), slow.compute_advantages(rb)
+    mb_a, mb_b = ra.select(torch.arange(8)), rb.select(torch.arange(8))
+    _, stats = fast.loss(mb_a, mb_a.response_mask.sum())
+    assert stats["ratio_max_dev"] < 1e-6                           # first ratio exactly 1
+    fast.accumulate_gradients(mb_a)
+    slow.accumulate_gradients(mb_b)
+    grads = 0
+    for (name, a), b in zip(fast.policy.named_parameters(), slow.policy.parameters(),
+                            strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            grads += 1
+            assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
+        assert "layers.0." not in name or a.grad is None           # the frozen layer
+    assert grads > 0
+
+
+def test_frozen_split_is_refused_where_it_would_change_the_numbers(tok, tmp_path):
+    # GPT-2 adds position embeddings to inputs_embeds: the probe sees trunk_top(trunk_bottom)
+    # differ from the trunk, so the trainer runs the whole trunk.
+    gpt2 = frozen_trainer("gpt2", tok, tmp_path / "g")
+    assert gpt2.policy.frozen_depth() == 1 and gpt2.depth == 0
+    # A reference with other lower weights keeps its own whole forward.
+    torch.manual_seed(1)
+    other = HFPolicy(tiny_llama(len(tok)))
+    trainer = frozen_trainer("llama", tok, tmp_path / "r", reference=other)
+    assert (trainer.depth, trainer.ref_shares_bottom) == (1, False)
+    _, rollout = trainer.collect()
+    ref = forward_response(other, rollout.input_ids, rollout.attention_mask,
+                           rollout.response_mask.shape[1], 1.0)
+    assert torch.allclose(rollout.ref_logprobs, ref.logprobs * rollout.response_mask)

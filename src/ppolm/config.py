@@ -108,6 +108,11 @@ class PPOConfig:
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     bf16: bool = True
     """Use bf16 autocast on CUDA (ignored on CPU, where everything is float32)."""
+    reuse_frozen_layers: bool = True
+    """When the policy's lower layers are frozen (e.g. ``freeze_lower_layers``), run them once
+    per rollout and start every training forward (and the reference's, when it shares them)
+    above them. Same numbers, less work; used only where the policy's split trunk is checked
+    to equal its whole trunk."""
     output_dir: str = "runs/ppolm"
     """Where metrics.jsonl and checkpoints go."""
     overwrite: bool = False

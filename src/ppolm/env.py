@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ppolm.errors import DataError, RewardError
 from ppolm.policies.base import Policy
@@ -67,13 +68,20 @@ class TextGenerationEnv:
             ordinary token that does not end the response (benchmarks, fixed-length tasks).
         add_special_tokens: let the tokenizer add its BOS etc. to the prompts.
         seed: seed of the prompt order (a new shuffle every pass over the prompts).
+        prefix_shaping: also score every prefix of each response and hand the trainer the
+            score's increments, token by token (``Episodes.token_scores``): potential-based
+            reward shaping (Ng et al. 1999) with the reward of the text so far as potential.
+            The increments of a response add up to its score exactly, so the objective is
+            unchanged; credit reaches the tokens that moved the score. The reward function is
+            then called on about ``B x T`` texts per batch: cheap for rule or lexicon rewards
+            (VADER), costly for a reward model.
     """
 
     def __init__(self, prompts: list[str] | str | Path, tokenizer: Any,
                  reward_fn: RewardFunction | Any, max_new_tokens: int = 16, top_k: int = 0,
                  top_p: float = 1.0, missing_eos_penalty: float | None = None,
-                 add_special_tokens: bool = True, seed: int = 0, ignore_eos: bool = False
-                 ) -> None:
+                 add_special_tokens: bool = True, seed: int = 0, ignore_eos: bool = False,
+                 prefix_shaping: bool = False) -> None:
         if isinstance(prompts, (str, Path)):
             prompts = read_prompts(prompts)
         if not isinstance(prompts, list) or not prompts:
@@ -95,7 +103,7 @@ class TextGenerationEnv:
         self.prompts, self.tokenizer, self.reward_fn = prompts, tokenizer, reward_fn
         self.max_new_tokens, self.top_k, self.top_p = max_new_tokens, top_k, top_p
         self.missing_eos_penalty = missing_eos_penalty
-        self.ignore_eos = ignore_eos
+        self.ignore_eos, self.prefix_shaping = ignore_eos, prefix_shaping
         self.prompt_ids: list[list[int]] = tokenizer(
             prompts, add_special_tokens=add_special_tokens)["input_ids"]
         for i, ids in enumerate(self.prompt_ids):
@@ -163,16 +171,47 @@ class TextGenerationEnv:
         ended = ((response == eos) & response_mask.bool()).any(1)        # (B,)
         texts = self.decode(response, response_mask)
         t0 = time.perf_counter()
+        # Prefixes first: a reward's parts() then describe the whole responses.
+        potentials = (self.prefix_scores(prompts, response, response_mask)
+                      if self.prefix_shaping else None)
         scores = self.score(prompts, texts)
         reward_seconds = time.perf_counter() - t0
         if self.missing_eos_penalty is not None:
             scores = scores + self.missing_eos_penalty * (~ended).to(scores.dtype).cpu()
+        token_scores = None
+        if potentials is not None:
+            token_scores = score_increments(potentials, scores, response_mask.cpu()).float()
         return Episodes(
             prompts=prompts, responses=texts,
             input_ids=torch.cat([query, response], 1),
             attention_mask=torch.cat([query_mask, response_mask], 1),
             response_mask=response_mask, scores=scores.float().to(device), ended=ended,
-            reward_parts=self.reward_parts(), reward_seconds=reward_seconds)
+            reward_parts=self.reward_parts(), reward_seconds=reward_seconds,
+            token_scores=token_scores.to(device) if token_scores is not None else None)
+
+    def prefix_scores(self, prompts: list[str], response: Tensor, response_mask: Tensor
+                      ) -> Tensor:
+        """The reward of every proper prefix of each response: ``phi[b, t]`` is the score of the
+        text of its first ``t`` tokens (EOS dropped), for ``1 <= t < n_b`` (``n_b`` its tokens);
+        0 elsewhere. All prefixes go to the reward function in one call.
+
+        Shapes: response, response_mask (B, T) -> phi (B, T) float64."""
+        eos = self.tokenizer.eos_token_id
+        where: list[tuple[int, int]] = []
+        items: list[tuple[str, str]] = []
+        for b, (ids, m) in enumerate(zip(response.tolist(), response_mask.tolist(),
+                                         strict=True)):
+            n = int(sum(m))
+            for t in range(1, n):
+                where.append((b, t))
+                items.append((prompts[b], self.tokenizer.decode(
+                    [i for i in ids[:t] if i != eos], skip_special_tokens=True)))
+        phi = torch.zeros(response.shape, dtype=torch.float64)
+        if items:
+            values = self.score([p for p, _ in items], [r for _, r in items])
+            rows, cols = zip(*where, strict=True)
+            phi[list(rows), list(cols)] = values
+        return phi
 
     def decode(self, response: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         """Response texts, cut before EOS, special tokens dropped."""
@@ -206,3 +245,19 @@ class TextGenerationEnv:
     def reward_parts(self) -> dict[str, float]:
         parts = getattr(self.reward_fn, "parts", None)
         return parts() if callable(parts) else {}
+
+
+def score_increments(phi: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
+    """Per-token rewards from prefix scores: token ``t`` gets ``phi[t + 1] - phi[t]``, with
+    ``phi[0] = 0`` (the empty response) and the response's own score in place of ``phi[n]``
+    (``n`` its last token + 1). They add up to ``scores`` exactly. This is potential-based
+    shaping, ``F = Phi(s') - Phi(s)`` with ``Phi`` = the reward of the text so far (0 at the
+    start and after the end), so the optimal policy is unchanged (Ng et al. 1999).
+
+    Shapes: phi (B, T) from ``prefix_scores``, scores (B,), mask (B, T) -> (B, T); 0 on padding.
+    """
+    m = mask.to(phi.dtype)
+    last = (m * torch.arange(m.shape[1])).argmax(1)                     # (B,)
+    nxt = torch.cat([phi[:, 1:], torch.zeros_like(phi[:, :1])], 1)      # phi[t + 1]   (B, T)
+    nxt = nxt.scatter(1, last[:, None], scores.to(phi.dtype)[:, None])  # the score at the end
+    return (nxt - phi) * m

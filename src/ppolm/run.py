@@ -59,6 +59,10 @@ class EnvSpec:
     """Nucleus sampling threshold (1.0: all)."""
     missing_eos_penalty: float | None = None
     """Added to the score of a response without EOS (e.g. -1.0)."""
+    prefix_shaping: bool = False
+    """Score every prefix of each response and reward each token with the score's increment
+    (potential-based shaping; the increments add up to the score). Calls the reward about
+    max_new_tokens times more often: for cheap rewards (rules, sentiment)."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -203,6 +207,7 @@ def build_run(spec: RunSpec) -> Any:
     env = TextGenerationEnv(prompts, tokenizer, reward, max_new_tokens=e.max_new_tokens,
                             top_k=e.top_k, top_p=e.top_p,
                             missing_eos_penalty=e.missing_eos_penalty,
+                            prefix_shaping=e.prefix_shaping,
                             add_special_tokens=not e.chat_template, seed=spec.ppo.seed)
     torch.manual_seed(spec.ppo.seed)
     return Trainer(policy, env, spec.ppo, value_head=value_head)

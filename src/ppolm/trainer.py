@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ppolm.advantages import compute_gae, explained_variance, masked_sum, whiten
+from ppolm.advantages import compute_gae, explained_variance, masked_sum, masked_var, whiten
 from ppolm.config import PPOConfig
 from ppolm.env import TextGenerationEnv
 from ppolm.errors import TrainingError
@@ -77,6 +77,7 @@ class Trainer:
             self.optimizer, lambda step: _lr_factor(config.lr_schedule, step, total))
         self.kl_ctl = KLController(config.kl_coef, config.adaptive_kl, config.kl_target,
                                    config.kl_horizon)
+        self.depth, self.ref_shares_bottom = self._frozen_split()
         self.sample_gen = torch.Generator(self.device).manual_seed(config.seed)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.iteration = 0            # iterations completed
@@ -126,12 +127,17 @@ class Trainer:
         ids, mask = episodes.input_ids, episodes.attention_mask
         T = episodes.response_mask.shape[1]
         exact_kl = cfg.kl_estimator == "full"      # (config: only with kl_mode='loss')
+        d = self.depth
         with timer("time_forward"), self._autocast():
-            # The same path as the update's forward, so the first ratio is exactly 1.
-            fwd = forward_response(self.policy, ids, mask, T, cfg.temperature, full_dist=exact_kl)
+            # The frozen lower layers once (depth 0: none); then the same path as the update's
+            # forward, so the first ratio is exactly 1.
+            bottom = self.policy.trunk_bottom(ids, mask, d) if d else None     # (B, L, H)
+            fwd = forward_response(self.policy, ids, mask, T, cfg.temperature, full_dist=exact_kl,
+                                   bottom=bottom, depth=d)
             values = self.value_head(fwd.hidden, ids, mask, T).float()
             ref = forward_response(self.reference, ids, mask, T, cfg.temperature,
-                                   full_dist=exact_kl)
+                                   full_dist=exact_kl,
+                                   bottom=bottom if self.ref_shares_bottom else None, depth=d)
         rmask = episodes.response_mask.float()
         zeros = torch.zeros_like(rmask)
         rollout = Rollout(input_ids=ids, attention_mask=mask, response_mask=rmask,
@@ -139,24 +145,36 @@ class Trainer:
                           ref_logprobs=ref.logprobs.float() * rmask,
                           values=values * rmask, scores=episodes.scores.float(),
                           rewards=zeros, advantages=zeros, returns=zeros,
-                          ref_dist=ref.dist.float() if ref.dist is not None else None)
+                          ref_dist=ref.dist.float() if ref.dist is not None else None,
+                          token_scores=episodes.token_scores, bottom=bottom)
         return episodes, rollout
 
     def compute_advantages(self, rollout: Rollout) -> Rollout:
-        """Per-token rewards (score at the last response token, -beta * KL on every token when
-        the KL is in the reward), then GAE and advantage whitening."""
+        """Per-token rewards (the score at the last response token, or its increments token by
+        token with prefix shaping; -beta * KL on every token when the KL is in the reward), then
+        GAE and advantage whitening."""
         cfg, mask = self.config, rollout.response_mask
-        scores = rollout.scores
+        scores, token_scores = rollout.scores, rollout.token_scores
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)   # (B,)
         if cfg.whiten_rewards:
+            # s -> (s - mean) / std + mean; with increments: each / std, the shift at the end.
             ones = torch.ones_like(scores)
-            scores = whiten(scores, ones, shift_mean=False)
+            whitened = whiten(scores, ones, shift_mean=False)
+            if token_scores is not None:
+                std = torch.sqrt(masked_var(scores, ones) + 1e-8)
+                token_scores = token_scores / std
+                token_scores = token_scores.scatter_add(
+                    1, last[:, None], (whitened - token_scores.sum(1))[:, None]) * mask
+            scores = whitened
         if cfg.kl_mode == "reward":
             kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
             rewards = -self.kl_ctl.value * kl
         else:
             rewards = torch.zeros_like(mask)
-        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)   # (B,)
-        rewards = rewards.scatter_add(1, last[:, None], scores[:, None])
+        if token_scores is not None:
+            rewards = rewards + token_scores
+        else:
+            rewards = rewards.scatter_add(1, last[:, None], scores[:, None])
         advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
@@ -241,7 +259,7 @@ class Trainer:
         exact_kl = cfg.kl_estimator == "full"      # (config: only with kl_mode='loss')
         fwd = forward_response(self.policy, micro.input_ids, micro.attention_mask, T,
                                cfg.temperature, entropy_grad=cfg.ent_coef > 0,
-                               full_dist=exact_kl)
+                               full_dist=exact_kl, bottom=micro.bottom, depth=self.depth)
         values = self.value_head(fwd.hidden, micro.input_ids, micro.attention_mask, T)
         pg, pg_stats = policy_loss(fwd.logprobs, micro.logprobs, micro.advantages, mask,
                                    cfg.clip_range, num_tokens)
@@ -296,6 +314,33 @@ class Trainer:
         return row
 
     # --- helpers -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _frozen_split(self) -> tuple[int, bool]:
+        """The depth of the policy's frozen lower layers to run once per rollout (0: none), and
+        whether the reference has the same lower layers (then it reuses their output too).
+        A split is used only if, on a probe, it gives the whole trunk's hidden states."""
+        depth = self.policy.frozen_depth() if self.config.reuse_frozen_layers else 0
+        if depth == 0:
+            return 0, False
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.policy.vocab_size, (2, 6), generator=gen).to(self.device)
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0                                     # a left-padded row
+        whole, _ = self.policy.trunk(ids, mask)
+        split = self.policy.trunk_top(self.policy.trunk_bottom(ids, mask, depth), ids, mask, depth)
+        real = mask.bool()
+        if not torch.allclose(whole[real], split[real], rtol=1e-4, atol=1e-5):
+            return 0, False
+        try:
+            ours = self.policy.bottom_parameters(depth)
+            theirs = self.reference.bottom_parameters(depth)
+        except NotImplementedError:
+            return depth, False
+        shared = len(ours) == len(theirs) and all(
+            a.shape == b.shape and torch.equal(a, b.to(a.device))
+            for a, b in zip(ours, theirs, strict=True))
+        return depth, shared
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda" and self.config.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)

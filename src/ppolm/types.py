@@ -25,6 +25,8 @@ class Episodes:
     ended: Tensor                  # (B,) bool: the response emitted EOS
     reward_parts: dict[str, float]  # mean of each named part of a combined reward
     reward_seconds: float          # time spent in the reward function
+    token_scores: Tensor | None = None  # (B, T) the scores' increments token by token (prefix
+                                        # shaping; each row adds up to the score), or None
 
     @property
     def prompt_len(self) -> int:
@@ -46,6 +48,8 @@ class Rollout:
     advantages: Tensor      # (B, T)
     returns: Tensor         # (B, T) advantages + values
     ref_dist: Tensor | None = None  # (B, T, V) log pi_ref(. | s_t), for kl_estimator='full'
+    token_scores: Tensor | None = None  # (B, T) per-token score increments (prefix shaping)
+    bottom: Tensor | None = None    # (B, L, H) output of the policy's frozen lower layers
 
     def select(self, idx: Tensor) -> Rollout:
         """The episodes at ``idx`` (a 1-D index tensor), as a smaller Rollout."""

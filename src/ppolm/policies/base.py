@@ -62,6 +62,29 @@ class Policy(nn.Module, ABC):
         """
         return None
 
+    def frozen_depth(self) -> int:
+        """How many of the trunk's lower blocks (embeddings included) have no trainable
+        parameter, so their output is a fixed function of the tokens (0: none, or a policy
+        that cannot split its trunk). The Trainer then computes it once per rollout."""
+        return 0
+
+    def trunk_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int) -> Tensor:
+        """Hidden states after the embeddings and the first ``depth`` blocks, for every
+        position. Shapes: (B, L), (B, L) -> (B, L, H)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split its trunk.")
+
+    def trunk_top(self, bottom: Tensor, input_ids: Tensor, attention_mask: Tensor, depth: int
+                  ) -> Tensor:
+        """The rest of the trunk on ``trunk_bottom``'s output: ``trunk_top(trunk_bottom(x))``
+        equals ``trunk(x)``. Shapes: bottom (B, L, H), input_ids, attention_mask (B, L)
+        -> (B, L, H)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split its trunk.")
+
+    def bottom_parameters(self, depth: int) -> list[Tensor]:
+        """The parameters ``trunk_bottom(..., depth)`` uses, in a fixed order (to check that a
+        reference model shares them)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split its trunk.")
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits for every position. Shapes: (B, L), (B, L) -> (B, L, V)."""
         hidden, _ = self.trunk(input_ids, attention_mask)
@@ -102,7 +125,8 @@ class ResponseForward:
 
 def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
                      response_len: int, temperature: float, entropy_grad: bool = False,
-                     full_dist: bool = False) -> ResponseForward:
+                     full_dist: bool = False, bottom: Tensor | None = None, depth: int = 0
+                     ) -> ResponseForward:
     """Logprobs of the last ``response_len`` tokens of each row, under ``policy``.
 
     The hidden state at position i predicts token i + 1, so the response tokens
@@ -116,10 +140,17 @@ def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
 
     ``full_dist=True`` also returns the whole log-softmax (B, T, V) (the exact KL needs it).
 
-    Shapes: input_ids, attention_mask (B, L); returns (B, T) logprobs and entropy.
+    With ``bottom`` (``policy.trunk_bottom(input_ids, attention_mask, depth)``, computed
+    earlier) only the rest of the trunk runs.
+
+    Shapes: input_ids, attention_mask (B, L), bottom (B, L, H); returns (B, T) logprobs and
+    entropy.
     """
     L, T = input_ids.shape[1], response_len
-    hidden, _ = policy.trunk(input_ids, attention_mask)            # (B, L, H)
+    if bottom is not None:
+        hidden = policy.trunk_top(bottom, input_ids, attention_mask, depth)    # (B, L, H)
+    else:
+        hidden, _ = policy.trunk(input_ids, attention_mask)        # (B, L, H)
     hidden = hidden[:, L - T - 1: L - 1]                          # (B, T, H)
     B, H = hidden.shape[0], hidden.shape[2]
     flat = hidden.reshape(B * T, H)                                # (B*T, H), contiguous

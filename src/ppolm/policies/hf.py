@@ -5,7 +5,9 @@ The only module that imports `transformers` model code.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,71 @@ class HFPolicy(Policy):
             position_ids=positions_from_mask(attention_mask)[:, past:],
             use_cache=use_cache, **{self._cache_arg: cache})
         return out.last_hidden_state, (out[self._cache_arg] if use_cache else None)
+
+    # --- a trunk split at a frozen depth (the Trainer checks trunk_top(trunk_bottom) == trunk
+    # on a probe before using it: models that add to inputs_embeds, e.g. GPT-2's positions,
+    # fail the check and are never split) -------------------------------------------------------
+    def _layers(self) -> tuple[str, nn.ModuleList] | None:
+        base = self.model.base_model
+        for name in ("layers", "h", "blocks"):
+            if isinstance(getattr(base, name, None), nn.ModuleList):
+                return name, getattr(base, name)
+        return None
+
+    def frozen_depth(self) -> int:
+        found = self._layers()
+        embed = self.model.get_input_embeddings()
+        if found is None or any(p.requires_grad for p in embed.parameters()):
+            return 0
+        if len(set(getattr(self.model.config, "layer_types", None) or [])) > 1:
+            return 0      # per-layer attention kinds are looked up by index: no slicing
+        depth = 0
+        for layer in found[1]:
+            if any(p.requires_grad for p in layer.parameters()):
+                break
+            depth += 1
+        return min(depth, len(found[1]) - 1)      # the final block stays in trunk_top
+
+    @contextlib.contextmanager
+    def _only(self, layers: slice, final_norm: bool) -> Iterator[None]:
+        """Run the base model with a slice of its decoder layers (and without its final norm)."""
+        found = self._layers()
+        assert found is not None
+        name, full = found
+        base = self.model.base_model
+        norm_name = next((n for n in ("norm", "ln_f", "final_layer_norm")
+                          if isinstance(getattr(base, n, None), nn.Module)), None)
+        norm = getattr(base, norm_name) if norm_name else None
+        setattr(base, name, nn.ModuleList(list(full)[layers]))
+        if norm_name and not final_norm:
+            setattr(base, norm_name, nn.Identity())
+        try:
+            yield
+        finally:
+            setattr(base, name, full)
+            if norm_name:
+                setattr(base, norm_name, norm)
+
+    def trunk_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int) -> Tensor:
+        with self._only(slice(0, depth), final_norm=False):
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=positions_from_mask(attention_mask),
+                                        use_cache=False)
+        return out.last_hidden_state
+
+    def trunk_top(self, bottom: Tensor, input_ids: Tensor, attention_mask: Tensor, depth: int
+                  ) -> Tensor:
+        with self._only(slice(depth, None), final_norm=True):
+            out = self.model.base_model(inputs_embeds=bottom, attention_mask=attention_mask,
+                                        position_ids=positions_from_mask(attention_mask),
+                                        use_cache=False)
+        return out.last_hidden_state
+
+    def bottom_parameters(self, depth: int) -> list[Tensor]:
+        found = self._layers()
+        assert found is not None
+        return [*self.model.get_input_embeddings().parameters(),
+                *(p for layer in list(found[1])[:depth] for p in layer.parameters())]
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.model.get_output_embeddings()(hidden)
