@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the exact KL over the vocabulary at every response token, in the loss "
                         "(try --kl-coef 0.2: the loss works in whitened-advantage units)")
     p.add_argument("--kl-coef", type=float, default=0.1, help="initial KL coefficient")
-    p.add_argument("--kl-target", type=float, default=4.0,
+    p.add_argument("--kl-target", type=float, default=5.0,
                    help="target KL (nats per response) of the adaptive KL controller")
     p.add_argument("--kl-horizon", type=int, default=80,
                    help="horizon (episodes) of the adaptive KL controller: the coefficient "
