@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="linear",
                    help="learning-rate schedule over the run (linear: decays to 0)")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="optimizer steps of linear learning-rate warm-up (4 per iteration here)")
     p.add_argument("--lam", type=float, default=0.95,
                    help="GAE lambda (with prefix shaping, < 1 gives each token mostly the "
                         "score changes near it; 1.0: the whole rest of the response)")
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = PPOConfig(
         iterations=args.iterations, batch_size=args.batch_size,
         minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs,
-        learning_rate=args.learning_rate, lr_schedule=args.lr_schedule, lam=args.lam,
+        learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps, lam=args.lam,
         kl_coef=args.kl_coef,
         kl_mode="loss" if args.kl == "full" else "reward", kl_estimator=args.kl,
         adaptive_kl=True,

@@ -118,6 +118,35 @@ def test_hf_policy_iteration_changes_weights_with_finite_metrics(tok, tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
 
 
+def test_warmup_scales_the_first_adam_steps_then_the_schedule_runs(tok, tmp_path):
+    """Adam's first step moves each weight by lr * g / (|g| + eps), about the full learning rate
+    whatever the gradient's size: with a warm-up of n steps the largest move is about lr / n.
+    Then the linear schedule runs from lr to 0 over the remaining steps."""
+    lr, n = 1e-3, 4
+    trainer = make_trainer("transformer", tok, tmp_path, iterations=3, learning_rate=lr,
+                           warmup_steps=n, lr_schedule="linear")
+    before = [p.detach().clone() for p in trainer.params]
+    seen: list[float] = []
+    moves: list[float] = []
+
+    def record_lr(optimizer, args, kwargs):
+        seen.append(optimizer.param_groups[0]["lr"])
+
+    def record_first_move(optimizer, args, kwargs):
+        if not moves:
+            moves.append(max(float((p.detach() - b).abs().max())
+                             for p, b in zip(trainer.params, before, strict=True)))
+
+    trainer.optimizer.register_step_pre_hook(record_lr)
+    trainer.optimizer.register_step_post_hook(record_first_move)
+    trainer.train()
+    assert moves[0] == pytest.approx(lr / n, rel=0.05)
+    total = 3 * 2 * 2                           # iterations x epochs x minibatches
+    expect = [lr * (i + 1) / n for i in range(n)]
+    expect += [lr * (1 - i / (total - n)) for i in range(total - n)]
+    assert seen == pytest.approx(expect)
+
+
 def test_kl_in_loss_and_adaptive_coefficient(tok, tmp_path):
     trainer = make_trainer("transformer", tok, tmp_path, iterations=3, kl_mode="loss",
                            kl_estimator="k3", adaptive_kl=True, kl_target=0.01, kl_horizon=100,

@@ -73,8 +73,8 @@ class Trainer:
                                            eps=config.adam_eps, weight_decay=config.weight_decay,
                                            fused=fused)
         total = config.iterations * config.ppo_epochs * config.num_minibatches
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: _lr_factor(config.lr_schedule, step, total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: _lr_factor(
+            config.lr_schedule, step, total, config.warmup_steps))
         self.kl_ctl = KLController(config.kl_coef, config.adaptive_kl, config.kl_target,
                                    config.kl_horizon)
         self.depth, self.ref_shares_bottom = self._frozen_split()
@@ -370,8 +370,12 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def _lr_factor(schedule: str, step: int, total: int) -> float:
-    frac = min(step / max(total, 1), 1.0)
+def _lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based) of ``total``: a linear
+    warm-up over the first ``warmup`` steps, then the schedule over the rest."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = min((step - warmup) / max(total - warmup, 1), 1.0)
     if schedule == "linear":
         return 1.0 - frac
     if schedule == "cosine":
