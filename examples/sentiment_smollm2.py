@@ -50,9 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="linear",
                    help="learning-rate schedule over the run (linear: decays to 0)")
-    p.add_argument("--warmup-steps", type=int, default=0,
+    p.add_argument("--warmup-steps", type=int, default=16,
                    help="optimizer steps of linear learning-rate warm-up (4 per iteration here)")
-    p.add_argument("--lam", type=float, default=0.95,
+    p.add_argument("--lam", type=float, default=0.8,
                    help="GAE lambda (with prefix shaping, < 1 gives each token mostly the "
                         "score changes near it; 1.0: the whole rest of the response)")
     p.add_argument("--kl", choices=("k1", "full"), default="k1",

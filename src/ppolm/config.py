@@ -49,8 +49,9 @@ class PPOConfig:
     """Learning-rate schedule over all optimizer steps: constant, linear (to 0) or cosine."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up (lr x 1/n, 2/n, ..., 1) before the schedule, which then
-    runs over the remaining steps. Adam's first steps move every weight by about the full
-    learning rate whatever the gradient's size; a warm-up keeps them small."""
+    runs over the remaining steps; a run shorter than the warm-up never reaches the full rate.
+    Adam's first steps move every weight by about the full learning rate whatever the
+    gradient's size; a warm-up keeps them small."""
     adam_eps: float = 1e-5
     """Adam epsilon (1e-5 as in CleanRL and OpenAI baselines)."""
     weight_decay: float = 0.0
@@ -170,7 +171,7 @@ class PPOConfig:
             raise ConfigError(f"max_grad_norm={self.max_grad_norm} must be > 0, or null.")
         if self.target_approx_kl is not None and not self.target_approx_kl > 0:
             raise ConfigError(f"target_approx_kl={self.target_approx_kl} must be > 0, or null.")
-        for name in ("kl_coef", "vf_coef", "ent_coef", "weight_decay", "adam_eps"):
+        for name in ("kl_coef", "vf_coef", "ent_coef", "weight_decay", "adam_eps", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0.")
         if self.kl_estimator == "full" and self.kl_mode != "loss":
@@ -185,11 +186,6 @@ class PPOConfig:
             raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'.")
         self.num_minibatches = self.batch_size // self.minibatch_size
         self.grad_accum_steps = self.minibatch_size // micro
-        steps = self.iterations * self.ppo_epochs * self.num_minibatches
-        if not 0 <= self.warmup_steps < steps:
-            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0 and below the "
-                              f"run's {steps} optimizer steps (iterations x ppo_epochs x "
-                              "batch_size / minibatch_size).")
 
     # --- I/O ----------------------------------------------------------------------------------
     @classmethod
