@@ -46,7 +46,8 @@ class PPOConfig:
     learning_rate: float = 3e-4
     """Adam learning rate for the policy and the value head."""
     lr_schedule: LRSchedule = "constant"
-    """Learning-rate schedule over all optimizer steps: constant, linear (to 0) or cosine."""
+    """Learning-rate schedule over the optimizer steps after the warm-up: constant, linear (to 0)
+    or cosine."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up (lr x 1/n, 2/n, ..., 1) before the schedule, which then
     runs over the remaining steps; a run shorter than the warm-up never reaches the full rate.
