@@ -23,6 +23,7 @@ from ppolm.errors import ConfigError
 KLMode = Literal["reward", "loss"]
 KLEstimator = Literal["k1", "k2", "k3", "full"]
 LRSchedule = Literal["constant", "linear", "cosine"]
+RolloutLogprobs = Literal["sampler", "forward"]
 
 
 @dataclass
@@ -119,6 +120,14 @@ class PPOConfig:
     per rollout and start every training forward (and the reference's, when it shares them)
     above them. Same numbers, less work; used only where the policy's split trunk is checked
     to equal its whole trunk."""
+    rollout_logprobs: RolloutLogprobs = "sampler"
+    """Where the rollout's logprobs and value-head states come from. 'sampler': the sampling
+    pass itself (the states that drew each token; with frozen lower layers, their output too),
+    so the rollout runs no forward of the policy: faster, and the first ratio is 1 up to float
+    rounding (about 1e-6 in float32). 'forward': one more forward pass over the finished
+    sequences, the same computation as the update's, so the first ratio is exactly 1. With bf16
+    autocast the two paths round differently (the sampler's logprobs are still those the
+    tokens were drawn with)."""
     output_dir: str = "runs/ppolm"
     """Where metrics.jsonl and checkpoints go."""
     overwrite: bool = False

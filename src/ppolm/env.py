@@ -17,7 +17,7 @@ from torch import Tensor
 from ppolm.errors import DataError, RewardError
 from ppolm.policies.base import Policy
 from ppolm.rewards import RewardFunction, check_scores
-from ppolm.sampling import sample
+from ppolm.sampling import generate
 from ppolm.types import Episodes
 
 
@@ -151,22 +151,26 @@ class TextGenerationEnv:
                         f"of {policy.max_length}. Shorten it or lower max_new_tokens.")
 
     def sample(self, policy: Policy, n: int, temperature: float, device: torch.device,
-               generator: torch.Generator | None = None, indices: list[int] | None = None
-               ) -> Episodes:
+               generator: torch.Generator | None = None, indices: list[int] | None = None,
+               record: bool = False, depth: int = 0) -> Episodes:
         """Sample one response for each of the next ``n`` prompts and score them.
 
         With ``indices``, use those prompts instead (``n`` is then ignored and the prompt order
-        is left untouched), as an evaluation over a fixed set does."""
+        is left untouched), as an evaluation over a fixed set does. ``record`` and ``depth``:
+        also return the sampler's logprobs, states and frozen-layer output (see
+        ``ppolm.sampling.generate``)."""
         idx = list(indices) if indices is not None else self.next_indices(n)
         prompts = [self.prompts[i] for i in idx]
         enc = self.tokenizer.pad({"input_ids": [self.prompt_ids[i] for i in idx]},
                                  return_tensors="pt")
         query = enc["input_ids"].to(device)                              # (B, P)
         query_mask = enc["attention_mask"].to(device)                    # (B, P)
-        response, response_mask = sample(
+        out = generate(
             policy, query, query_mask, self.max_new_tokens,
             None if self.ignore_eos else self.tokenizer.eos_token_id,
-            self.tokenizer.pad_token_id, temperature, self.top_k, self.top_p, generator)
+            self.tokenizer.pad_token_id, temperature, self.top_k, self.top_p, generator,
+            record=record, depth=depth)
+        response, response_mask = out.tokens, out.mask
         eos = self.tokenizer.eos_token_id
         ended = ((response == eos) & response_mask.bool()).any(1)        # (B,)
         texts = self.decode(response, response_mask)
@@ -187,7 +191,8 @@ class TextGenerationEnv:
             attention_mask=torch.cat([query_mask, response_mask], 1),
             response_mask=response_mask, scores=scores.float().to(device), ended=ended,
             reward_parts=self.reward_parts(), reward_seconds=reward_seconds,
-            token_scores=token_scores.to(device) if token_scores is not None else None)
+            token_scores=token_scores.to(device) if token_scores is not None else None,
+            logprobs=out.logprobs, hidden=out.hidden, bottom=out.bottom)
 
     def prefix_scores(self, prompts: list[str], response: Tensor, response_mask: Tensor
                       ) -> Tensor:

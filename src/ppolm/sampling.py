@@ -1,6 +1,10 @@
-"""Batched sampling with a cache: temperature, top-k, top-p, stop at EOS."""
+"""Batched sampling with a cache: temperature, top-k, top-p, stop at EOS; optionally keeping
+what PPO's rollout needs from the same forward steps."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +44,22 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """What one sampling pass gives: the responses, and (with ``record=True``) what PPO's rollout
+    needs from the policy, read off the same forward steps so no second forward pass is run.
+
+    Shapes: B rows, P prompt tokens, T response tokens, H hidden size.
+    """
+
+    tokens: Tensor                  # (B, T) response ids, pad_token_id after a row's EOS
+    mask: Tensor                    # (B, T) long, 1 up to and including EOS
+    logprobs: Tensor | None = None  # (B, T) log pi(token) at the temperature (before top-k/p)
+    hidden: Tensor | None = None    # (B, T, H) trunk states at the positions predicting them
+    bottom: Tensor | None = None    # (B, P + T, H) trunk_bottom(depth) at every position (the
+                                    # last one, never fed to the model, is zeros: it is causal)
+
+
 @torch.no_grad()
 def sample(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
            eos_token_id: int | None, pad_token_id: int, temperature: float = 1.0,
@@ -47,19 +67,49 @@ def sample(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_to
            ) -> tuple[Tensor, Tensor]:
     """Sample up to ``max_new_tokens`` per row, stopping a row at its first EOS.
 
+    Shapes: input_ids, attention_mask (B, P) left-padded -> response ids (B, T),
+    response mask (B, T) with T <= max_new_tokens. See ``generate``.
+    """
+    out = generate(policy, input_ids, attention_mask, max_new_tokens, eos_token_id,
+                   pad_token_id, temperature, top_k, top_p, generator)
+    return out.tokens, out.mask
+
+
+@torch.no_grad()
+def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+             eos_token_id: int | None, pad_token_id: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+             record: bool = False, depth: int = 0) -> Sampled:
+    """Sample up to ``max_new_tokens`` per row, stopping a row at its first EOS.
+
     Stops early once every row has ended; with ``eos_token_id=None`` every row gets exactly
     ``max_new_tokens`` tokens. Tokens after a row's EOS are ``pad_token_id`` and masked out; the
     EOS itself is a response token (an action the policy took).
 
     One forward step per new token over the cache; only the last position is projected to the
-    vocabulary.
+    vocabulary. With ``record=True`` the logprob of each drawn token (under the tempered,
+    unfiltered distribution, as ``forward_response`` computes it) and the trunk state that
+    predicted it are kept; with ``depth > 0`` also the output of the trunk's lower ``depth``
+    blocks at every position (``policy.trunk_and_bottom``). They equal a forward pass over the
+    finished sequences up to float rounding (the cache sums in another order).
 
-    Shapes: input_ids, attention_mask (B, P) left-padded -> response ids (B, T),
-    response mask (B, T) with T <= max_new_tokens.
+    Shapes: input_ids, attention_mask (B, P) left-padded -> ``Sampled`` with T <= max_new_tokens.
     """
     B = input_ids.shape[0]
     device = input_ids.device
-    hidden, cache = policy.trunk(input_ids, attention_mask, use_cache=True)
+
+    def step_forward(ids: Tensor, mask: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        if depth:
+            hidden, bottom, cache = policy.trunk_and_bottom(ids, mask, depth, cache=cache,
+                                                            use_cache=True)
+            bottoms.append(bottom)
+            return hidden, cache
+        return policy.trunk(ids, mask, cache=cache, use_cache=True)
+
+    bottoms: list[Tensor] = []                                        # (B, Lnew, H) each
+    hiddens: list[Tensor] = []                                        # (B, H) each
+    logprobs: list[Tensor] = []                                       # (B,) each
+    hidden, cache = step_forward(input_ids, attention_mask, None)
     logits = next_logits(policy, hidden[:, -1])                      # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # The attention mask grows one column per step: preallocated, filled as rows stay alive.
@@ -75,6 +125,10 @@ def sample(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_to
         nxt = draw(probs, generator)                                  # (B,)
         alive = ~done
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
+        if record:
+            hiddens.append(hidden[:, -1])
+            logprobs.append(logits.gather(1, nxt[:, None]).squeeze(1)
+                            - torch.logsumexp(logits, dim=-1))
         tokens[:, step] = nxt
         alive_cols[:, step] = alive
         if eos_token_id is not None:
@@ -85,10 +139,17 @@ def sample(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_to
         if step == max_new_tokens - 1:
             break
         mask[:, P + step] = alive
-        hidden, cache = policy.trunk(nxt[:, None], mask[:, : P + step + 1], cache=cache,
-                                     use_cache=True)
+        hidden, cache = step_forward(nxt[:, None], mask[:, : P + step + 1], cache)
         logits = next_logits(policy, hidden[:, -1])
-    return tokens[:, :steps], alive_cols[:, :steps]
+    if not record:
+        return Sampled(tokens=tokens[:, :steps], mask=alive_cols[:, :steps])
+    bottom = None
+    if depth:
+        last = bottoms[0].new_zeros(B, 1, bottoms[0].shape[-1])
+        bottom = torch.cat([*bottoms, last], dim=1)                   # (B, P + steps, H)
+    return Sampled(tokens=tokens[:, :steps], mask=alive_cols[:, :steps],
+                   logprobs=torch.stack(logprobs, 1), hidden=torch.stack(hiddens, 1),
+                   bottom=bottom)
 
 
 def next_logits(policy: Policy, hidden: Tensor) -> Tensor:

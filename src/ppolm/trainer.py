@@ -114,34 +114,43 @@ class Trainer:
     # --- phases ------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, timer: _Timer | None = None) -> tuple[Episodes, Rollout]:
-        """Sample a batch, then one forward pass each of policy (logprobs and values, sharing the
-        trunk) and reference over the whole sequences, at the sampling temperature (with
-        kl_estimator='full', the reference's whole distribution over the response too)."""
+        """Sample a batch, keeping the policy's logprobs and states from the sampling pass
+        (or, with rollout_logprobs='forward', one more forward pass of the policy: logprobs and
+        values sharing the trunk); then one forward of the reference over the whole sequences,
+        at the sampling temperature (with kl_estimator='full', the reference's whole
+        distribution over the response too)."""
         timer = timer or _Timer()
         cfg = self.config
+        d = self.depth
+        from_sampler = cfg.rollout_logprobs == "sampler"
         with timer("time_generate"), self._autocast():
             episodes = self.env.sample(self.policy, cfg.batch_size, cfg.temperature,
-                                       self.device, self.sample_gen)
+                                       self.device, self.sample_gen, record=from_sampler,
+                                       depth=d)
         timer.add("time_reward", episodes.reward_seconds)
         timer.add("time_generate", -episodes.reward_seconds)
         ids, mask = episodes.input_ids, episodes.attention_mask
         T = episodes.response_mask.shape[1]
         exact_kl = cfg.kl_estimator == "full"      # (config: only with kl_mode='loss')
-        d = self.depth
         with timer("time_forward"), self._autocast():
-            # The frozen lower layers once (depth 0: none); then the same path as the update's
-            # forward, so the first ratio is exactly 1.
-            bottom = self.policy.trunk_bottom(ids, mask, d) if d else None     # (B, L, H)
-            fwd = forward_response(self.policy, ids, mask, T, cfg.temperature, full_dist=exact_kl,
-                                   bottom=bottom, depth=d)
-            values = self.value_head(fwd.hidden, ids, mask, T).float()
+            if from_sampler:
+                assert episodes.logprobs is not None and episodes.hidden is not None
+                logprobs, hidden, bottom = episodes.logprobs, episodes.hidden, episodes.bottom
+            else:
+                # The frozen lower layers once (depth 0: none); then the same path as the
+                # update's forward, so the first ratio is exactly 1.
+                bottom = self.policy.trunk_bottom(ids, mask, d) if d else None     # (B, L, H)
+                fwd = forward_response(self.policy, ids, mask, T, cfg.temperature,
+                                       bottom=bottom, depth=d)
+                logprobs, hidden = fwd.logprobs, fwd.hidden
+            values = self.value_head(hidden, ids, mask, T).float()
             ref = forward_response(self.reference, ids, mask, T, cfg.temperature,
                                    full_dist=exact_kl,
                                    bottom=bottom if self.ref_shares_bottom else None, depth=d)
         rmask = episodes.response_mask.float()
         zeros = torch.zeros_like(rmask)
         rollout = Rollout(input_ids=ids, attention_mask=mask, response_mask=rmask,
-                          logprobs=fwd.logprobs.float() * rmask,
+                          logprobs=logprobs.float() * rmask,
                           ref_logprobs=ref.logprobs.float() * rmask,
                           values=values * rmask, scores=episodes.scores.float(),
                           rewards=zeros, advantages=zeros, returns=zeros,

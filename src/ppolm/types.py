@@ -27,6 +27,9 @@ class Episodes:
     reward_seconds: float          # time spent in the reward function
     token_scores: Tensor | None = None  # (B, T) the scores' increments token by token (prefix
                                         # shaping; each row adds up to the score), or None
+    logprobs: Tensor | None = None  # (B, T) log pi(token) from the sampling pass (record=True)
+    hidden: Tensor | None = None    # (B, T, H) the sampler's trunk states that predicted them
+    bottom: Tensor | None = None    # (B, L, H) the sampler's frozen-layer output (depth > 0)
 
     @property
     def prompt_len(self) -> int:

@@ -80,6 +80,15 @@ class Policy(nn.Module, ABC):
         -> (B, L, H)."""
         raise NotImplementedError(f"{type(self).__name__} cannot split its trunk.")
 
+    def trunk_and_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int,
+                         cache: Any = None, use_cache: bool = False
+                         ) -> tuple[Tensor, Tensor, Any]:
+        """``trunk`` that also returns ``trunk_bottom``'s output for the new tokens, from the
+        same pass (the sampler keeps it, so the rollout needs no forward of its own).
+
+        Shapes: as ``trunk``; returns hidden (B, Lnew, H), bottom (B, Lnew, H), cache."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split its trunk.")
+
     def bottom_parameters(self, depth: int) -> list[Tensor]:
         """The parameters ``trunk_bottom(..., depth)`` uses, in a fixed order (to check that a
         reference model shares them)."""

@@ -112,6 +112,18 @@ class HFPolicy(Policy):
                                         use_cache=False)
         return out.last_hidden_state
 
+    def trunk_and_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int,
+                         cache: Any = None, use_cache: bool = False
+                         ) -> tuple[Tensor, Tensor, Any]:
+        # hidden_states[d] is the input of decoder layer d (before the final norm for d < N).
+        past = attention_mask.shape[1] - input_ids.shape[1]
+        out = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask)[:, past:],
+            use_cache=use_cache, output_hidden_states=True, **{self._cache_arg: cache})
+        return (out.last_hidden_state, out.hidden_states[depth],
+                out[self._cache_arg] if use_cache else None)
+
     def bottom_parameters(self, depth: int) -> list[Tensor]:
         found = self._layers()
         assert found is not None
