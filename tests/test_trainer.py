@@ -407,3 +407,25 @@ def test_frozen_split_is_refused_where_it_would_change_the_numbers(tok, tmp_path
     ref = forward_response(other, rollout.input_ids, rollout.attention_mask,
                            rollout.response_mask.shape[1], 1.0)
     assert torch.allclose(rollout.ref_logprobs, ref.logprobs * rollout.response_mask)
+
+
+def test_a_policy_that_cannot_record_its_split_gets_it_from_one_forward(tok, tmp_path):
+    """A custom policy with trunk_bottom/trunk_top but no trunk_and_bottom still reuses its
+    frozen layers with the sampler's logprobs: the rollout runs the lower layers once."""
+    from ppolm.models import freeze_lower_layers
+    from ppolm.policies.base import Policy
+
+    class NoRecord(HFPolicy):
+        trunk_and_bottom = Policy.trunk_and_bottom
+
+    torch.manual_seed(0)
+    policy = freeze_lower_layers(NoRecord(tiny_llama(len(tok))), 1)
+    env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=8)
+    trainer = Trainer(policy, env, PPOConfig(iterations=1, batch_size=16, minibatch_size=8,
+                                             progress=False, output_dir=str(tmp_path)))
+    assert trainer.depth == 1
+    episodes, rollout = trainer.collect()
+    assert episodes.bottom is None and episodes.logprobs is not None
+    assert torch.equal(rollout.bottom,
+                       policy.trunk_bottom(rollout.input_ids, rollout.attention_mask, 1))
+    assert trainer.train()[0]["ratio_dev_first"] < 1e-5

@@ -99,7 +99,7 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
     device = input_ids.device
 
     def step_forward(ids: Tensor, mask: Tensor, cache: Any) -> tuple[Tensor, Any]:
-        if depth:
+        if record and depth:
             hidden, bottom, cache = policy.trunk_and_bottom(ids, mask, depth, cache=cache,
                                                             use_cache=True)
             bottoms.append(bottom)
@@ -144,7 +144,7 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
     if not record:
         return Sampled(tokens=tokens[:, :steps], mask=alive_cols[:, :steps])
     bottom = None
-    if depth:
+    if bottoms:
         last = bottoms[0].new_zeros(B, 1, bottoms[0].shape[-1])
         bottom = torch.cat([*bottoms, last], dim=1)                   # (B, P + steps, H)
     return Sampled(tokens=tokens[:, :steps], mask=alive_cols[:, :steps],

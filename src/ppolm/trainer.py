@@ -123,23 +123,28 @@ class Trainer:
         cfg = self.config
         d = self.depth
         from_sampler = cfg.rollout_logprobs == "sampler"
+        # A policy that splits its trunk but cannot also return the split from its sampling
+        # steps gets the frozen layers' output from one forward of them.
+        sampler_bottom = from_sampler and type(self.policy).trunk_and_bottom is not (
+            Policy.trunk_and_bottom)
         with timer("time_generate"), self._autocast():
             episodes = self.env.sample(self.policy, cfg.batch_size, cfg.temperature,
                                        self.device, self.sample_gen, record=from_sampler,
-                                       depth=d)
+                                       depth=d if sampler_bottom else 0)
         timer.add("time_reward", episodes.reward_seconds)
         timer.add("time_generate", -episodes.reward_seconds)
         ids, mask = episodes.input_ids, episodes.attention_mask
         T = episodes.response_mask.shape[1]
         exact_kl = cfg.kl_estimator == "full"      # (config: only with kl_mode='loss')
         with timer("time_forward"), self._autocast():
+            # The frozen lower layers' output, once per rollout (depth 0: none).
+            bottom = (episodes.bottom if sampler_bottom else
+                      self.policy.trunk_bottom(ids, mask, d) if d else None)      # (B, L, H)
             if from_sampler:
                 assert episodes.logprobs is not None and episodes.hidden is not None
-                logprobs, hidden, bottom = episodes.logprobs, episodes.hidden, episodes.bottom
+                logprobs, hidden = episodes.logprobs, episodes.hidden
             else:
-                # The frozen lower layers once (depth 0: none); then the same path as the
-                # update's forward, so the first ratio is exactly 1.
-                bottom = self.policy.trunk_bottom(ids, mask, d) if d else None     # (B, L, H)
+                # The same path as the update's forward, so the first ratio is exactly 1.
                 fwd = forward_response(self.policy, ids, mask, T, cfg.temperature,
                                        bottom=bottom, depth=d)
                 logprobs, hidden = fwd.logprobs, fwd.hidden
