@@ -43,7 +43,7 @@ from ppolm.tasks import movie_review_prompts
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=56, help="PPO iterations")
+    p.add_argument("--iterations", type=int, default=60, help="PPO iterations")
     p.add_argument("--batch-size", type=int, default=16, help="episodes per iteration")
     p.add_argument("--minibatch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=2)
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="learning-rate schedule over the run (linear: decays to 0)")
     p.add_argument("--warmup-steps", type=int, default=16,
                    help="optimizer steps of linear learning-rate warm-up (4 per iteration here)")
-    p.add_argument("--lam", type=float, default=0.8,
+    p.add_argument("--lam", type=float, default=0.6,
                    help="GAE lambda (with prefix shaping, < 1 gives each token mostly the "
                         "score changes near it; 1.0: the whole rest of the response)")
     p.add_argument("--kl", choices=("k1", "full"), default="k1",
