@@ -124,7 +124,7 @@ class PPOConfig:
     """Where the rollout's logprobs and value-head states come from. 'sampler': the sampling
     pass itself (the states that drew each token; with frozen lower layers, their output too),
     so the rollout runs no forward of the policy: faster, and the first ratio is 1 up to float
-    rounding (about 1e-6 in float32). 'forward': one more forward pass over the finished
+    rounding (1e-6 to 2e-5 in float32). 'forward': one more forward pass over the finished
     sequences, the same computation as the update's, so the first ratio is exactly 1. With bf16
     autocast the two paths round differently (the sampler's logprobs are still those the
     tokens were drawn with)."""

@@ -51,12 +51,18 @@ class HFPolicy(Policy):
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
               use_cache: bool = False) -> tuple[Tensor, Any]:
+        out = self._base(input_ids, attention_mask, cache, use_cache)
+        return out.last_hidden_state, (out[self._cache_arg] if use_cache else None)
+
+    def _base(self, input_ids: Tensor, attention_mask: Tensor, cache: Any, use_cache: bool,
+              hidden_states: bool = False) -> Any:
+        """The base model over the new tokens, position ids following the mask."""
         past = attention_mask.shape[1] - input_ids.shape[1]
-        out = self.model.base_model(
+        return self.model.base_model(
             input_ids=input_ids, attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask)[:, past:],
-            use_cache=use_cache, **{self._cache_arg: cache})
-        return out.last_hidden_state, (out[self._cache_arg] if use_cache else None)
+            use_cache=use_cache, output_hidden_states=hidden_states,
+            **{self._cache_arg: cache})
 
     # --- a trunk split at a frozen depth (the Trainer checks trunk_top(trunk_bottom) == trunk
     # on a probe before using it: models that add to inputs_embeds, e.g. GPT-2's positions,
@@ -116,11 +122,7 @@ class HFPolicy(Policy):
                          cache: Any = None, use_cache: bool = False
                          ) -> tuple[Tensor, Tensor, Any]:
         # hidden_states[d] is the input of decoder layer d (before the final norm for d < N).
-        past = attention_mask.shape[1] - input_ids.shape[1]
-        out = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask)[:, past:],
-            use_cache=use_cache, output_hidden_states=True, **{self._cache_arg: cache})
+        out = self._base(input_ids, attention_mask, cache, use_cache, hidden_states=True)
         return (out.last_hidden_state, out.hidden_states[depth],
                 out[self._cache_arg] if use_cache else None)
 
