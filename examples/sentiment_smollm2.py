@@ -43,10 +43,11 @@ from ppolm.tasks import movie_review_prompts
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=60, help="PPO iterations")
-    p.add_argument("--batch-size", type=int, default=16, help="episodes per iteration")
+    p.add_argument("--iterations", type=int, default=48, help="PPO iterations")
+    p.add_argument("--batch-size", type=int, default=32, help="episodes per iteration")
     p.add_argument("--minibatch-size", type=int, default=8)
-    p.add_argument("--ppo-epochs", type=int, default=2)
+    p.add_argument("--ppo-epochs", type=int, default=1,
+                   help="passes over each batch (1: every optimizer step on fresh episodes)")
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="linear",
                    help="learning-rate schedule over the run (linear: decays to 0)")
