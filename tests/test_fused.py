@@ -22,11 +22,20 @@ def chunking(request, monkeypatch):
     if request.param == "many chunks":
         monkeypatch.setattr(fused, "_BLOCK", 120)
         monkeypatch.setattr(fused, "_CHUNK", 100)
+        monkeypatch.setattr(fused, "_COLUMN_BLOCK", 120)
+
+
+@pytest.fixture(params=["columns", "rows"])
+def layout(request, monkeypatch):
+    """Both layouts of the logits on CPU: transposed (V, R), the CPU default, and row-major
+    (R, V), the CUDA one."""
+    if request.param == "rows":
+        monkeypatch.setattr(fused, "_COLUMN_DEVICES", set())
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fused_head_matches_autograd(with_bias, temperature, chunking):
+def test_fused_head_matches_autograd(with_bias, temperature, chunking, layout):
     torch.manual_seed(0)
     R, H, V = 12, 8, 50
     base = [torch.randn(R, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64),
@@ -49,7 +58,7 @@ def test_fused_head_matches_autograd(with_bias, temperature, chunking):
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fused_head_without_grad_and_entropy_has_no_grad(with_bias, chunking):
+def test_fused_head_without_grad_and_entropy_has_no_grad(with_bias, chunking, layout):
     torch.manual_seed(0)
     h, w = torch.randn(13, 4), torch.randn(9, 4, requires_grad=True)
     b = torch.randn(9) if with_bias else None
@@ -62,7 +71,7 @@ def test_fused_head_without_grad_and_entropy_has_no_grad(with_bias, chunking):
     assert lp.requires_grad and not ent.requires_grad
 
 
-def test_forward_response_fused_and_plain_paths_agree():
+def test_forward_response_fused_and_plain_paths_agree(layout):
     from ppolm import TransformerPolicy
 
     torch.manual_seed(0)

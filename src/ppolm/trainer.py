@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ppolm.advantages import compute_gae, explained_variance, masked_sum, masked_var, whiten
 from ppolm.config import PPOConfig
+from ppolm.cpu_memory import tune_cpu_allocator
 from ppolm.env import TextGenerationEnv
 from ppolm.errors import TrainingError
 from ppolm.kl_control import KLController
@@ -57,6 +58,8 @@ class Trainer:
                  value_head: ValueHead | None = None, reference: Policy | None = None) -> None:
         self.config, self.env = config, env
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu" and config.tune_cpu_allocator:
+            tune_cpu_allocator()
         env.check_policy(policy)
         # Dropout off everywhere: it makes logprobs noisy and the PPO ratio wrong.
         self.policy = policy.to(self.device).eval()

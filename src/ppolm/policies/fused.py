@@ -15,6 +15,13 @@ that for the backward pass, where it becomes the gradient of the logits in place
 The entropy, ``H = lse - sum(p * z)``, comes from the same tensors at the cost of one
 dot product per row. Its gradient is not provided: ``forward_response`` uses the plain path when
 the entropy is part of the loss (``ent_coef > 0``).
+
+On CPU the logits are made transposed, ``W @ h.T`` of shape (V, R), and the softmax statistics
+are taken down the columns: BLAS makes the product of a 49k-row matrix with a few hundred
+vectors about twice as fast this way round (on the 2-core benchmark machine, 48 against 92 ms
+for R=128, H=256), and the backward products keep the layout. With the tiny benchmark's shapes
+one forward and backward of the head took 173 ms against 220 ms row-major, and a forward
+without gradient 80 against 140 ms. On CUDA the row-major layout is kept.
 """
 
 from __future__ import annotations
@@ -46,6 +53,15 @@ def head_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: T
 # of rows whose softmax statistics are taken while they sit in cache (2 MiB).
 _BLOCK = 1 << 22
 _CHUNK = 1 << 19
+# Devices on which the logits are made transposed, (V, R) (see the module docstring), and the
+# elements per block of them made at once without gradient (64 MiB: the product runs at half
+# speed against a few dozen columns, and re-reads the whole head for each block).
+_COLUMN_DEVICES = {"cpu"}
+_COLUMN_BLOCK = 1 << 24
+
+
+def _columns(hidden: Tensor) -> bool:
+    return hidden.device.type in _COLUMN_DEVICES
 
 
 def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
@@ -58,6 +74,8 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor
     if bias is None and inv_temp != 1.0:
         hidden = hidden * inv_temp                       # (R, H): cheaper than scaling (R, V)
     R, V = hidden.shape[0], weight.shape[0]
+    if _columns(hidden):
+        return _forward_columns(hidden, weight, bias, tokens, inv_temp, keep_probs)
     if keep_probs:
         z = _logits(hidden, weight, bias, inv_temp, None)            # (R, V)
         logprobs, entropy = _softmax_stats_(z, tokens)
@@ -73,6 +91,47 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor
         z = _logits(h, weight, bias, inv_temp, None if buf is None else buf[: h.shape[0]])
         parts.append(_softmax_stats_(z, tokens[start: start + rows]))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
+
+
+def _forward_columns(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
+                     inv_temp: float, keep_probs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``_forward`` with the logits made transposed, (V, R); the softmax it keeps is (V, R).
+
+    Without ``keep_probs``, a block of rows of ``hidden`` at a time (a block of columns)."""
+    R, V = hidden.shape[0], weight.shape[0]
+    if keep_probs:
+        zt = _logits_t(hidden, weight, bias, inv_temp)                # (V, R)
+        logprobs, entropy = _softmax_stats_t_(zt, tokens)
+        return logprobs, entropy, zt
+    rows = max(1, _COLUMN_BLOCK // V)
+    parts = [_softmax_stats_t_(_logits_t(hidden[a: a + rows], weight, bias, inv_temp),
+                               tokens[a: a + rows]) for a in range(0, R, rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
+
+
+def _logits_t(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temp: float) -> Tensor:
+    """The transposed logits ``(weight @ hidden.T + bias) * inv_temp`` (the scale already in
+    ``hidden`` without a bias), at least float32. Shapes: (R, H), (V, H) -> (V, R)."""
+    zt = weight @ hidden.t() if bias is None else torch.addmm(bias[:, None], weight, hidden.t())
+    if zt.dtype in (torch.float16, torch.bfloat16):
+        zt = zt.float()                                  # softmax statistics in float32
+    if bias is not None and inv_temp != 1.0:
+        zt.mul_(inv_temp)
+    return zt
+
+
+def _softmax_stats_t_(zt: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """``_softmax_stats_`` down the columns of ``zt`` (V, R), which becomes their softmax.
+
+    Shapes: zt (V, R), tokens (R,) -> (R,), (R,)."""
+    zt.sub_(zt.amax(0))                                              # shifted: max 0
+    picked = zt.gather(0, tokens[None, :]).squeeze(0)               # (R,)
+    e = torch.exp(zt)                                               # (V, R)
+    s = e.sum(0)
+    ez = zt.mul_(e).sum(0) / s                                      # sum p (z - m)
+    torch.div(e, s, out=zt)                                         # the softmax, in place
+    log_s = torch.log(s)
+    return picked - log_s, log_s - ez
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temp: float,
@@ -125,7 +184,7 @@ class _HeadLogprobs(torch.autograd.Function):
         logprobs, entropy, probs = _forward(hidden, weight, bias, tokens, inv_temp,
                                             keep_probs=True)
         ctx.save_for_backward(hidden, weight, probs, tokens)
-        ctx.has_bias, ctx.inv_temp = bias is not None, inv_temp
+        ctx.has_bias, ctx.inv_temp, ctx.columns = bias is not None, inv_temp, _columns(hidden)
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
@@ -136,8 +195,14 @@ class _HeadLogprobs(torch.autograd.Function):
         g = grad_logprobs.to(probs.dtype)
         # d logp / dz = onehot - p, scaled by the upstream gradient; built in place in `probs`
         # (a second backward through this graph is refused by autograd's version check).
-        grad_z = probs.mul_(-g[:, None])
-        grad_z.scatter_add_(-1, tokens[:, None], g[:, None])
+        # With columns, `probs` is (V, R) and so is grad_z: grad_z.t() below is the (R, V) one.
+        if ctx.columns:
+            grad_z = probs.mul_(-g[None, :])
+            grad_z.scatter_add_(0, tokens[None, :], g[None, :])
+            grad_z = grad_z.t()
+        else:
+            grad_z = probs.mul_(-g[:, None])
+            grad_z.scatter_add_(-1, tokens[:, None], g[:, None])
         if grad_z.dtype != weight.dtype:                 # a model held in bf16
             grad_z = grad_z.to(weight.dtype)
         if ctx.has_bias:
