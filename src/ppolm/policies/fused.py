@@ -124,13 +124,7 @@ def _softmax_stats_t_(zt: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
     """``_softmax_stats_`` down the columns of ``zt`` (V, R), which becomes their softmax.
 
     Shapes: zt (V, R), tokens (R,) -> (R,), (R,)."""
-    zt.sub_(zt.amax(0))                                              # shifted: max 0
-    picked = zt.gather(0, tokens[None, :]).squeeze(0)               # (R,)
-    e = torch.exp(zt)                                               # (V, R)
-    s = e.sum(0)
-    ez = zt.mul_(e).sum(0) / s                                      # sum p (z - m)
-    torch.div(e, s, out=zt)                                         # the softmax, in place
-    log_s = torch.log(s)
+    picked, log_s, ez = _stats_(zt, tokens, 0)
     return picked - log_s, log_s - ez
 
 
@@ -159,20 +153,23 @@ def _softmax_stats_(z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
     """
     R, V = z.shape
     rows = max(1, _CHUNK // V)
-    picked = torch.empty(R, dtype=z.dtype, device=z.device)
-    log_s = torch.empty_like(picked)
-    ez = torch.empty_like(picked)
-    for a in range(0, R, rows):
-        b = min(a + rows, R)
-        zc = z[a:b]
-        zc.sub_(zc.amax(-1, keepdim=True))                           # shifted: max 0
-        picked[a:b] = zc.gather(-1, tokens[a:b, None]).squeeze(-1)
-        e = torch.exp(zc)
-        s = e.sum(-1)
-        ez[a:b] = zc.mul_(e).sum(-1) / s                             # sum p (z - m)
-        torch.div(e, s[:, None], out=zc)                             # the softmax, in place
-        log_s[a:b] = torch.log(s)
+    parts = [_stats_(z[a: a + rows], tokens[a: a + rows], -1) for a in range(0, R, rows)]
+    picked, log_s, ez = (torch.cat(p) for p in zip(*parts, strict=True))
     return picked - log_s, log_s - ez
+
+
+def _stats_(z: Tensor, tokens: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(z[token] - m, log s, sum p (z - m)) of the distributions along ``dim`` of ``z``, with
+    m = max z, e = exp(z - m), s = sum e, p = e / s; ``z`` becomes p.
+
+    Shapes: z (R, V) with dim -1, or (V, R) with dim 0; tokens (R,) -> three (R,)."""
+    z.sub_(z.amax(dim, keepdim=True))                                # shifted: max 0
+    picked = z.gather(dim, tokens.unsqueeze(dim)).squeeze(dim)
+    e = torch.exp(z)
+    s = e.sum(dim, keepdim=True)
+    ez = z.mul_(e).sum(dim) / s.squeeze(dim)                         # sum p (z - m)
+    torch.div(e, s, out=z)                                           # the softmax, in place
+    return picked, torch.log(s.squeeze(dim)), ez
 
 
 class _HeadLogprobs(torch.autograd.Function):
