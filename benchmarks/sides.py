@@ -87,7 +87,8 @@ class PpolmSide:
             "reward": matmul_params(models["reward"]) if work.reward != "toy" else 0,
         }
         self.notes = {"bf16_autocast": bool(work.bf16 and work.device.startswith("cuda")),
-                      "fused_adamw": bool(self.trainer.optimizer.defaults.get("fused"))}
+                      "fused_adamw": bool(self.trainer.optimizer.defaults.get("fused")),
+                      "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 
     def step(self) -> dict[str, float]:
         from ppolm.trainer import _Timer

@@ -2,7 +2,6 @@
 
 from ppolm.advantages import compute_gae, masked_mean, masked_var, whiten
 from ppolm.config import PPOConfig
-from ppolm.cpu_memory import request_huge_pages, tune_cpu_allocator
 from ppolm.env import TextGenerationEnv, read_prompts
 from ppolm.errors import (
                           CheckpointError,
@@ -30,9 +29,6 @@ from ppolm.types import Episodes, Rollout
 
 __version__ = "0.1.0"
 
-# Before any tensor is made: torch reads this setting at its first allocation (ppolm.cpu_memory).
-request_huge_pages()
-
 __all__ = [
     "CallableReward", "CheckpointError", "ConfigError", "DataError", "Episodes", "EvalResult",
     "HFPolicy", "KLController", "LSTMPolicy", "PPOConfig", "PPOLMError", "Policy", "RewardError",
@@ -40,6 +36,5 @@ __all__ = [
     "TextGenerationEnv", "Trainer", "TrainingError", "TransformerPolicy", "ValueHead",
     "WeightedReward", "char_tokenizer", "chat_prompts", "compute_gae", "distinct_n", "entropy",
     "evaluate", "freeze_lower_layers", "kl_penalty", "load_gguf", "load_smollm2", "masked_mean",
-    "masked_var", "policy_loss", "read_prompts", "request_huge_pages", "tune_cpu_allocator",
-    "value_loss", "whiten",
+    "masked_var", "policy_loss", "read_prompts", "value_loss", "whiten",
 ]

@@ -128,10 +128,6 @@ class PPOConfig:
     sequences, the same computation as the update's, so the first ratio is exactly 1. With bf16
     autocast the two paths round differently (the sampler's logprobs are still those the
     tokens were drawn with)."""
-    tune_cpu_allocator: bool = True
-    """On CPU under Linux (glibc), keep freed memory in the process for the next step instead of
-    returning it to the kernel (``ppolm.cpu_memory``): the same numbers with fewer page faults
-    (a process-wide setting of the C library's malloc)."""
     output_dir: str = "runs/ppolm"
     """Where metrics.jsonl and checkpoints go."""
     overwrite: bool = False

@@ -19,7 +19,6 @@ from torch import Tensor
 
 from ppolm.advantages import compute_gae, explained_variance, masked_sum, masked_var, whiten
 from ppolm.config import PPOConfig
-from ppolm.cpu_memory import tune_cpu_allocator
 from ppolm.env import TextGenerationEnv
 from ppolm.errors import TrainingError
 from ppolm.kl_control import KLController
@@ -58,8 +57,6 @@ class Trainer:
                  value_head: ValueHead | None = None, reference: Policy | None = None) -> None:
         self.config, self.env = config, env
         self.device = resolve_device(config.device)
-        if self.device.type == "cpu" and config.tune_cpu_allocator:
-            tune_cpu_allocator()
         env.check_policy(policy)
         # Dropout off everywhere: it makes logprobs noisy and the PPO ratio wrong.
         self.policy = policy.to(self.device).eval()
@@ -216,7 +213,9 @@ class Trainer:
             epochs_done += 1
             if cfg.target_approx_kl is not None and np.mean(epoch_kl) > cfg.target_approx_kl:
                 break
-        out = {k: float(np.nanmean(v)) for k, v in stats.items() if k != "skipped"}
+        # The mean over the applied steps (a skipped step's statistics are NaN); NaN if none.
+        out = {k: float(np.nanmean(v)) if not np.isnan(v).all() else math.nan
+               for k, v in stats.items() if k != "skipped"}
         out["skipped_updates"] = float(np.sum(stats["skipped"]))
         out["epochs_done"] = float(epochs_done)
         return out

@@ -21,7 +21,7 @@ are taken down the columns: BLAS makes the product of a 49k-row matrix with a fe
 vectors about twice as fast this way round (on the 2-core benchmark machine, 48 against 92 ms
 for R=128, H=256), and the backward products keep the layout. With the tiny benchmark's shapes
 one forward and backward of the head took 173 ms against 220 ms row-major, and a forward
-without gradient 80 against 140 ms. On CUDA the row-major layout is kept.
+without gradient 80 against 140 ms (docs/benchmarks.md). On CUDA the row-major layout is kept.
 """
 
 from __future__ import annotations
