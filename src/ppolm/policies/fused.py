@@ -100,24 +100,14 @@ def _forward_columns(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens
     Without ``keep_probs``, a block of rows of ``hidden`` at a time (a block of columns)."""
     R, V = hidden.shape[0], weight.shape[0]
     if keep_probs:
-        zt = _logits_t(hidden, weight, bias, inv_temp)                # (V, R)
+        zt = _logits(hidden, weight, bias, inv_temp, transposed=True)   # (V, R)
         logprobs, entropy = _softmax_stats_t_(zt, tokens)
         return logprobs, entropy, zt
     rows = max(1, _COLUMN_BLOCK // V)
-    parts = [_softmax_stats_t_(_logits_t(hidden[a: a + rows], weight, bias, inv_temp),
-                               tokens[a: a + rows]) for a in range(0, R, rows)]
+    parts = [_softmax_stats_t_(_logits(hidden[a: a + rows], weight, bias, inv_temp,
+                                       transposed=True), tokens[a: a + rows])
+             for a in range(0, R, rows)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
-
-
-def _logits_t(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temp: float) -> Tensor:
-    """The transposed logits ``(weight @ hidden.T + bias) * inv_temp`` (the scale already in
-    ``hidden`` without a bias), at least float32. Shapes: (R, H), (V, H) -> (V, R)."""
-    zt = weight @ hidden.t() if bias is None else torch.addmm(bias[:, None], weight, hidden.t())
-    if zt.dtype in (torch.float16, torch.bfloat16):
-        zt = zt.float()                                  # softmax statistics in float32
-    if bias is not None and inv_temp != 1.0:
-        zt.mul_(inv_temp)
-    return zt
 
 
 def _softmax_stats_t_(zt: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,10 +119,14 @@ def _softmax_stats_t_(zt: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temp: float,
-            out: Tensor | None) -> Tensor:
+            out: Tensor | None = None, transposed: bool = False) -> Tensor:
     """(hidden @ weight.T + bias) * inv_temp (the scale already in ``hidden`` without a bias),
-    in float32, into ``out`` when given. Shapes: (R, H), (V, H) -> (R, V)."""
-    if out is not None:
+    at least float32, into ``out`` when given; with ``transposed``, its transpose
+    ``weight @ hidden.T (+ bias[:, None])``. Shapes: (R, H), (V, H) -> (R, V), or (V, R)."""
+    if transposed:
+        z = (weight @ hidden.t() if bias is None
+             else torch.addmm(bias[:, None], weight, hidden.t()))
+    elif out is not None:
         z = (torch.mm(hidden, weight.t(), out=out) if bias is None
              else torch.addmm(bias, hidden, weight.t(), out=out))
     else:
