@@ -23,6 +23,7 @@ import argparse
 import json
 import resource
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,14 @@ from ppolm import (
     evaluate,
 )
 from ppolm.evaluate import EvalResult, format_pairs, format_table
+from ppolm.kl_budget import fit_kl_budget
 from ppolm.models import chat_prompts, freeze_lower_layers, load_smollm2
 from ppolm.tasks import movie_review_prompts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=48, help="PPO iterations")
+    p.add_argument("--iterations", type=int, default=52, help="PPO iterations")
     p.add_argument("--batch-size", type=int, default=32, help="episodes per iteration")
     p.add_argument("--minibatch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=1,
@@ -79,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reward each token with the change of the sentiment of the text so far "
                         "(the changes add up to the final score; see docs/maths.md); "
                         "--no-prefix-shaping puts the whole score on the last token")
+    p.add_argument("--kl-budget", type=float, default=0.0,
+                   help="after PPO, move the weights back toward the reference until the KL on "
+                        "--calibration-prompts training prompts is at most this many nats per "
+                        "response (ppolm.kl_budget; 0, the default: keep the policy as trained; "
+                        "see README for what it did on this task)")
+    p.add_argument("--calibration-prompts", type=int, default=64,
+                   help="training prompts (the last N of the train split) the KL budget is "
+                        "measured on")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts to evaluate")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (use 1 on a machine shared with other work)")
@@ -89,7 +99,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only rewrite results.md from the JSON files already in --out")
     p.add_argument("--run-dir", default="runs/sentiment_smollm2",
                    help="trainer output: metrics.jsonl and the final checkpoint")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.kl_budget < 0:
+        p.error(f"--kl-budget {args.kl_budget}: give a positive number of nats, or 0 for none")
+    if args.kl_budget > 0 and not 0 < args.calibration_prompts <= len(
+            movie_review_prompts("train")):
+        p.error(f"--calibration-prompts {args.calibration_prompts}: between 1 and the "
+                f"{len(movie_review_prompts('train'))} training prompts")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -139,6 +156,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = Trainer(policy, env, config, reference=reference, value_head=value_head)
     t0 = time.perf_counter()
     history = trainer.train()
+    ppo_seconds = time.perf_counter() - t0
+
+    # The KL budget: the adaptive coefficient holds the run's average KL near its target, but
+    # the last policy can sit anywhere in the swing; shrink its change toward the reference
+    # until the KL measured on training prompts fits (never on the held-out prompts).
+    budget = None
+    if args.kl_budget > 0:
+        calibration = train_prompts[-args.calibration_prompts:]
+        budget = fit_kl_budget(policy, reference, tokenizer, calibration, reward,
+                               args.kl_budget, max_new_tokens=args.max_new_tokens,
+                               temperature=1.0, seed=4321, add_special_tokens=False)
+        for t in budget.tries:
+            print(f"KL budget {args.kl_budget}: alpha {t['alpha']:.3f} -> KL {t['kl']:.2f}, "
+                  f"reward {t['reward_mean']:.3f} on {len(calibration)} training prompts")
+        policy.save(Path(args.run_dir) / "final_policy")
     train_seconds = time.perf_counter() - t0
 
     after = run_eval("after")
@@ -151,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "before": {k: v for k, v in before.to_dict().items() if k != "samples"},
         "after": {k: v for k, v in after.to_dict().items() if k != "samples"},
         "train_seconds": train_seconds,
-        "seconds_per_iteration": train_seconds / max(len(history), 1),
+        "ppo_seconds": ppo_seconds,
+        "kl_budget": asdict(budget) if budget is not None else None,
+        "seconds_per_iteration": ppo_seconds / max(len(history), 1),
         "peak_memory_gib": peak_gib,
         "threads": args.threads,
         "config": config.to_dict(),
@@ -174,16 +208,28 @@ def write_report(out: Path) -> dict[str, Any]:
             f"Held-out prompts: {before.n}, temperature 1.0, {before.settings['max_new_tokens']} "
             f"new tokens at most, sampling seed {before.settings['seed']}.\n\n"
             f"{format_table({'before': before, 'after': after})}\n\n"
-            f"Training: {summary['train_seconds'] / 60:.1f} min for "
+            f"Training: {summary['train_seconds'] / 60:.1f} min, of which PPO "
+            f"{summary.get('ppo_seconds', summary['train_seconds']) / 60:.1f} min for "
             f"{len(summary['history'])} iterations "
             f"({summary['seconds_per_iteration']:.0f} s/iteration, {summary['threads']} "
-            f"CPU thread(s)); peak memory (max RSS) {summary['peak_memory_gib']:.2f} GiB.\n\n"
+            f"CPU thread(s)){budget_text(summary.get('kl_budget'))}; peak memory (max RSS) "
+            f"{summary['peak_memory_gib']:.2f} GiB.\n\n"
             f"Command: `{summary['command']}`\n\n"
             f"![reward curve](reward_curve.png) ![reward vs KL](reward_vs_kl.png)\n\n"
             f"## Five held-out prompts, before and after\n\n"
             f"{format_pairs(before, after, k=5, labels=requests)}")
     (out / "results.md").write_text(text)
     return summary
+
+
+def budget_text(fit: dict[str, Any] | None) -> str:
+    """The KL budget's tries, for results.md ('' when the run had none)."""
+    if not fit:
+        return ""
+    tries = "; ".join(f"alpha {t['alpha']:.3f}: KL {t['kl']:.2f}, reward {t['reward_mean']:.3f}"
+                      for t in fit["tries"])
+    return (f" and the KL budget of {fit['budget']:g} nats ({fit['seconds']:.0f} s, on training "
+            f"prompts: {tries}; kept alpha {fit['alpha']:.3f})")
 
 
 def plot(history: list[dict[str, Any]], before: EvalResult, after: EvalResult,

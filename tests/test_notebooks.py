@@ -54,6 +54,6 @@ def test_quickstart_runs(tmp_path):
 def test_sentiment_smollm2_notebook_runs(tmp_path):
     nb = run_notebook("sentiment_smollm2.ipynb",
                       "ITERATIONS = 1\nBATCH_SIZE = 4\nMINIBATCH_SIZE = 4\nEVAL_PROMPTS = 2\n"
-                      "MAX_NEW_TOKENS = 8", tmp_path)
+                      "MAX_NEW_TOKENS = 8\nKL_BUDGET = 5.0\nCALIBRATION_PROMPTS = 2", tmp_path)
     text = outputs_text(nb)
-    assert "| mean reward |" in text and "- after" in text
+    assert "| mean reward |" in text and "- after" in text and "kept alpha" in text

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ppolm import CallableReward, TextGenerationEnv, TransformerPolicy
-from ppolm.sampling import draw
+from conftest import tiny_llama
+from ppolm import CallableReward, HFPolicy, TextGenerationEnv, TransformerPolicy
+from ppolm.sampling import _TRANSPOSED_ROWS, draw, transposed_linears
 
 
 def test_draw_follows_the_probabilities_and_skips_zeros():
@@ -53,3 +54,29 @@ def test_ignore_eos_gives_every_response_max_new_tokens(tok):
     assert ep.response_mask.shape == (8, 6) and bool(ep.response_mask.bool().all())
     response = ep.input_ids[:, -6:]
     assert (response == tok.eos_token_id).sum(1).gt(1).all()   # EOS sampled, and sampled on
+
+
+def test_transposed_linears_give_the_usual_outputs_and_are_restored(tok):
+    """A decoding step's linear layers as W @ x.T: the same hidden states (to float rounding)
+    on a real HF Llama, the usual path with gradients or many rows, the modules restored."""
+    torch.manual_seed(0)
+    policy = HFPolicy(tiny_llama(len(tok)))
+    linears = [m for m in policy.modules() if type(m) is torch.nn.Linear]
+    ids = torch.randint(4, len(tok), (3, 5))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        usual, _ = policy.trunk(ids, mask)
+        with transposed_linears(policy):
+            assert all("forward" in m.__dict__ for m in linears)
+            ours, _ = policy.trunk(ids, mask)
+            x = torch.randn(2, 1, 32)
+            y = linears[0](x)
+            assert not y.is_contiguous()                     # the transposed path was taken
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, linears[0].weight))
+            big = torch.randn(_TRANSPOSED_ROWS + 1, 32)
+            assert linears[0](big).is_contiguous()           # many rows: the usual product
+    torch.testing.assert_close(ours, usual)
+    with transposed_linears(policy):
+        assert linears[0](torch.randn(2, 32, requires_grad=True)).is_contiguous()
+    assert not any("forward" in m.__dict__ for m in linears)   # restored

@@ -28,7 +28,7 @@ from torch import Tensor
 from ppolm.env import TextGenerationEnv
 from ppolm.errors import DataError
 from ppolm.losses import kl_penalty
-from ppolm.policies.base import Policy, forward_response
+from ppolm.policies.base import Policy, forward_response, frozen_split
 
 
 @dataclass(frozen=True)
@@ -123,16 +123,26 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
     t0 = time.perf_counter()
     samples: list[EvalSample] = []
     lengths, ended = [], []
+    # The policy's logprobs come from the sampling pass; a reference that shares the policy's
+    # frozen lower layers reuses their output from it (as the Trainer's rollout does).
+    measure = reference is not None and reference is not policy
+    depth, shared = frozen_split(policy, reference, device) if measure else (0, False)
+    depth = depth if shared and type(policy).trunk_and_bottom is not (
+        Policy.trunk_and_bottom) else 0
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
-        ep = env.sample(policy, len(idx), temperature, device, generator, indices=idx)
+        ep = env.sample(policy, len(idx), temperature, device, generator, indices=idx,
+                        record=measure, depth=depth)
         mask = ep.response_mask.float()                                   # (B, T)
         kl = None
-        if reference is not None:
-            T = mask.shape[1]
-            logp = forward_response(policy, ep.input_ids, ep.attention_mask, T, temperature)
-            ref = forward_response(reference, ep.input_ids, ep.attention_mask, T, temperature)
-            kl = sequence_kl(logp.logprobs, ref.logprobs, mask).tolist()   # B floats
+        if measure:
+            assert reference is not None and ep.logprobs is not None
+            ref = forward_response(reference, ep.input_ids, ep.attention_mask, mask.shape[1],
+                                   temperature, bottom=ep.bottom if depth else None,
+                                   depth=depth)
+            kl = sequence_kl(ep.logprobs, ref.logprobs, mask).tolist()   # B floats
+        elif reference is not None:
+            kl = [0.0] * len(idx)                                         # the policy itself
         for i in range(len(idx)):
             samples.append(EvalSample(ep.prompts[i], ep.responses[i], float(ep.scores[i]),
                                       kl[i] if kl is not None else None))

@@ -3,11 +3,15 @@ what PPO's rollout needs from the same forward steps."""
 
 from __future__ import annotations
 
+import contextlib
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ppolm.policies.base import Policy
 
@@ -75,6 +79,42 @@ def sample(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_to
     return out.tokens, out.mask
 
 
+#: Rows up to which a CPU decoding step multiplies as ``W @ x.T`` (see ``transposed_linears``).
+_TRANSPOSED_ROWS = 128
+
+
+def _transposed_linear(self: nn.Linear, x: Tensor) -> Tensor:
+    """``nn.Linear.forward`` computed as ``(W @ x.T).T`` for a few rows without gradient on CPU
+    (the same numbers; the result is a transposed view), else as usual."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > _TRANSPOSED_ROWS or x.device.type != "cpu" or torch.is_grad_enabled() or (
+            x.dtype != self.weight.dtype):
+        return F.linear(x, self.weight, self.bias)
+    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t())      # (out, rows)
+    if self.bias is not None:
+        y = y + self.bias[:, None]
+    return y.t().reshape(*x.shape[:-1], y.shape[0])
+
+
+@contextlib.contextmanager
+def transposed_linears(module: nn.Module) -> Iterator[None]:
+    """While decoding on CPU, every ``nn.Linear`` of ``module`` multiplies a step's few rows as
+    ``W @ x.T``: BLAS runs that tall-skinny product faster than ``x @ W.T`` on the 2-core
+    benchmark machine (SmolLM2-135M's 210 linear layers, batch 32: 81-106 against 117-131 ms
+    per step; batch 16: 75-79 against 102 ms; bitwise-equal outputs in that test). Larger
+    inputs (the prompt's prefill), gradients and other devices take the usual path. Restores
+    the modules on exit."""
+    patched = [m for m in module.modules()
+               if type(m) is nn.Linear and "forward" not in m.__dict__]
+    for m in patched:
+        m.forward = types.MethodType(_transposed_linear, m)             # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 @torch.no_grad()
 def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
              eos_token_id: int | None, pad_token_id: int, temperature: float = 1.0,
@@ -95,6 +135,17 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
 
     Shapes: input_ids, attention_mask (B, P) left-padded -> ``Sampled`` with T <= max_new_tokens.
     """
+    layout = (transposed_linears(policy) if input_ids.device.type == "cpu"
+              else contextlib.nullcontext())
+    with layout:
+        return _generate(policy, input_ids, attention_mask, max_new_tokens, eos_token_id,
+                         pad_token_id, temperature, top_k, top_p, generator, record, depth)
+
+
+def _generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+              eos_token_id: int | None, pad_token_id: int, temperature: float, top_k: int,
+              top_p: float, generator: torch.Generator | None, record: bool, depth: int
+              ) -> Sampled:
     B = input_ids.shape[0]
     device = input_ids.device
 

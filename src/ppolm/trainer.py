@@ -24,7 +24,7 @@ from ppolm.errors import TrainingError
 from ppolm.kl_control import KLController
 from ppolm.losses import full_kl, kl_penalty, policy_loss, value_loss
 from ppolm.metrics import MetricsWriter
-from ppolm.policies.base import Policy, forward_response
+from ppolm.policies.base import Policy, forward_response, frozen_split
 from ppolm.policies.value import ValueHead
 from ppolm.types import Episodes, Rollout
 
@@ -77,7 +77,8 @@ class Trainer:
             config.lr_schedule, step, total, config.warmup_steps))
         self.kl_ctl = KLController(config.kl_coef, config.adaptive_kl, config.kl_target,
                                    config.kl_horizon)
-        self.depth, self.ref_shares_bottom = self._frozen_split()
+        self.depth, self.ref_shares_bottom = frozen_split(
+            self.policy, self.reference, self.device, config.reuse_frozen_layers)
         self.sample_gen = torch.Generator(self.device).manual_seed(config.seed)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.iteration = 0            # iterations completed
@@ -330,33 +331,6 @@ class Trainer:
         return row
 
     # --- helpers -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _frozen_split(self) -> tuple[int, bool]:
-        """The depth of the policy's frozen lower layers to run once per rollout (0: none), and
-        whether the reference has the same lower layers (then it reuses their output too).
-        A split is used only if, on a probe, it gives the whole trunk's hidden states."""
-        depth = self.policy.frozen_depth() if self.config.reuse_frozen_layers else 0
-        if depth == 0:
-            return 0, False
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, self.policy.vocab_size, (2, 6), generator=gen).to(self.device)
-        mask = torch.ones_like(ids)
-        mask[1, :2] = 0                                     # a left-padded row
-        whole, _ = self.policy.trunk(ids, mask)
-        split = self.policy.trunk_top(self.policy.trunk_bottom(ids, mask, depth), ids, mask, depth)
-        real = mask.bool()
-        if not torch.allclose(whole[real], split[real], rtol=1e-4, atol=1e-5):
-            return 0, False
-        try:
-            ours = self.policy.bottom_parameters(depth)
-            theirs = self.reference.bottom_parameters(depth)
-        except NotImplementedError:
-            return depth, False
-        shared = len(ours) == len(theirs) and all(
-            a.shape == b.shape and torch.equal(a, b.to(a.device))
-            for a, b in zip(ours, theirs, strict=True))
-        return depth, shared
-
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda" and self.config.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)

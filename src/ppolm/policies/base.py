@@ -132,6 +132,37 @@ class ResponseForward:
     dist: Tensor | None = None  # (B, T, V) log-softmax over the vocabulary, when asked for
 
 
+@torch.no_grad()
+def frozen_split(policy: Policy, reference: Policy | None, device: torch.device | str,
+                 enabled: bool = True) -> tuple[int, bool]:
+    """The depth of the policy's frozen lower layers that can run once per batch (0: none), and
+    whether ``reference`` has the same lower layers (then it can reuse their output too).
+    A split is used only if, on a probe, it gives the whole trunk's hidden states."""
+    depth = policy.frozen_depth() if enabled else 0
+    if depth == 0:
+        return 0, False
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, policy.vocab_size, (2, 6), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0                                     # a left-padded row
+    whole, _ = policy.trunk(ids, mask)
+    split = policy.trunk_top(policy.trunk_bottom(ids, mask, depth), ids, mask, depth)
+    real = mask.bool()
+    if not torch.allclose(whole[real], split[real], rtol=1e-4, atol=1e-5):
+        return 0, False
+    if reference is None:
+        return depth, False
+    try:
+        ours = policy.bottom_parameters(depth)
+        theirs = reference.bottom_parameters(depth)
+    except NotImplementedError:
+        return depth, False
+    shared = len(ours) == len(theirs) and all(
+        a.shape == b.shape and torch.equal(a, b.to(a.device))
+        for a, b in zip(ours, theirs, strict=True))
+    return depth, shared
+
+
 def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
                      response_len: int, temperature: float, entropy_grad: bool = False,
                      full_dist: bool = False, bottom: Tensor | None = None, depth: int = 0

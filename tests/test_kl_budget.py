@@ -1,0 +1,105 @@
+"""The KL budget: the weight path between reference and trained policy is exact at its ends and
+linear between them, and fit_kl_budget leaves the policy at a measured KL within the budget,
+its second try at alpha = sqrt(budget / KL(1))."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from ppolm import CallableReward, TransformerPolicy, char_tokenizer, evaluate
+from ppolm.errors import ConfigError
+from ppolm.kl_budget import WeightPath, fit_kl_budget
+
+ALPHABET = "abcdefghij"
+PROMPTS = ["abc", "bcd", "cde", "def", "efg", "fgh", "ghi", "hij"]
+KW = dict(max_new_tokens=8, seed=5)
+
+
+def reward():
+    return CallableReward(lambda prompts, responses: [float(r.count("a")) for r in responses])
+
+
+@pytest.fixture
+def pair():
+    """A tiny reference and a 'trained' copy whose top block and head moved away from it."""
+    tok = char_tokenizer(ALPHABET)
+    torch.manual_seed(0)
+    reference = TransformerPolicy(len(tok), hidden_size=32, n_layers=2, n_heads=4).eval()
+    policy = copy.deepcopy(reference)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if name.startswith(("blocks.1.", "tok_emb")):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return policy, reference, tok
+
+
+def test_weight_path_is_exact_at_both_ends_and_linear_between(pair):
+    policy, reference, _ = pair
+    trained = {k: v.clone() for k, v in policy.state_dict().items()}
+    ref = reference.state_dict()
+    path = WeightPath(policy, reference)
+    moved = ("blocks.1.", "tok_emb", "lm_head")
+    assert path.changed and all(n.startswith(moved) for n in path.changed)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    mask = torch.ones_like(ids)
+    path.set(0.0)
+    assert all(torch.equal(v, ref[k]) for k, v in policy.state_dict().items())
+    assert torch.equal(policy(ids, mask), reference(ids, mask))
+    path.set(0.25)
+    for k, v in policy.state_dict().items():
+        torch.testing.assert_close(v, ref[k] + 0.25 * (trained[k] - ref[k]))
+    path.set(1.0)
+    assert all(torch.equal(v, trained[k]) for k, v in policy.state_dict().items())
+    assert path.alpha == 1.0
+
+
+def test_weight_path_refuses_another_architecture(pair):
+    policy, _, tok = pair
+    other = TransformerPolicy(len(tok), hidden_size=32, n_layers=3, n_heads=4)
+    with pytest.raises(ConfigError, match="different parameters"):
+        WeightPath(policy, other)
+    with pytest.raises(ConfigError, match="finite"):
+        WeightPath(policy, copy.deepcopy(policy)).set(float("nan"))
+
+
+def test_fit_shrinks_to_a_measured_kl_within_the_budget(pair):
+    policy, reference, tok = pair
+    full = evaluate(policy, tok, PROMPTS, reward(), reference=reference, **KW).kl
+    assert full is not None and full > 1.0            # the perturbation is far from the reference
+    budget = full / 3
+    fit = fit_kl_budget(policy, reference, tok, PROMPTS, reward(), budget, max_tries=4, **KW)
+    first, second = fit.tries[0], fit.tries[1]
+    assert first["alpha"] == 1.0 and first["kl"] == pytest.approx(full)
+    assert second["alpha"] == pytest.approx(math.sqrt(budget / full))
+    assert fit.met and fit.kl <= budget and 0 < fit.alpha < 1
+    assert [t["kl"] for t in fit.tries] == sorted((t["kl"] for t in fit.tries), reverse=True)
+    # The policy is left at the last alpha tried: measuring again gives the same figure.
+    again = evaluate(policy, tok, PROMPTS, reward(), reference=reference, **KW)
+    assert again.kl == pytest.approx(fit.kl) and again.reward_mean == pytest.approx(
+        fit.reward_mean)
+
+
+def test_fit_leaves_a_policy_within_the_budget_as_trained(pair):
+    policy, reference, tok = pair
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    fit = fit_kl_budget(policy, reference, tok, PROMPTS, reward(), 1e6, **KW)
+    assert fit.alpha == 1.0 and fit.met and len(fit.tries) == 1
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+
+
+def test_fit_that_runs_out_of_tries_says_so(pair):
+    policy, reference, tok = pair
+    fit = fit_kl_budget(policy, reference, tok, PROMPTS, reward(), 1.0, max_tries=1, **KW)
+    assert len(fit.tries) == 1 and not fit.met and fit.alpha == 1.0 and fit.kl > 1.0
+
+
+@pytest.mark.parametrize("budget", [0.0, -1.0, float("nan"), float("inf")])
+def test_fit_refuses_a_budget_that_is_not_a_positive_number(pair, budget):
+    policy, reference, tok = pair
+    with pytest.raises(ConfigError, match="budget"):
+        fit_kl_budget(policy, reference, tok, PROMPTS, reward(), budget, **KW)
