@@ -163,7 +163,8 @@ def speed(args: argparse.Namespace, size: str, peak: float) -> dict[str, Any]:
 def learning(args: argparse.Namespace) -> dict[str, Any]:
     """Both sides on the toy reward (workload.ToyReward) from the same weights and settings:
     both must learn, and their final scores must agree within noise."""
-    seeds = [0] if args.quick else [0, 1, 2]
+    seeds = ([int(x) for x in args.learn_seeds.split(",")] if args.learn_seeds else
+             [0] if args.quick else [0, 1, 2])
     iters = args.learn_iters or (6 if args.quick else 20)
     curves: dict[str, list[list[float]]] = {"separate": [], "trl": []}
     print(f"\n[learning] toy reward, tiny size, response 16 tokens, lr {args.learn_lr:g}; "
@@ -236,6 +237,8 @@ def main() -> None:
     p.add_argument("--no-learning", action="store_true")
     p.add_argument("--learn-iters", type=int, default=None)
     p.add_argument("--learn-lr", type=float, default=1e-3)
+    p.add_argument("--learn-seeds", default=None,
+                   help="comma-separated seeds of the learning check (default 0,1,2)")
     p.add_argument("--scaling", action="store_true", help="also the scaling table (default "
                    "in a full run)")
     p.add_argument("--no-scaling", action="store_true")

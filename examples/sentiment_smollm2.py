@@ -45,7 +45,7 @@ from ppolm.tasks import movie_review_prompts
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=52, help="PPO iterations")
+    p.add_argument("--iterations", type=int, default=48, help="PPO iterations")
     p.add_argument("--batch-size", type=int, default=32, help="episodes per iteration")
     p.add_argument("--minibatch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=1,
