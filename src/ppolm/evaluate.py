@@ -28,7 +28,7 @@ from torch import Tensor
 from ppolm.env import TextGenerationEnv
 from ppolm.errors import DataError
 from ppolm.losses import kl_penalty
-from ppolm.policies.base import Policy, forward_response, frozen_split
+from ppolm.policies.base import Policy, forward_response, frozen_split, samples_bottom
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,7 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
     # frozen lower layers reuses their output from it (as the Trainer's rollout does).
     measure = reference is not None and reference is not policy
     depth, shared = frozen_split(policy, reference, device) if measure else (0, False)
-    depth = depth if shared and type(policy).trunk_and_bottom is not (
-        Policy.trunk_and_bottom) else 0
+    depth = depth if shared and samples_bottom(policy) else 0
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         ep = env.sample(policy, len(idx), temperature, device, generator, indices=idx,

@@ -24,7 +24,7 @@ from ppolm.errors import TrainingError
 from ppolm.kl_control import KLController
 from ppolm.losses import full_kl, kl_penalty, policy_loss, value_loss
 from ppolm.metrics import MetricsWriter
-from ppolm.policies.base import Policy, forward_response, frozen_split
+from ppolm.policies.base import Policy, forward_response, frozen_split, samples_bottom
 from ppolm.policies.value import ValueHead
 from ppolm.types import Episodes, Rollout
 
@@ -126,8 +126,7 @@ class Trainer:
         from_sampler = cfg.rollout_logprobs == "sampler"
         # A policy that splits its trunk but cannot also return the split from its sampling
         # steps gets the frozen layers' output from one forward of them.
-        sampler_bottom = from_sampler and type(self.policy).trunk_and_bottom is not (
-            Policy.trunk_and_bottom)
+        sampler_bottom = from_sampler and samples_bottom(self.policy)
         with timer("time_generate"), self._autocast():
             episodes = self.env.sample(self.policy, cfg.batch_size, cfg.temperature,
                                        self.device, self.sample_gen, record=from_sampler,

@@ -132,6 +132,12 @@ class ResponseForward:
     dist: Tensor | None = None  # (B, T, V) log-softmax over the vocabulary, when asked for
 
 
+def samples_bottom(policy: Policy) -> bool:
+    """Whether the policy can return its frozen layers' output from its sampling steps
+    (it implements ``trunk_and_bottom``)."""
+    return type(policy).trunk_and_bottom is not Policy.trunk_and_bottom
+
+
 @torch.no_grad()
 def frozen_split(policy: Policy, reference: Policy | None, device: torch.device | str,
                  enabled: bool = True) -> tuple[int, bool]:
