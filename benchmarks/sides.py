@@ -91,10 +91,10 @@ class PpolmSide:
                       "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 
     def step(self) -> dict[str, float]:
-        from ppolm.trainer import _Timer
+        from ppolm.progress import Timer
 
         tr = self.trainer
-        timer = _Timer()
+        timer = Timer()
         t0 = time.perf_counter()
         episodes, rollout = tr.collect(timer)
         with timer("time_train"):

@@ -37,6 +37,7 @@ from ppolm import (
     ValueHead,
     evaluate,
 )
+from ppolm.averaging import swap_weights
 from ppolm.evaluate import EvalResult, format_pairs, format_table
 from ppolm.kl_budget import fit_kl_budget
 from ppolm.models import chat_prompts, freeze_lower_layers, load_smollm2
@@ -81,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reward each token with the change of the sentiment of the text so far "
                         "(the changes add up to the final score; see docs/maths.md); "
                         "--no-prefix-shaping puts the whole score on the last token")
+    p.add_argument("--average-last", type=int, default=0,
+                   help="end with the mean of the trainable weights over the last N iterations "
+                        "(tail averaging, PPOConfig.average_last; at most --iterations; the "
+                        "last iterate is then evaluated too). 0, the default: the last iterate "
+                        "(see README for what averaging did on this task)")
     p.add_argument("--kl-budget", type=float, default=0.0,
                    help="after PPO, move the weights back toward the reference until the KL on "
                         "--calibration-prompts training prompts is at most this many nats per "
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs,
         learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps, lam=args.lam,
+        average_last=min(args.average_last, args.iterations),
         kl_coef=args.kl_coef,
         kl_mode="loss" if args.kl == "full" else "reward", kl_estimator=args.kl,
         adaptive_kl=True,
@@ -174,6 +181,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_seconds = time.perf_counter() - t0
 
     after = run_eval("after")
+    last = None
+    if trainer.last_iterate is not None:
+        # What the average changed: the last iterate on the same prompts with the same seed.
+        averaged = swap_weights(policy, trainer.last_iterate)
+        last = run_eval("last_iterate")
+        swap_weights(policy, averaged)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
     summary = {
         "command": "python examples/sentiment_smollm2.py " + " ".join(
@@ -182,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for k, v in vars(args).items() if k != "report_only"),
         "before": {k: v for k, v in before.to_dict().items() if k != "samples"},
         "after": {k: v for k, v in after.to_dict().items() if k != "samples"},
+        "last_iterate": ({k: v for k, v in last.to_dict().items() if k != "samples"}
+                         if last is not None else None),
         "train_seconds": train_seconds,
         "ppo_seconds": ppo_seconds,
         "kl_budget": asdict(budget) if budget is not None else None,
@@ -203,11 +218,14 @@ def write_report(out: Path) -> dict[str, Any]:
     summary = json.loads((out / "summary.json").read_text())
     before = EvalResult.load(out / "eval_before.json")
     after = EvalResult.load(out / "eval_after.json")
+    rows = {"before": before, "after": after}
+    if summary.get("last_iterate"):
+        rows["last iterate (not averaged)"] = EvalResult.load(out / "eval_last_iterate.json")
     requests = movie_review_prompts("eval")[: before.n]
     text = (f"# SmolLM2-135M-Instruct, PPO toward positive movie reviews\n\n"
             f"Held-out prompts: {before.n}, temperature 1.0, {before.settings['max_new_tokens']} "
             f"new tokens at most, sampling seed {before.settings['seed']}.\n\n"
-            f"{format_table({'before': before, 'after': after})}\n\n"
+            f"{format_table(rows)}\n\n"
             f"Training: {summary['train_seconds'] / 60:.1f} min, of which PPO "
             f"{summary.get('ppo_seconds', summary['train_seconds']) / 60:.1f} min for "
             f"{len(summary['history'])} iterations "

@@ -35,3 +35,21 @@ def tiny_gpt2(vocab_size: int):
     cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg).eval()
+
+
+def toy_trainer(out, **overrides):
+    """A Trainer of a small TransformerPolicy on the 'continue' toy task, writing to ``out``;
+    ``overrides`` replace PPOConfig fields."""
+    from ppolm import PPOConfig, TextGenerationEnv, Trainer, TransformerPolicy
+    from ppolm.tasks import make_task
+
+    torch.manual_seed(0)
+    task = make_task("continue")
+    tok = char_tokenizer(task.alphabet)
+    policy = TransformerPolicy(len(tok), hidden_size=32)
+    env = TextGenerationEnv(task.prompts, tok, task.reward, max_new_tokens=4, seed=0)
+    settings = dict(iterations=4, batch_size=8, minibatch_size=4, ppo_epochs=2,
+                    learning_rate=1e-3, adaptive_kl=True, lr_schedule="linear", save_every=2,
+                    keep_checkpoints=10, progress=False, output_dir=str(out))
+    return Trainer(policy, env, PPOConfig(**{**settings, **overrides}))
+

@@ -14,24 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppolm import PPOConfig, TextGenerationEnv, Trainer, TransformerPolicy, char_tokenizer
+from conftest import toy_trainer
+from ppolm import Trainer
 from ppolm.checkpoint import latest_checkpoint
 from ppolm.errors import CheckpointError, ConfigError
 from ppolm.metrics import read_metrics
-from ppolm.tasks import make_task
 
 
 def build(out: Path, iterations: int = 4, save_every: int = 2) -> Trainer:
-    torch.manual_seed(0)
-    task = make_task("continue")
-    tok = char_tokenizer(task.alphabet)
-    policy = TransformerPolicy(len(tok), hidden_size=32)
-    env = TextGenerationEnv(task.prompts, tok, task.reward, max_new_tokens=4, seed=0)
-    cfg = PPOConfig(iterations=iterations, batch_size=8, minibatch_size=4, ppo_epochs=2,
-                    learning_rate=1e-3, adaptive_kl=True, lr_schedule="linear",
-                    save_every=save_every, keep_checkpoints=10, progress=False,
-                    output_dir=str(out))
-    return Trainer(policy, env, cfg)
+    return toy_trainer(out, iterations=iterations, save_every=save_every)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

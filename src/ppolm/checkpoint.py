@@ -1,10 +1,10 @@
 """Checkpoints: everything a run needs to continue exactly, written atomically.
 
 A checkpoint is a folder ``iter-NNNNNNN`` holding the policy, the value head, the trainer state
-(optimizer, scheduler, KL controller, every random generator, the iteration counter and the
-position in the prompt order) and the config. It is written into a temporary folder beside it,
-fsynced, marked complete, then renamed into place: a crash mid-save leaves no folder that
-looks complete.
+(optimizer, scheduler, KL controller, every random generator, the iteration counter, the
+position in the prompt order and the running weight average) and the config. It is written
+into a temporary folder beside it, fsynced, marked complete, then renamed into place: a crash
+mid-save leaves no folder that looks complete.
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ def load_checkpoint(trainer: Trainer, path: str | Path | None = None) -> Path:
         trainer.kl_ctl.load_state_dict(state["kl"])
         trainer.env.load_state_dict(state["env"])
         trainer.iteration, trainer.bad_updates = state["iteration"], state["bad_updates"]
+        # (checkpoints from before tail averaging have no "average": an empty one)
+        trainer.average.load_state_dict(state.get("average", {"count": 0, "mean": {}}),
+                                        trainer.device)
         _set_rng(trainer, state["rng"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"Checkpoint {str(path)!r} does not fit this run: {e}") from None
@@ -115,6 +118,7 @@ def _trainer_state(trainer: Trainer) -> dict[str, Any]:
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "kl": trainer.kl_ctl.state_dict(), "env": trainer.env.state_dict(),
+        "average": trainer.average.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

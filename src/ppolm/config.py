@@ -54,6 +54,11 @@ class PPOConfig:
     runs over the remaining steps; a run shorter than the warm-up never reaches the full rate.
     Adam's first steps move every weight by about the full learning rate whatever the
     gradient's size; a warm-up keeps them small."""
+    average_last: int = 0
+    """End training with the uniform mean of the policy's trainable weights after each of the
+    last N iterations instead of the last iterate (tail averaging, see ppolm.averaging): the
+    noise of the last minibatches averages out, and with it KL that bought no reward.
+    0 (default): the last iterate. At most ``iterations``."""
     adam_eps: float = 1e-5
     """Adam epsilon (1e-5 as in CleanRL and OpenAI baselines)."""
     weight_decay: float = 0.0
@@ -192,6 +197,9 @@ class PPOConfig:
             raise ConfigError(f"kl_target={self.kl_target} must be > 0.")
         if self.save_every < 0:
             raise ConfigError(f"save_every={self.save_every} must be >= 0.")
+        if not 0 <= self.average_last <= self.iterations:
+            raise ConfigError(f"average_last={self.average_last} must be between 0 (off) and "
+                              f"iterations={self.iterations}.")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'.")
         self.num_minibatches = self.batch_size // self.minibatch_size
