@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the exact KL over the vocabulary at every response token, in the loss "
                         "(try --kl-coef 0.2: the loss works in whitened-advantage units)")
     p.add_argument("--kl-coef", type=float, default=0.1, help="initial KL coefficient")
+    p.add_argument("--adaptive-kl", action=argparse.BooleanOptionalAction, default=True,
+                   help="adapt the KL coefficient toward --kl-target; --no-adaptive-kl keeps it "
+                        "at --kl-coef")
     p.add_argument("--kl-target", type=float, default=5.0,
                    help="target KL (nats per response) of the adaptive KL controller")
     p.add_argument("--kl-horizon", type=int, default=80,
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         average_last=min(args.average_last, args.iterations),
         kl_coef=args.kl_coef,
         kl_mode="loss" if args.kl == "full" else "reward", kl_estimator=args.kl,
-        adaptive_kl=True,
+        adaptive_kl=args.adaptive_kl,
         kl_target=args.kl_target, kl_horizon=args.kl_horizon, temperature=1.0,
         seed=args.seed, device="cpu", output_dir=args.run_dir, keep_checkpoints=1,
         overwrite=True)
