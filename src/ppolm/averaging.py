@@ -1,12 +1,13 @@
 """Tail averaging: end training with the mean of the policy's weights over its last iterations.
 
-PPO's last iterate carries the noise of its last few minibatches. On a language model that
-noise costs KL to the reference without buying reward: each noisy step moves the policy away
-from the reference in a direction the reward does not care about. The uniform mean of the
-weights after each of the last N iterations keeps the direction the updates agree on and
-averages much of the noise out (stochastic weight averaging, Izmailov et al. 2018; weight
-averaging along an RLHF run, Ramé et al. 2024, "WARP"). Only trainable parameters are averaged;
-frozen ones are the same in every iterate.
+PPO's last iterate carries the noise of its last few minibatches, and on a language model that
+noise can cost KL to the reference without buying reward. When the late iterates scatter around
+a fixed point, the uniform mean of the weights after each of the last N iterations keeps the
+direction the updates agree on and averages much of the noise out (stochastic weight averaging,
+Izmailov et al. 2018; weight averaging along an RLHF run, Ramé et al. 2024, "WARP"); when they
+drift (an adaptive KL coefficient swinging the policy), the mean lags. docs/maths.md, "Tail
+averaging", has the argument and what it did on the SmolLM2 task (no gain shown). Only trainable
+parameters are averaged; frozen ones are the same in every iterate.
 """
 
 from __future__ import annotations

@@ -56,9 +56,9 @@ class PPOConfig:
     gradient's size; a warm-up keeps them small."""
     average_last: int = 0
     """End training with the uniform mean of the policy's trainable weights after each of the
-    last N iterations instead of the last iterate (tail averaging, see ppolm.averaging): the
-    noise of the last minibatches averages out, and with it KL that bought no reward.
-    0 (default): the last iterate. At most ``iterations``."""
+    last N iterations instead of the last iterate (tail averaging, see ppolm.averaging): when
+    the late iterates scatter around a fixed point, their noise, and the KL it costs, averages
+    out. 0 (default): the last iterate. At most ``iterations``."""
     adam_eps: float = 1e-5
     """Adam epsilon (1e-5 as in CleanRL and OpenAI baselines)."""
     weight_decay: float = 0.0
