@@ -58,7 +58,7 @@ class TailAverage:
             if name not in self.mean:
                 self.mean[name] = w.clone()
             else:
-                self.mean[name].add_(w - self.mean[name], alpha=1.0 / self.count)
+                self.mean[name].lerp_(w, 1.0 / self.count)      # m + (w - m) / k, no temporary
 
     def swap_in(self, module: nn.Module) -> dict[str, Tensor]:
         """Give ``module`` the mean; returns the weights it had (the last iterate)."""
