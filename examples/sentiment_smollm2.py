@@ -13,8 +13,8 @@ Run (the results in README.md; about 30 minutes on a 2-core CPU):
     python examples/sentiment_smollm2.py --out docs/results
 
 A 2-minute smoke run:
-    python examples/sentiment_smollm2.py --iterations 2 --batch-size 4 --eval-prompts 4 \
-        --out runs/smoke
+    python examples/sentiment_smollm2.py --iterations 2 --batch-size 4 --minibatch-size 4 \
+        --eval-prompts 4 --calibration-prompts 4 --out runs/smoke
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ppolm import (
     ValueHead,
     evaluate,
 )
-from ppolm.averaging import swap_weights
+from ppolm.averaging import swap_weights, trainable_weights
 from ppolm.evaluate import EvalResult, format_pairs, format_table
 from ppolm.kl_budget import fit_kl_budget
 from ppolm.models import chat_prompts, freeze_lower_layers, load_smollm2
@@ -90,15 +90,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(tail averaging, PPOConfig.average_last; at most --iterations; the "
                         "last iterate is then evaluated too). 0, the default: the last iterate "
                         "(see README for what averaging did on this task)")
-    p.add_argument("--kl-budget", type=float, default=0.0,
-                   help="after PPO, move the weights back toward the reference until the KL on "
-                        "--calibration-prompts training prompts is at most this many nats per "
-                        "response (ppolm.kl_budget; 0, the default: keep the policy as trained; "
-                        "see README for what it did on this task)")
-    p.add_argument("--calibration-prompts", type=int, default=64,
+    p.add_argument("--kl-budget", type=float, default=5.8,
+                   help="after PPO, move the weights along the line from the reference's "
+                        "until the KL on --calibration-prompts training prompts lies in "
+                        "[budget - tolerance, budget] nats per response (ppolm.kl_budget; "
+                        "0: keep the policy as trained)")
+    p.add_argument("--kl-tolerance", type=float, default=0.6,
+                   help="width of the band under --kl-budget (0: only 'at most the budget')")
+    p.add_argument("--max-alpha", type=float, default=1.5,
+                   help="how far past the trained weights the KL budget may extrapolate when "
+                        "the KL is under the band (1: only move back toward the reference)")
+    p.add_argument("--calibration-prompts", type=int, default=128,
                    help="training prompts (the last N of the train split) the KL budget is "
                         "measured on")
+    p.add_argument("--calibration-samples", type=int, default=2,
+                   help="responses per calibration prompt")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts to evaluate")
+    p.add_argument("--eval-samples", type=int, default=4,
+                   help="responses per held-out prompt (the first of each is what one sample "
+                        "per prompt draws; more halve the noise of the figures by sqrt 4)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (use 1 on a machine shared with other work)")
     p.add_argument("--seed", type=int, default=0)
@@ -111,6 +121,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.kl_budget < 0:
         p.error(f"--kl-budget {args.kl_budget}: give a positive number of nats, or 0 for none")
+    if args.kl_budget > 0 and not 0 <= args.kl_tolerance < args.kl_budget:
+        p.error(f"--kl-tolerance {args.kl_tolerance}: between 0 and --kl-budget")
+    if args.max_alpha < 1 or (args.max_alpha > 1 and args.kl_budget > 0
+                              and not args.kl_tolerance):
+        p.error(f"--max-alpha {args.max_alpha}: at least 1, and above 1 only with a "
+                "--kl-tolerance > 0 (the band says when the KL is too far under the budget)")
+    for name in ("eval_samples", "calibration_samples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
     if args.kl_budget > 0 and not 0 < args.calibration_prompts <= len(
             movie_review_prompts("train")):
         p.error(f"--calibration-prompts {args.calibration_prompts}: between 1 and the "
@@ -138,9 +157,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def run_eval(name: str) -> EvalResult:
         result = evaluate(policy, tokenizer, eval_prompts, reward, reference=reference,
                           max_new_tokens=args.max_new_tokens, temperature=1.0, seed=1234,
-                          add_special_tokens=False, out=out / f"eval_{name}.json")
-        print(f"{name}: reward {result.reward_mean:.3f}, positive {result.positive_share:.1%}, "
-              f"KL {result.kl:.2f}, distinct-2 {result.distinct_2:.3f} ({result.seconds:.0f} s)")
+                          add_special_tokens=False, samples_per_prompt=args.eval_samples,
+                          out=out / f"eval_{name}.json")
+        print(f"{name}: reward {result.reward_mean:.3f} ± {result.reward_se:.3f}, positive "
+              f"{result.positive_share:.1%}, KL {result.kl:.2f} ± {result.kl_se:.2f}, "
+              f"distinct-2 {result.distinct_2:.3f} ({result.n} responses, "
+              f"{result.seconds:.0f} s)")
         return result
 
     before = run_eval("before")
@@ -169,21 +191,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ppo_seconds = time.perf_counter() - t0
 
     # The KL budget: the adaptive coefficient holds the run's average KL near its target, but
-    # the last policy can sit anywhere in the swing; shrink its change toward the reference
-    # until the KL measured on training prompts fits (never on the held-out prompts).
+    # the last policy can sit anywhere in the swing; move it along the line from the
+    # reference's weights (back, or a little past the trained weights) until the KL measured
+    # on training prompts lies in the band (never measured on the held-out prompts).
     budget = None
+    trained = ({n: w.detach().clone() for n, w in trainable_weights(policy).items()}
+               if args.kl_budget > 0 else None)
     if args.kl_budget > 0:
         calibration = train_prompts[-args.calibration_prompts:]
         budget = fit_kl_budget(policy, reference, tokenizer, calibration, reward,
-                               args.kl_budget, max_new_tokens=args.max_new_tokens,
-                               temperature=1.0, seed=4321, add_special_tokens=False)
+                               args.kl_budget, tolerance=args.kl_tolerance,
+                               max_alpha=args.max_alpha, max_new_tokens=args.max_new_tokens,
+                               temperature=1.0, seed=4321, add_special_tokens=False,
+                               samples_per_prompt=args.calibration_samples)
         for t in budget.tries:
-            print(f"KL budget {args.kl_budget}: alpha {t['alpha']:.3f} -> KL {t['kl']:.2f}, "
-                  f"reward {t['reward_mean']:.3f} on {len(calibration)} training prompts")
+            print(f"KL budget {args.kl_budget} (band {args.kl_tolerance}): alpha "
+                  f"{t['alpha']:.3f} -> KL {t['kl']:.2f}, reward {t['reward_mean']:.3f} on "
+                  f"{len(calibration)} training prompts x {args.calibration_samples}")
         policy.save(Path(args.run_dir) / "final_policy")
     train_seconds = time.perf_counter() - t0
 
     after = run_eval("after")
+    as_trained = None
+    if trained is not None and budget is not None and budget.alpha != 1.0:
+        # What the KL budget changed: the policy as trained, same prompts, same seed.
+        fitted = swap_weights(policy, trained)
+        as_trained = run_eval("as_trained")
+        swap_weights(policy, fitted)
     last = None
     if trainer.last_iterate is not None:
         # What the average changed: the last iterate on the same prompts with the same seed.
@@ -200,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "after": {k: v for k, v in after.to_dict().items() if k != "samples"},
         "last_iterate": ({k: v for k, v in last.to_dict().items() if k != "samples"}
                          if last is not None else None),
+        "as_trained": ({k: v for k, v in as_trained.to_dict().items() if k != "samples"}
+                       if as_trained is not None else None),
         "train_seconds": train_seconds,
         "ppo_seconds": ppo_seconds,
         "kl_budget": asdict(budget) if budget is not None else None,
@@ -222,11 +258,15 @@ def write_report(out: Path) -> dict[str, Any]:
     before = EvalResult.load(out / "eval_before.json")
     after = EvalResult.load(out / "eval_after.json")
     rows = {"before": before, "after": after}
+    if summary.get("as_trained"):
+        rows["as trained (before the KL budget)"] = EvalResult.load(out / "eval_as_trained.json")
     if summary.get("last_iterate"):
         rows["last iterate (not averaged)"] = EvalResult.load(out / "eval_last_iterate.json")
-    requests = movie_review_prompts("eval")[: before.n]
+    requests = movie_review_prompts("eval")[: before.n // before.samples_per_prompt]
     text = (f"# SmolLM2-135M-Instruct, PPO toward positive movie reviews\n\n"
-            f"Held-out prompts: {before.n}, temperature 1.0, {before.settings['max_new_tokens']} "
+            f"Held-out prompts: {before.n // before.samples_per_prompt} x "
+            f"{before.samples_per_prompt} responses each, temperature 1.0, "
+            f"{before.settings['max_new_tokens']} "
             f"new tokens at most, sampling seed {before.settings['seed']}.\n\n"
             f"{format_table(rows)}\n\n"
             f"Training: {summary['train_seconds'] / 60:.1f} min, of which PPO "
@@ -249,8 +289,10 @@ def budget_text(fit: dict[str, Any] | None) -> str:
         return ""
     tries = "; ".join(f"alpha {t['alpha']:.3f}: KL {t['kl']:.2f}, reward {t['reward_mean']:.3f}"
                       for t in fit["tries"])
-    return (f" and the KL budget of {fit['budget']:g} nats ({fit['seconds']:.0f} s, on training "
-            f"prompts: {tries}; kept alpha {fit['alpha']:.3f})")
+    band = f", band {fit['budget'] - fit['tolerance']:g}-{fit['budget']:g}" if fit.get(
+        "tolerance") else ""
+    return (f" and the KL budget of {fit['budget']:g} nats{band} ({fit['seconds']:.0f} s, on "
+            f"training prompts: {tries}; kept alpha {fit['alpha']:.3f})")
 
 
 def plot(history: list[dict[str, Any]], before: EvalResult, after: EvalResult,

@@ -90,3 +90,26 @@ def test_table_and_pairs(setup):
     assert "| mean reward |" in table and "| KL to reference (nats/response) | 0.00 |" in table
     pairs = format_pairs(a, a, k=2, labels=["first", "second"])
     assert pairs.count("- before") == 2 and "**second**" in pairs
+
+
+def test_samples_per_prompt_repeats_the_prompts_and_keeps_the_one_sample_draws_first(setup):
+    policy, tok, prompts, reward = setup
+    torch.manual_seed(1)
+    other = TransformerPolicy(len(tok), hidden_size=32, n_layers=2, n_heads=4).eval()
+    kw = dict(reference=other, max_new_tokens=6, batch_size=2, seed=5)   # 5 prompts: 2+2+1
+    one = evaluate(policy, tok, prompts, reward, **kw)
+    three = evaluate(policy, tok, prompts, reward, samples_per_prompt=3, **kw)
+    assert three.n == 15 and three.samples_per_prompt == 3
+    assert [s.prompt for s in three.samples] == prompts * 3
+    assert three.samples[:5] == one.samples               # the first pass draws the same
+    assert [s.response for s in three.samples[5:10]] != [s.response for s in one.samples]
+    # the means and their standard errors over all 15 responses
+    r = torch.tensor([s.reward for s in three.samples], dtype=torch.float64)
+    k = torch.tensor([s.kl for s in three.samples], dtype=torch.float64)
+    assert three.reward_mean == pytest.approx(float(r.mean()))
+    assert three.reward_se == pytest.approx(float(r.std()) / math.sqrt(15))
+    assert three.kl == pytest.approx(float(k.mean()))
+    assert three.kl_se == pytest.approx(float(k.std()) / math.sqrt(15))
+    assert "±" in format_table({"after": three})
+    with pytest.raises(DataError, match="samples_per_prompt"):
+        evaluate(policy, tok, prompts, reward, samples_per_prompt=0)

@@ -1,6 +1,7 @@
 """The KL budget: the weight path between reference and trained policy is exact at its ends and
 linear between them, and fit_kl_budget leaves the policy at a measured KL within the budget,
-its second try at alpha = sqrt(budget / KL(1))."""
+its second try at alpha = sqrt(aim / KL(1)); with a band it extrapolates past the trained
+weights when the KL is under it, and shrinks until the KL is inside it."""
 
 from __future__ import annotations
 
@@ -103,3 +104,41 @@ def test_fit_refuses_a_budget_that_is_not_a_positive_number(pair, budget):
     policy, reference, tok = pair
     with pytest.raises(ConfigError, match="budget"):
         fit_kl_budget(policy, reference, tok, PROMPTS, reward(), budget, **KW)
+
+
+def test_fit_extrapolates_past_the_trained_weights_when_under_the_band(pair):
+    policy, reference, tok = pair
+    full = evaluate(policy, tok, PROMPTS, reward(), reference=reference, **KW).kl
+    assert full is not None
+    budget, tolerance = 2.5 * full, full                 # band [1.5, 2.5] x KL(1), aim 2 x KL(1)
+    fit = fit_kl_budget(policy, reference, tok, PROMPTS, reward(), budget, max_tries=4,
+                        max_alpha=3.0, tolerance=tolerance, **KW)
+    assert fit.tries[0]["alpha"] == 1.0 and fit.tries[0]["kl"] == pytest.approx(full)
+    assert fit.tries[1]["alpha"] == pytest.approx(math.sqrt(2.0))        # sqrt(aim / KL(1))
+    assert fit.tries[1]["kl"] > full                      # further from the reference: more KL
+    # the kept try: the highest KL within the budget, and the policy is left there
+    within = [t for t in fit.tries if t["kl"] <= budget]
+    assert fit.kl == max(t["kl"] for t in within) and fit.met and fit.alpha > 1.0
+    again = evaluate(policy, tok, PROMPTS, reward(), reference=reference, **KW)
+    assert again.kl == pytest.approx(fit.kl)
+
+
+def test_fit_with_a_band_keeps_shrinking_until_the_kl_is_inside_it(pair):
+    policy, reference, tok = pair
+    full = evaluate(policy, tok, PROMPTS, reward(), reference=reference, **KW).kl
+    assert full is not None
+    budget, tolerance = full / 2, full / 4               # band [0.25, 0.5] x KL(1)
+    fit = fit_kl_budget(policy, reference, tok, PROMPTS, reward(), budget, max_tries=6,
+                        tolerance=tolerance, **KW)
+    assert fit.met and budget - tolerance <= fit.kl <= budget and fit.alpha < 1.0
+    assert fit.tries[-1]["kl"] == fit.kl                  # it stopped at the first try in the band
+
+
+def test_fit_refuses_extrapolation_without_a_band_and_a_band_wider_than_the_budget(pair):
+    policy, reference, tok = pair
+    with pytest.raises(ConfigError, match="tolerance > 0"):
+        fit_kl_budget(policy, reference, tok, PROMPTS, reward(), 5.0, max_alpha=1.5, **KW)
+    with pytest.raises(ConfigError, match="tolerance"):
+        fit_kl_budget(policy, reference, tok, PROMPTS, reward(), 5.0, tolerance=5.0, **KW)
+    with pytest.raises(ConfigError, match="max_alpha"):
+        fit_kl_budget(policy, reference, tok, PROMPTS, reward(), 5.0, max_alpha=0.5, **KW)

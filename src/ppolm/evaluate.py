@@ -12,6 +12,13 @@ The figures (``EvalResult``):
   trainer logs as ``kl`` (Ziegler et al. 2019 report the same).
 - ``response_length``: mean response tokens (EOS included); ``eos_fraction``: share that ended.
 - ``distinct_2``: distinct word bigrams / all word bigrams over all responses (Li et al. 2016).
+- ``reward_se``, ``kl_se``: standard errors of the two means (std / sqrt(n)), how far a
+  repeat with another sampling seed may land; ``samples_per_prompt`` responses per prompt
+  shrink them by about its square root.
+
+With ``samples_per_prompt = k`` the prompts are sampled k times over, in order (all prompts,
+then all again...), with one generator: the first pass draws exactly the samples of ``k = 1``,
+so a result with more samples contains the one-sample result as its first ``n / k`` samples.
 """
 
 from __future__ import annotations
@@ -54,6 +61,9 @@ class EvalResult:
     distinct_2: float
     n: int
     seconds: float
+    reward_se: float = 0.0
+    kl_se: float | None = None
+    samples_per_prompt: int = 1
     settings: dict[str, Any] = field(default_factory=dict)
     samples: list[EvalSample] = field(default_factory=list)
 
@@ -103,9 +113,11 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
              reference: Policy | None = None, *, max_new_tokens: int = 48,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 32, add_special_tokens: bool = True,
-             positive_threshold: float = 0.05, out: str | Path | None = None) -> EvalResult:
-    """Sample one response per prompt (in order, with a generator seeded by ``seed``), score
-    it, and measure the figures of the module docstring; write them to ``out`` (JSON) if given.
+             positive_threshold: float = 0.05, samples_per_prompt: int = 1,
+             out: str | Path | None = None) -> EvalResult:
+    """Sample ``samples_per_prompt`` responses per prompt (all prompts in order, then again;
+    one generator seeded by ``seed``), score them, and measure the figures of the module
+    docstring; write them to ``out`` (JSON) if given.
 
     The same seed, batch size and prompts give the same samples for the same policy, so a
     before/after comparison sees the same randomness. ``reference`` (e.g. the model before
@@ -113,6 +125,14 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
     """
     if batch_size <= 0:
         raise DataError(f"batch_size={batch_size} must be > 0.")
+    if samples_per_prompt < 1:
+        raise DataError(f"samples_per_prompt={samples_per_prompt} must be >= 1.")
+    n_prompts = len(prompts)
+    prompts = list(prompts) * samples_per_prompt
+    # Batches never straddle two passes, so the first pass samples as with one per prompt.
+    batches = [list(range(k * n_prompts + start, k * n_prompts + min(start + batch_size,
+                                                                      n_prompts)))
+               for k in range(samples_per_prompt) for start in range(0, n_prompts, batch_size)]
     env = TextGenerationEnv(prompts, tokenizer, reward_fn, max_new_tokens=max_new_tokens,
                             top_k=top_k, top_p=top_p, add_special_tokens=add_special_tokens)
     env.check_policy(policy)
@@ -128,8 +148,7 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
     measure = reference is not None and reference is not policy
     depth, shared = frozen_split(policy, reference, device) if measure else (0, False)
     depth = depth if shared and samples_bottom(policy) else 0
-    for start in range(0, len(prompts), batch_size):
-        idx = list(range(start, min(start + batch_size, len(prompts))))
+    for idx in batches:
         ep = env.sample(policy, len(idx), temperature, device, generator, indices=idx,
                         record=measure, depth=depth)
         mask = ep.response_mask.float()                                   # (B, T)
@@ -149,56 +168,68 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
         ended.extend(ep.ended.float().tolist())
     policy.train(was_training)
     scores = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+    n = len(samples)
+    kls = (torch.tensor([s.kl for s in samples], dtype=torch.float64)
+           if reference is not None else None)
     result = EvalResult(
         reward_mean=float(scores.mean()),
         reward_std=float(scores.std()) if len(samples) > 1 else 0.0,
         positive_share=float((scores > positive_threshold).double().mean()),
-        kl=(sum(s.kl for s in samples if s.kl is not None) / len(samples)
-            if reference is not None else None),
+        kl=float(kls.mean()) if kls is not None else None,
         response_length=sum(lengths) / len(lengths),
         eos_fraction=sum(ended) / len(ended),
         distinct_2=distinct_n([s.response for s in samples], 2),
-        n=len(samples), seconds=time.perf_counter() - t0,
+        n=n, seconds=time.perf_counter() - t0,
+        reward_se=float(scores.std()) / n ** 0.5 if n > 1 else 0.0,
+        kl_se=(float(kls.std()) / n ** 0.5 if n > 1 else 0.0) if kls is not None else None,
+        samples_per_prompt=samples_per_prompt,
         settings=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, batch_size=batch_size,
-                      positive_threshold=positive_threshold),
+                      positive_threshold=positive_threshold,
+                      samples_per_prompt=samples_per_prompt),
         samples=samples)
     if out is not None:
         result.save(out)
     return result
 
 
-#: (label, attribute, format) of each row of the comparison table.
+#: (label, attribute, format, standard-error attribute) of each row of the comparison table.
 _ROWS = (
-    ("mean reward", "reward_mean", "{:.3f}"),
-    ("share positive", "positive_share", "{:.1%}"),
-    ("KL to reference (nats/response)", "kl", "{:.2f}"),
-    ("mean response length (tokens)", "response_length", "{:.1f}"),
-    ("responses ending with EOS", "eos_fraction", "{:.1%}"),
-    ("distinct-2", "distinct_2", "{:.3f}"),
+    ("mean reward", "reward_mean", "{:.3f}", "reward_se"),
+    ("share positive", "positive_share", "{:.1%}", None),
+    ("KL to reference (nats/response)", "kl", "{:.2f}", "kl_se"),
+    ("mean response length (tokens)", "response_length", "{:.1f}", None),
+    ("responses ending with EOS", "eos_fraction", "{:.1%}", None),
+    ("distinct-2", "distinct_2", "{:.3f}", None),
 )
 
 
 def format_table(results: dict[str, EvalResult]) -> str:
-    """A Markdown table with one column per named result (e.g. {"before": a, "after": b})."""
+    """A Markdown table with one column per named result (e.g. {"before": a, "after": b});
+    a mean measured over more than one sample per prompt shows its standard error (± se)."""
     names = list(results)
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for label, attr, fmt in _ROWS:
+    for label, attr, fmt, se_attr in _ROWS:
         cells = []
         for name in names:
-            value = getattr(results[name], attr)
-            cells.append("n/a" if value is None else fmt.format(value))
+            res = results[name]
+            value = getattr(res, attr)
+            se = getattr(res, se_attr) if se_attr and res.samples_per_prompt > 1 else None
+            cells.append("n/a" if value is None else fmt.format(value)
+                         + ("" if se is None else " ± " + fmt.format(se)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def format_pairs(before: EvalResult, after: EvalResult, k: int = 5,
                  labels: list[str] | None = None) -> str:
-    """The first ``k`` prompts with their responses before and after, as Markdown.
+    """The first ``k`` prompts with their responses before and after, as Markdown (from the
+    first pass over the prompts when there are several samples per prompt).
 
     ``labels`` replace the prompts in the output (e.g. the user requests without the chat
     template)."""
     out = []
+    k = min(k, before.n // before.samples_per_prompt)
     for i, (b, a) in enumerate(list(zip(before.samples, after.samples, strict=False))[:k]):
         if b.prompt != a.prompt:
             raise DataError("format_pairs needs two evaluations over the same prompts.")

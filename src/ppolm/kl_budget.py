@@ -85,7 +85,8 @@ class WeightPath:
 @dataclass
 class BudgetFit:
     """What ``fit_kl_budget`` did: the alpha it left the policy at, the KL and mean reward
-    measured there, whether that KL fits the budget, and every try (alpha, KL, reward)."""
+    measured there, whether that KL fits the budget, the band and the largest alpha allowed,
+    and every try (alpha, KL, reward)."""
     alpha: float
     kl: float
     reward_mean: float
@@ -93,40 +94,69 @@ class BudgetFit:
     budget: float
     seconds: float
     tries: list[dict[str, float]] = field(default_factory=list)
+    tolerance: float = 0.0
+    max_alpha: float = 1.0
 
 
 def fit_kl_budget(policy: Any, reference: Any, tokenizer: Any, prompts: list[str],
-                  reward_fn: Any, budget: float, *, max_tries: int = 3,
-                  **evaluate_kwargs: Any) -> BudgetFit:
-    """Shrink the trained ``policy`` toward ``reference`` (in place) until its KL to it, measured
-    by ``ppolm.evaluate`` on ``prompts`` (one response each), is at most ``budget`` nats per
-    response. A policy already within the budget is left as trained (one measurement).
+                  reward_fn: Any, budget: float, *, max_tries: int = 3, max_alpha: float = 1.0,
+                  tolerance: float = 0.0, **evaluate_kwargs: Any) -> BudgetFit:
+    """Move the trained ``policy`` along the line from ``reference`` (in place) until its KL to
+    it, measured by ``ppolm.evaluate`` on ``prompts``, lies in the band
+    ``[budget - tolerance, budget]`` nats per response.
 
-    At most ``max_tries`` measurements; if the last is still over the budget, the policy stays
-    at the smallest alpha tried and ``met`` is False. ``evaluate_kwargs`` go to ``evaluate``
-    (``max_new_tokens``, ``temperature``, ``seed``, ``add_special_tokens``...): use the settings
-    the result will be reported with.
+    With the defaults (``max_alpha=1``, ``tolerance=0``) only shrinking is allowed and the band is
+    "at most ``budget``": a policy already within the budget is left as trained (one
+    measurement). ``tolerance > 0`` closes the band from below, and ``max_alpha > 1`` (which
+    needs it) allows extrapolating past the trained weights (model extrapolation, Zheng et al.
+    2024) when the KL is under the band. Each next try aims at the band's middle,
+    ``alpha * sqrt(aim / KL(alpha))`` (KL ~ alpha^2), within ``[0, max_alpha]``; a try at
+    ``max_alpha`` with the KL within the budget is accepted too (it cannot go higher).
+
+    At most ``max_tries`` measurements. If none lands in the band, the policy stays at the try
+    with the highest KL within the budget, or at the lowest KL when every try is over it
+    (``met`` False). ``evaluate_kwargs`` go to ``evaluate`` (``max_new_tokens``,
+    ``temperature``, ``seed``, ``samples_per_prompt``...): use the settings the result will be
+    reported with.
     """
     if not budget > 0 or not math.isfinite(budget):
         raise ConfigError(f"budget={budget} must be a positive number of nats per response.")
     if max_tries < 1:
         raise ConfigError(f"max_tries={max_tries} must be >= 1.")
+    if not (math.isfinite(max_alpha) and max_alpha >= 1.0):
+        raise ConfigError(f"max_alpha={max_alpha} must be a finite number >= 1 (1: only "
+                          "shrink toward the reference).")
+    if not 0 <= tolerance < budget:
+        raise ConfigError(f"tolerance={tolerance} must be >= 0 and below the budget {budget}.")
+    if max_alpha > 1 and not tolerance:
+        raise ConfigError(f"max_alpha={max_alpha} > 1 needs a tolerance > 0: the band "
+                          "[budget - tolerance, budget] says how far under the budget is too "
+                          "far, and so when to extrapolate.")
     if not prompts:
         raise ConfigError("fit_kl_budget needs at least one calibration prompt.")
     path = WeightPath(policy, reference)
     t0 = time.perf_counter()
     tries: list[dict[str, float]] = []
+    aim = budget - tolerance / 2
     alpha = 1.0
-    for i in range(max_tries):
+    for _ in range(max_tries):
         path.set(alpha)
         res = evaluate(policy, tokenizer, prompts, reward_fn, reference=reference,
                        **evaluate_kwargs)
         assert res.kl is not None
         tries.append({"alpha": alpha, "kl": res.kl, "reward_mean": res.reward_mean})
-        if res.kl <= budget or i == max_tries - 1:
+        if res.kl <= budget and (not tolerance or res.kl >= budget - tolerance
+                                 or alpha >= max_alpha):
             break
-        alpha *= math.sqrt(budget / res.kl)       # KL ~ alpha^2 near the reference
-    last = tries[-1]
-    return BudgetFit(alpha=last["alpha"], kl=last["kl"], reward_mean=last["reward_mean"],
-                     met=last["kl"] <= budget, budget=budget,
-                     seconds=time.perf_counter() - t0, tries=tries)
+        # KL ~ alpha^2 near the reference; a KL <= 0 (noise at alpha ~ 0) says: go up.
+        step = math.sqrt(aim / res.kl) if res.kl > 0 else 2.0
+        alpha = min(alpha * step, max_alpha)
+    within = [t for t in tries if t["kl"] <= budget]
+    best = (max(within, key=lambda t: t["kl"]) if within
+            else min(tries, key=lambda t: t["kl"]))
+    if best["alpha"] != path.alpha:
+        path.set(best["alpha"])
+    return BudgetFit(alpha=best["alpha"], kl=best["kl"], reward_mean=best["reward_mean"],
+                     met=best["kl"] <= budget, budget=budget,
+                     seconds=time.perf_counter() - t0, tries=tries, tolerance=tolerance,
+                     max_alpha=max_alpha)
