@@ -46,12 +46,12 @@ from ppolm.tasks import movie_review_prompts
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=48, help="PPO iterations")
+    p.add_argument("--iterations", type=int, default=72, help="PPO iterations")
     p.add_argument("--batch-size", type=int, default=32, help="episodes per iteration")
     p.add_argument("--minibatch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=1,
                    help="passes over each batch (1: every optimizer step on fresh episodes)")
-    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--learning-rate", type=float, default=6.7e-5)
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="linear",
                    help="learning-rate schedule over the run (linear: decays to 0)")
     p.add_argument("--warmup-steps", type=int, default=16,
@@ -85,11 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reward each token with the change of the sentiment of the text so far "
                         "(the changes add up to the final score; see docs/maths.md); "
                         "--no-prefix-shaping puts the whole score on the last token")
-    p.add_argument("--average-last", type=int, default=0,
+    p.add_argument("--average-last", type=int, default=24,
                    help="end with the mean of the trainable weights over the last N iterations "
                         "(tail averaging, PPOConfig.average_last; at most --iterations; the "
-                        "last iterate is then evaluated too). 0, the default: the last iterate "
-                        "(see README for what averaging did on this task)")
+                        "last iterate is then evaluated too; 0: end with the last iterate)")
     p.add_argument("--kl-budget", type=float, default=5.8,
                    help="after PPO, move the weights along the line from the reference's "
                         "until the KL on --calibration-prompts training prompts lies in "

@@ -62,7 +62,7 @@ def test_one_ppo_iteration_from_the_example_config(smol, tmp_path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     spec = RunSpec.load(ROOT / "examples/configs/sentiment_smollm2.yaml", [
-        "iterations=1", "batch_size=4", "minibatch_size=4", "ppo_epochs=1",
+        "iterations=1", "average_last=1", "batch_size=4", "minibatch_size=4", "ppo_epochs=1",
         "env.max_new_tokens=8", "progress=false", "save_every=1000",
         f"output_dir={tmp_path}"])
     trainer = build_run(spec)
