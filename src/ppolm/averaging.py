@@ -6,8 +6,9 @@ a fixed point, the uniform mean of the weights after each of the last N iteratio
 direction the updates agree on and averages much of the noise out (stochastic weight averaging,
 Izmailov et al. 2018; weight averaging along an RLHF run, Ramé et al. 2024, "WARP"); when they
 drift (an adaptive KL coefficient swinging the policy), the mean lags. docs/maths.md, "Tail
-averaging", has the argument and what it did on the SmolLM2 task (no gain shown). Only trainable
-parameters are averaged; frozen ones are the same in every iterate.
+averaging", has the argument and what it did on the SmolLM2 task (part of the example's
+default since runs A0-A2). Only trainable parameters are averaged; frozen ones are the same in
+every iterate.
 """
 
 from __future__ import annotations
