@@ -108,8 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="responses per calibration prompt")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts to evaluate")
     p.add_argument("--eval-samples", type=int, default=4,
-                   help="responses per held-out prompt (the first of each is what one sample "
-                        "per prompt draws; more halve the noise of the figures by sqrt 4)")
+                   help="responses per held-out prompt (the first pass draws what one per "
+                        "prompt would; 4 halve the standard errors of the figures)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (use 1 on a machine shared with other work)")
     p.add_argument("--seed", type=int, default=0)
