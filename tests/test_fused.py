@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ppolm import grad_buffers
+from ppolm.grad_buffers import accumulate_into_grad
 from ppolm.policies import fused
 from ppolm.policies.base import forward_response
 from ppolm.policies.fused import head_logprobs
@@ -86,3 +88,47 @@ def test_forward_response_fused_and_plain_paths_agree(layout):
     g_fused = torch.autograd.grad(fused.logprobs.sum(), policy.lm_head.weight)[0]
     g_plain = torch.autograd.grad(plain.logprobs.sum(), policy.lm_head.weight)[0]
     assert torch.allclose(g_fused, g_plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_gradient_added_into_the_weights_grad(temperature, layout):
+    """Inside accumulate_into_grad the weight's existing .grad receives the head's gradient in
+    place (same storage, old contents kept) and autograd gets none (a hook on the weight sees
+    no gradient); a weight without a .grad, or outside the block, gets its gradient the usual
+    way."""
+    torch.manual_seed(0)
+    R, H, V = 12, 8, 50
+    hidden = torch.randn(R, H)
+    weight = torch.randn(V, H, requires_grad=True)
+    tokens = torch.randint(0, V, (R,))
+    g_up = torch.randn(R)
+    ref_lp, _ = reference(hidden, weight, None, tokens, temperature)
+    (want,) = torch.autograd.grad((ref_lp * g_up).sum(), [weight])
+
+    def backward() -> bool:
+        """Whether autograd handed the weight a gradient."""
+        hooked: list[bool] = []
+        handle = weight.register_hook(lambda g: hooked.append(g is not None))
+        lp, _ = head_logprobs(hidden, weight, None, tokens, temperature)
+        (lp * g_up).sum().backward()
+        handle.remove()
+        return any(hooked)
+
+    before = torch.randn(V, H)
+    weight.grad = before.clone()
+    ptr = weight.grad.data_ptr()
+    with accumulate_into_grad([weight]):
+        hooked = backward()
+    assert not hooked and weight.grad.data_ptr() == ptr
+    torch.testing.assert_close(weight.grad, before + want, rtol=1e-5, atol=1e-6)
+    assert not grad_buffers._INTO_GRAD                # the registration ends with the block
+
+    weight.grad = None                                # no buffer yet: the usual return
+    with accumulate_into_grad([weight]):
+        hooked = backward()
+    assert hooked
+    torch.testing.assert_close(weight.grad, want, rtol=1e-5, atol=1e-6)
+
+    weight.grad = before.clone()                      # outside the block: autograd adds it
+    assert backward()
+    torch.testing.assert_close(weight.grad, before + want, rtol=1e-5, atol=1e-6)

@@ -22,6 +22,11 @@ vectors about twice as fast this way round (on the 2-core benchmark machine, 48 
 for R=128, H=256), and the backward products keep the layout. With the tiny benchmark's shapes
 one forward and backward of the head took 173 ms against 220 ms row-major, and a forward
 without gradient 80 against 140 ms (docs/benchmarks.md). On CUDA the row-major layout is kept.
+
+Inside ``ppolm.grad_buffers.accumulate_into_grad`` (the Trainer's update), the backward pass
+adds the head's weight gradient in place into the weight's existing ``.grad``, a persistent
+buffer, instead of returning a fresh (V, H) tensor (113 MB for SmolLM2) for autograd to add
+there (see ``ppolm.grad_buffers``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ppolm.grad_buffers import grad_buffer
 
 
 def head_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
@@ -210,7 +217,11 @@ class _HeadLogprobs(torch.autograd.Function):
             if not ctx.has_bias and ctx.inv_temp != 1.0:
                 grad_hidden.mul_(ctx.inv_temp)
         if ctx.needs_input_grad[1]:
-            grad_weight = grad_z.t() @ x
+            into = grad_buffer(weight, grad_z) if x.dtype == grad_z.dtype else None
+            if into is not None:
+                into.addmm_(grad_z.t(), x)                # += grad_z^T x, no fresh (V, H)
+            else:
+                grad_weight = grad_z.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_z.sum(0)
         return grad_hidden, grad_weight, grad_bias, None, None

@@ -1,0 +1,156 @@
+"""Persistent gradient buffers: the update's backward passes add into gradients that are
+already there, instead of making fresh ones each minibatch.
+
+PyTorch's default is a fresh tensor for every weight's gradient in every minibatch (the
+optimizer's ``zero_grad`` drops the old ones). On a CPU each fresh tensor of a megabyte or more
+comes from the kernel page by page, page-faulted in and zeroed on first touch: a tiny-size update
+of the benchmark took about 450,000 page faults, and a weight-gradient product writing into
+fresh memory ran at half the speed of the same product into memory already mapped (142 against
+326 GFLOP/s, docs/benchmarks.md). Here, inside ``GradBuffers.active()`` (the Trainer's update):
+
+* every trained weight keeps its dense gradient from the first minibatch as a persistent
+  buffer, zeroed (not reallocated) before each minibatch;
+* on CPU every trained ``nn.Linear`` computes its weight gradient as ``grad += g^T x`` straight
+  into that buffer (``_LinearIntoGrad``; the same maths as ``nn.Linear``'s backward);
+* the LM head does the same (``ppolm.policies.fused``);
+* token-table lookups give sparse gradients (the looked-up rows), which autograd adds in place
+  into the buffer; for a table tied to the head that avoids autograd adding a dense and a sparse
+  gradient out of place (one more fresh full-table tensor and a copy).
+
+The optimizer sees the same dense gradients (tested against the default backward). The in-place
+part bypasses autograd for those weights: a hook registered on such a weight sees no gradient.
+The modules are restored on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# The weights whose gradient is added into their ``.grad`` in place while registered.
+_INTO_GRAD: list[Tensor] = []
+
+
+@contextlib.contextmanager
+def accumulate_into_grad(weights: Iterable[Tensor]) -> Iterator[None]:
+    """While the block runs, a backward pass through the fused head or a patched linear adds
+    the gradient of any of ``weights`` that has a dense ``.grad`` of matching dtype in place
+    into it (and gives autograd none); weights without one get theirs the usual way."""
+    added = list(weights)
+    _INTO_GRAD.extend(added)
+    try:
+        yield
+    finally:
+        for w in added:
+            for i, v in enumerate(_INTO_GRAD):
+                if v is w:
+                    del _INTO_GRAD[i]
+                    break
+
+
+def grad_buffer(weight: Tensor, like: Tensor) -> Tensor | None:
+    """The ``.grad`` of ``weight`` to add a product of ``like``'s dtype into, or None (then the
+    gradient is returned to autograd as usual)."""
+    if not _INTO_GRAD or not any(weight is w for w in _INTO_GRAD):
+        return None
+    g = weight.grad
+    if (g is None or g.layout != torch.strided or g.shape != weight.shape
+            or g.dtype != like.dtype or not g.is_contiguous()):
+        return None
+    return g
+
+
+class _LinearIntoGrad(torch.autograd.Function):
+    """``F.linear(x, W, b)`` whose backward adds ``g^T x`` into ``W.grad`` when it is a
+    registered buffer. Shapes: x (..., I), W (O, I), b (O,) or None -> (..., O)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+        x, weight = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])                    # (N, O)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).view(*grad_out.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])                              # (N, I)
+            into = grad_buffer(weight, g) if x2.dtype == g.dtype else None
+            if into is not None:
+                into.addmm_(g.t(), x2)
+            else:
+                grad_w = g.t() @ x2
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _linear_into_grad(self: nn.Linear, x: Tensor) -> Tensor:
+    if torch.is_autocast_enabled(x.device.type):                        # casts: the usual path
+        return nn.functional.linear(x, self.weight, self.bias)
+    out: Tensor = _LinearIntoGrad.apply(x, self.weight, self.bias)
+    return out
+
+
+class GradBuffers:
+    """The trained ``nn.Embedding`` tables and CPU ``nn.Linear`` layers of ``modules``, the LM
+    head weights ``heads``, and a persistent dense gradient buffer for each of their weights."""
+
+    def __init__(self, *modules: nn.Module, heads: Iterable[Tensor] = ()) -> None:
+        found = {id(m): m for root in modules for m in root.modules()
+                 if isinstance(m, nn.Embedding) and m.weight.requires_grad and not m.sparse
+                 and m.max_norm is None}      # (max_norm renormalises rows in place: left alone)
+        self.embeddings = list(found.values())
+        linears = {id(m): m for root in modules for m in root.modules()
+                   if type(m) is nn.Linear and m.weight.requires_grad
+                   and m.weight.device.type == "cpu"}
+        self.linears = list(linears.values())
+        weights = ([m.weight for m in self.embeddings] + [h for h in heads if h.requires_grad]
+                   + [m.weight for m in self.linears])
+        self.weights = list({id(w): w for w in weights}.values())     # a tied table once
+        self._buffers: dict[Tensor, Tensor] = {}      # weight -> its dense gradient
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Sparse lookups, linears and the head adding into the buffers while the block runs;
+        the modules restored after."""
+        for emb in self.embeddings:
+            emb.sparse = True
+        patched = [lin for lin in self.linears if "forward" not in lin.__dict__]
+        for lin in patched:
+            lin.forward = types.MethodType(_linear_into_grad, lin)      # type: ignore[method-assign]
+        try:
+            with accumulate_into_grad(self.weights):
+                yield
+        finally:
+            for emb in self.embeddings:
+                emb.sparse = False
+            for lin in patched:
+                del lin.forward
+
+    def zero_grad(self) -> None:
+        """After the optimizer's ``zero_grad``: give each weight that has one its buffer,
+        zeroed."""
+        for w, buf in self._buffers.items():
+            w.grad = buf.zero_()
+
+    def densify(self) -> None:
+        """After the backward passes: a gradient that came out sparse is made dense (as
+        optimizers and clipping expect), and every weight keeps its dense gradient as its buffer
+        for the next minibatch."""
+        for w in self.weights:
+            g = w.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                g = w.grad = g.to_dense()
+            self._buffers[w] = g

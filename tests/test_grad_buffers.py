@@ -1,0 +1,122 @@
+"""Persistent gradient buffers: the optimizer gets exactly the dense gradients of the default
+backward, for tied tables (the head's gradient and the rows added into one buffer), untied ones,
+linear layers and a separate critic; the buffers are reused, and the modules restored after the
+update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from ppolm import (
+    HFPolicy,
+    PPOConfig,
+    TextGenerationEnv,
+    Trainer,
+    TransformerPolicy,
+    ValueHead,
+    char_tokenizer,
+)
+from ppolm.grad_buffers import GradBuffers
+from ppolm.tasks import make_task
+
+
+def build(kind: str, tmp_path) -> Trainer:
+    task = make_task("continue")
+    tok = char_tokenizer(task.alphabet)
+    if kind == "transformer":        # tied token table, untied position table, shared value head
+        policy, value = TransformerPolicy(len(tok), hidden_size=32), None
+    else:                            # HF Llama, untied tables, and a separate critic
+        policy = HFPolicy(tiny_llama(len(tok)))
+        value = ValueHead.separate(policy)
+    env = TextGenerationEnv(task.prompts, tok, task.reward, max_new_tokens=4, seed=0)
+    cfg = PPOConfig(iterations=2, batch_size=8, minibatch_size=4, micro_batch_size=2,
+                    ppo_epochs=1, progress=False, output_dir=str(tmp_path))
+    return Trainer(policy, env, cfg, value_head=value)
+
+
+def grads(trainer: Trainer) -> list[torch.Tensor | None]:
+    """Copies of the gradients (None for a parameter the loss does not reach, such as the
+    separate critic's unused LM head); every gradient must be dense."""
+    assert all(p.grad is None or p.grad.layout == torch.strided for p in trainer.params)
+    return [None if p.grad is None else p.grad.clone() for p in trainer.params]
+
+
+@pytest.mark.parametrize("kind", ["transformer", "hf"])
+def test_buffers_give_the_dense_gradient(kind, tmp_path):
+    trainer = build(kind, tmp_path)
+    assert trainer.grad_buffers.embeddings        # there are trained tables to make sparse
+    if kind == "hf":
+        assert trainer.grad_buffers.linears       # and linear layers (trunk and critic)
+    _, rollout = trainer.collect()
+    rollout = trainer.compute_advantages(rollout)
+    halves = [rollout.select(torch.arange(0, 4)), rollout.select(torch.arange(4, 8))]
+    dense = []
+    for mb in halves:
+        trainer.accumulate_gradients(mb)     # outside active(): the default dense backward
+        dense.append(grads(trainer))
+    buffers = []
+    with trainer.grad_buffers.active():
+        # The first minibatch finds which tables need a buffer; the second uses them.
+        for mb, want in zip(halves, dense, strict=True):
+            trainer.accumulate_gradients(mb)
+            for got, w in zip(grads(trainer), want, strict=True):
+                assert (got is None) == (w is None)
+                if got is not None:
+                    torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-7)
+            buffers.append({m: b.data_ptr() for m, b in trainer.grad_buffers._buffers.items()})
+    # Every table, linear and head that the loss reaches got a buffer, reused (not
+    # reallocated) by the second minibatch.
+    assert buffers[0] == buffers[1]
+    assert set(buffers[0]) == {w for w in trainer.grad_buffers.weights if w.grad is not None}
+    head = trainer.policy.head_params()
+    assert head is not None and head[0] in buffers[0]
+    if kind == "transformer":                # tied token table (the head's weight) and positions
+        assert trainer.policy.tok_emb.weight is head[0]
+        assert trainer.policy.pos_emb.weight in buffers[0]
+
+
+def test_modules_restored_after_update(tmp_path):
+    trainer = build("hf", tmp_path)
+    trainer.train()
+    assert all(not m.sparse for m in trainer.grad_buffers.embeddings)
+    assert all("forward" not in m.__dict__ for m in trainer.grad_buffers.linears)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("frozen_input", [False, True])
+def test_linear_adds_its_weight_gradient_into_the_buffer(bias, frozen_input):
+    """A patched nn.Linear gives the same output and gradients as nn.Linear; with a buffer its
+    weight gradient lands in place in the buffer (old contents kept), without one it is returned
+    as usual."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5, bias=bias)
+    x = torch.randn(2, 3, 6, requires_grad=not frozen_input)
+    g = torch.randn(2, 3, 5)
+    out = lin(x)
+    want = torch.autograd.grad(out, [lin.weight] + ([x] if not frozen_input else []), g)
+    want_b = g.sum((0, 1)) if bias else None
+    buffers = GradBuffers(lin)
+    assert buffers.linears == [lin]
+    for with_buffer in (False, True):
+        before = torch.randn(5, 6)
+        lin.weight.grad = before.clone() if with_buffer else None
+        if bias:
+            lin.bias.grad = None
+        ptr = lin.weight.grad.data_ptr() if with_buffer else None
+        if not frozen_input:
+            x.grad = None
+        with buffers.active():
+            got = lin(x)
+            got.backward(g)
+        torch.testing.assert_close(got, out)
+        base = before if with_buffer else 0
+        torch.testing.assert_close(lin.weight.grad, base + want[0], rtol=1e-6, atol=1e-6)
+        if with_buffer:
+            assert lin.weight.grad.data_ptr() == ptr
+        if not frozen_input:
+            torch.testing.assert_close(x.grad, want[1])
+        if bias:
+            torch.testing.assert_close(lin.bias.grad, want_b)
+    assert "forward" not in lin.__dict__
