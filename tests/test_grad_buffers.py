@@ -82,6 +82,8 @@ def test_modules_restored_after_update(tmp_path):
     trainer.train()
     assert all(not m.sparse for m in trainer.grad_buffers.embeddings)
     assert all("forward" not in m.__dict__ for m in trainer.grad_buffers.linears)
+    # no gradient is held between updates
+    assert not trainer.grad_buffers._buffers and all(p.grad is None for p in trainer.params)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -8,8 +8,9 @@ of the benchmark took about 450,000 page faults, and a weight-gradient product w
 fresh memory ran at half the speed of the same product into memory already mapped (142 against
 326 GFLOP/s, docs/benchmarks.md). Here, inside ``GradBuffers.active()`` (the Trainer's update):
 
-* every trained weight keeps its dense gradient from the first minibatch as a persistent
-  buffer, zeroed (not reallocated) before each minibatch;
+* every trained weight keeps its dense gradient from the first minibatch of an update as a
+  buffer, zeroed (not reallocated) before each later minibatch, and released after the update
+  (the rollout gets the memory back);
 * on CPU every trained ``nn.Linear`` computes its weight gradient as ``grad += g^T x`` straight
   into that buffer (``_LinearIntoGrad``; the same maths as ``nn.Linear``'s backward);
 * the LM head does the same (``ppolm.policies.fused``);
@@ -142,6 +143,12 @@ class GradBuffers:
         zeroed."""
         for w, buf in self._buffers.items():
             w.grad = buf.zero_()
+
+    def release(self) -> None:
+        """Drop the buffers (and the gradients they hold); the next minibatch finds them anew."""
+        for w in self._buffers:
+            w.grad = None
+        self._buffers.clear()
 
     def densify(self) -> None:
         """After the backward passes: a gradient that came out sparse is made dense (as

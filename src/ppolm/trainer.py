@@ -223,6 +223,9 @@ class Trainer:
                 epochs_done += 1
                 if cfg.target_approx_kl is not None and np.mean(epoch_kl) > cfg.target_approx_kl:
                     break
+        # No gradients are held between updates: the rollout gets their memory.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_buffers.release()
         # The mean over the applied steps (a skipped step's statistics are NaN); NaN if none.
         out = {k: float(np.nanmean(v)) if not np.isnan(v).all() else math.nan
                for k, v in stats.items() if k != "skipped"}
