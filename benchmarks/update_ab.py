@@ -62,7 +62,7 @@ def main() -> None:
               f"(min {min(t):.3f}, all {' '.join(f'{x:.2f}' for x in t)}), "
               f"page faults median {statistics.median(faults[name]):.0f}")
     ratio = statistics.median(times["default"]) / statistics.median(times["buffers"])
-    print(f"weights with buffers: {len(tr.grad_buffers.weights)}; default / buffers median: "
+    print(f"weights with buffers: {len(variants['buffers'].weights)}; default / buffers median: "
           f"{ratio:.3f}")
 
 
