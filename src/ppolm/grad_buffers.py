@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# The weights whose gradient is added into their ``.grad`` in place while registered.
-_INTO_GRAD: list[Tensor] = []
+# The weights whose gradient is added into their ``.grad`` in place while registered:
+# id -> (the weight, how many open blocks registered it).
+_INTO_GRAD: dict[int, tuple[Tensor, int]] = {}
 
 
 @contextlib.contextmanager
@@ -42,22 +43,25 @@ def accumulate_into_grad(weights: Iterable[Tensor]) -> Iterator[None]:
     """While the block runs, a backward pass through the fused head or a patched linear adds
     the gradient of any of ``weights`` that has a dense ``.grad`` of matching dtype in place
     into it (and gives autograd none); weights without one get theirs the usual way."""
-    added = list(weights)
-    _INTO_GRAD.extend(added)
+    added = list({id(w): w for w in weights}.values())
+    for w in added:
+        _INTO_GRAD[id(w)] = (w, _INTO_GRAD[id(w)][1] + 1 if id(w) in _INTO_GRAD else 1)
     try:
         yield
     finally:
         for w in added:
-            for i, v in enumerate(_INTO_GRAD):
-                if v is w:
-                    del _INTO_GRAD[i]
-                    break
+            count = _INTO_GRAD[id(w)][1] - 1
+            if count:
+                _INTO_GRAD[id(w)] = (w, count)
+            else:
+                del _INTO_GRAD[id(w)]
 
 
 def grad_buffer(weight: Tensor, like: Tensor) -> Tensor | None:
     """The ``.grad`` of ``weight`` to add a product of ``like``'s dtype into, or None (then the
     gradient is returned to autograd as usual)."""
-    if not _INTO_GRAD or not any(weight is w for w in _INTO_GRAD):
+    entry = _INTO_GRAD.get(id(weight))
+    if entry is None or entry[0] is not weight:
         return None
     g = weight.grad
     if (g is None or g.layout != torch.strided or g.shape != weight.shape
