@@ -22,7 +22,7 @@ from ppolm.grad_buffers import GradBuffers
 from ppolm.tasks import make_task
 
 
-def build(kind: str, tmp_path) -> Trainer:
+def build(kind: str, tmp_path, keep_freed_memory: bool = False) -> Trainer:
     task = make_task("continue")
     tok = char_tokenizer(task.alphabet)
     if kind == "transformer":        # tied token table, untied position table, shared value head
@@ -32,7 +32,8 @@ def build(kind: str, tmp_path) -> Trainer:
         value = ValueHead.separate(policy)
     env = TextGenerationEnv(task.prompts, tok, task.reward, max_new_tokens=4, seed=0)
     cfg = PPOConfig(iterations=2, batch_size=8, minibatch_size=4, micro_batch_size=2,
-                    ppo_epochs=1, progress=False, output_dir=str(tmp_path))
+                    ppo_epochs=1, progress=False, output_dir=str(tmp_path),
+                    keep_freed_memory=keep_freed_memory)   # False: the linears' buffers too
     return Trainer(policy, env, cfg, value_head=value)
 
 

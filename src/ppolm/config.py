@@ -120,6 +120,10 @@ class PPOConfig:
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     bf16: bool = True
     """Use bf16 autocast on CUDA (ignored on CPU, where everything is float32)."""
+    keep_freed_memory: bool = True
+    """On CPU (Linux, glibc): have malloc keep freed memory for reuse (``ppolm.memory``), so the
+    tensors freed every minibatch are not page-faulted in again; process-wide, and the process
+    keeps its peak memory."""
     reuse_frozen_layers: bool = True
     """When the policy's lower layers are frozen (e.g. ``freeze_lower_layers``), run them once
     per rollout and start every training forward (and the reference's, when it shares them)

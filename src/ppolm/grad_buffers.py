@@ -107,18 +107,20 @@ def _linear_into_grad(self: nn.Linear, x: Tensor) -> Tensor:
 
 
 class GradBuffers:
-    """The trained ``nn.Embedding`` tables and CPU ``nn.Linear`` layers of ``modules``, the LM
-    head weights ``heads``, and a persistent dense gradient buffer for each of their weights."""
+    """The trained ``nn.Embedding`` tables and (with ``linears``) CPU ``nn.Linear`` layers of
+    ``modules``, the LM head weights ``heads``, and a persistent dense gradient buffer for each
+    of their weights."""
 
-    def __init__(self, *modules: nn.Module, heads: Iterable[Tensor] = ()) -> None:
+    def __init__(self, *modules: nn.Module, heads: Iterable[Tensor] = (),
+                 linears: bool = True) -> None:
         found = {id(m): m for root in modules for m in root.modules()
                  if isinstance(m, nn.Embedding) and m.weight.requires_grad and not m.sparse
                  and m.max_norm is None}      # (max_norm renormalises rows in place: left alone)
         self.embeddings = list(found.values())
-        linears = {id(m): m for root in modules for m in root.modules()
-                   if type(m) is nn.Linear and m.weight.requires_grad
-                   and m.weight.device.type == "cpu"}
-        self.linears = list(linears.values())
+        found_linears = {id(m): m for root in modules for m in root.modules()
+                         if linears and type(m) is nn.Linear and m.weight.requires_grad
+                         and m.weight.device.type == "cpu"}
+        self.linears = list(found_linears.values())
         weights = ([m.weight for m in self.embeddings] + [h for h in heads if h.requires_grad]
                    + [m.weight for m in self.linears])
         self.weights = list({id(w): w for w in weights}.values())     # a tied table once

@@ -24,6 +24,7 @@ from ppolm.errors import TrainingError
 from ppolm.grad_buffers import GradBuffers
 from ppolm.kl_control import KLController
 from ppolm.losses import full_kl, kl_penalty, policy_loss, value_loss
+from ppolm.memory import keep_freed_memory
 from ppolm.metrics import MetricsWriter
 from ppolm.policies.base import Policy, forward_response, frozen_split, samples_bottom
 from ppolm.policies.value import ValueHead
@@ -68,9 +69,14 @@ class Trainer:
         params = {id(p): p for m in (self.policy, self.value_head) for p in m.parameters()
                   if p.requires_grad}
         self.params = list(params.values())
+        # With malloc keeping freed memory, fresh gradients cost no page faults, and the
+        # linears' buffers (zeroed, then read back by addmm_) would cost more than they save;
+        # the tables and the head keep theirs (docs/benchmarks.md).
+        kept = self.device.type == "cpu" and config.keep_freed_memory and keep_freed_memory()
         head = self.policy.head_params()
         self.grad_buffers = GradBuffers(self.policy, self.value_head,
-                                        heads=[head[0]] if head is not None else [])
+                                        heads=[head[0]] if head is not None else [],
+                                        linears=not kept)
         # The fused kernel (CPU and CUDA) updates all parameters in one pass: on a 2-core CPU,
         # 8x faster than the default per-tensor loop for a 49k-token embedding.
         fused = all(p.device.type in ("cpu", "cuda") for p in self.params)

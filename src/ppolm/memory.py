@@ -1,0 +1,61 @@
+"""Ask glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
+
+A PPO update on CPU frees and reallocates the same tensors every minibatch (activations, input
+gradients, weight gradients). By default glibc gives large blocks back to the kernel as soon as
+they are freed (``munmap``, or a trim of the heap's top), so the next minibatch gets fresh pages
+that are page-faulted in and zeroed again: 1.3-1.6 million faults per update of the benchmark's
+SmolLM2-135M policy and critic. With a large top pad (the heap grows in big steps, so large
+blocks come from the heap rather than from their own ``mmap``) and a trim threshold that is
+never reached (the heap is not shrunk), freed blocks are reused: no faults after the first
+minibatch (docs/benchmarks.md has the timings). The price: the process keeps its peak memory
+after a big free, as most training processes do anyway.
+
+Process-wide; the Trainer applies it on CPU unless ``PPOConfig.keep_freed_memory`` is False.
+The same through the environment, before Python starts: ``MALLOC_TOP_PAD_=536870912
+MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_MMAP_THRESHOLD_=33554432``. No-op outside Linux with
+glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+TOP_PAD = 512 << 20                 # grow the heap 512 MiB at a time (address space, not RSS)
+TRIM_THRESHOLD = (1 << 31) - 1      # the largest value mallopt takes: the heap is not shrunk
+MMAP_THRESHOLD = 32 << 20           # glibc's upper limit (a fixed value also stops its drift)
+
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Apply the settings (once per process); True when they are in effect (Linux, glibc)."""
+    global _applied
+    if _applied:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):      # glibc only
+            return False
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    _applied = all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TOP_PAD, TOP_PAD),
+        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+    if _applied:
+        # Grow the heap once now: a block below the mmap threshold extends it by the top pad,
+        # so later large blocks fit in its top instead of going to mmap.
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.free(libc.malloc(1 << 20))
+    return _applied
