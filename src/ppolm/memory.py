@@ -4,15 +4,15 @@ A PPO update on CPU frees and reallocates the same tensors every minibatch (acti
 gradients, weight gradients). By default glibc gives large blocks back to the kernel as soon as
 they are freed (``munmap``, or a trim of the heap's top), so the next minibatch gets fresh pages
 that are page-faulted in and zeroed again: 1.3-1.6 million faults per update of the benchmark's
-SmolLM2-135M policy and critic. With a large top pad (the heap grows in big steps, so large
-blocks come from the heap rather than from their own ``mmap``) and a trim threshold that is
-never reached (the heap is not shrunk), freed blocks are reused: no faults after the first
-minibatch (docs/benchmarks.md has the timings). The price: the process keeps its peak memory
+SmolLM2-135M policy and critic. With no block given its own ``mmap`` (``M_MMAP_MAX`` 0), a
+large top pad (the heap grows in big steps) and a trim threshold that is never reached (the
+heap is not shrunk), freed blocks are reused: no faults after the first minibatch
+(docs/benchmarks.md has the timings). The price: the process keeps its peak memory
 after a big free, as most training processes do anyway.
 
 Process-wide; the Trainer applies it on CPU unless ``PPOConfig.keep_freed_memory`` is False.
-The same through the environment, before Python starts: ``MALLOC_TOP_PAD_=536870912
-MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_MMAP_THRESHOLD_=33554432``. No-op outside Linux with
+The same through the environment, before Python starts: ``MALLOC_MMAP_MAX_=0
+MALLOC_TOP_PAD_=536870912 MALLOC_TRIM_THRESHOLD_=2147483647``. No-op outside Linux with
 glibc.
 """
 
@@ -25,6 +25,7 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 
 TOP_PAD = 512 << 20                 # grow the heap 512 MiB at a time (address space, not RSS)
 TRIM_THRESHOLD = (1 << 31) - 1      # the largest value mallopt takes: the heap is not shrunk
@@ -49,13 +50,9 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
+    # No block gets its own mmap (a freed one would go straight back to the kernel): every block
+    # comes from the heap, which grows by the top pad and is never trimmed.
     _applied = all(mallopt(param, value) == 1 for param, value in (
-        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TOP_PAD, TOP_PAD),
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_MMAP_MAX, 0), (_M_TOP_PAD, TOP_PAD),
         (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
-    if _applied:
-        # Grow the heap once now: a block below the mmap threshold extends it by the top pad,
-        # so later large blocks fit in its top instead of going to mmap.
-        libc.malloc.restype = ctypes.c_void_p
-        libc.free.argtypes = [ctypes.c_void_p]
-        libc.free(libc.malloc(1 << 20))
     return _applied
