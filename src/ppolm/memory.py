@@ -24,12 +24,10 @@ import sys
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
-_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 
 TOP_PAD = 512 << 20                 # grow the heap 512 MiB at a time (address space, not RSS)
 TRIM_THRESHOLD = (1 << 31) - 1      # the largest value mallopt takes: the heap is not shrunk
-MMAP_THRESHOLD = 32 << 20           # glibc's upper limit (a fixed value also stops its drift)
 
 _applied = False
 
@@ -53,6 +51,5 @@ def keep_freed_memory() -> bool:
     # No block gets its own mmap (a freed one would go straight back to the kernel): every block
     # comes from the heap, which grows by the top pad and is never trimmed.
     _applied = all(mallopt(param, value) == 1 for param, value in (
-        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_MMAP_MAX, 0), (_M_TOP_PAD, TOP_PAD),
-        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+        (_M_MMAP_MAX, 0), (_M_TOP_PAD, TOP_PAD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
     return _applied
