@@ -3,15 +3,11 @@ what PPO's rollout needs from the same forward steps."""
 
 from __future__ import annotations
 
-import contextlib
-import types
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ppolm.policies.base import Policy
 
@@ -79,64 +75,6 @@ def sample(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_to
     return out.tokens, out.mask
 
 
-#: Rows up to which a CPU decoding step multiplies with packed weights (see ``packed_linears``).
-_PACKED_ROWS = 128
-
-
-def can_pack(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``x @ weight.T`` can use MKL's packed product: float32 on a CPU with MKL, a few
-    rows, no gradient."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and x.numel() <= _PACKED_ROWS * x.shape[-1]
-            and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"))
-
-
-class PackedWeights:
-    """MKL's packed copies of weight matrices for products with ``rows`` rows, each made on its
-    first use and kept until the object is dropped (the weights must not change meanwhile).
-
-    BLAS repacks a weight matrix on every product; a decoding step multiplies each weight by a
-    few rows, so the repacking costs about as much as the product. MKL's packed product
-    (``cblas_sgemm_compute``, through ``torch.ops.mkl``) reads a copy packed once per sampling
-    pass instead. On the 2-core benchmark machine, SmolLM2-135M's 210 linear layers and head at
-    16 rows: 35.6 against 57-58 ms per step (the usual product) and 60-63 ms (``W @ x.T``), with
-    bitwise-equal outputs; packing them all takes about 0.25 s once.
-    """
-
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
-        self._packed: dict[int, tuple[Tensor, Tensor]] = {}          # id -> (weight, pack)
-
-    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """``F.linear(x, weight, bias)``, with the packed product for ``rows`` rows when it
-        applies (``can_pack``). Shapes: (..., H), (O, H) -> (..., O)."""
-        if x.numel() != self.rows * x.shape[-1] or not can_pack(x, weight):
-            return F.linear(x, weight, bias)
-        entry = self._packed.get(id(weight))
-        if entry is None or entry[0] is not weight:
-            pack = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), self.rows)
-            entry = self._packed[id(weight)] = (weight, pack)
-        return torch.ops.mkl._mkl_linear(x, entry[1], weight, bias, self.rows)
-
-
-@contextlib.contextmanager
-def packed_linears(module: nn.Module, packs: PackedWeights) -> Iterator[None]:
-    """While decoding on CPU, every ``nn.Linear`` of ``module`` multiplies a step's few rows
-    with its packed weight (``PackedWeights``; packed at its first such call, so a layer the
-    decoding steps do not call is not packed). Larger inputs (the prompt's prefill), gradients,
-    other dtypes and devices take the usual path. Restores the modules on exit."""
-    patched = [m for m in module.modules()
-               if type(m) is nn.Linear and "forward" not in m.__dict__]
-    for m in patched:
-        m.forward = types.MethodType(                                  # type: ignore[method-assign]
-            lambda self, x: packs.linear(x, self.weight, self.bias), m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-
-
 @torch.no_grad()
 def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
              eos_token_id: int | None, pad_token_id: int, temperature: float = 1.0,
@@ -157,19 +95,6 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
 
     Shapes: input_ids, attention_mask (B, P) left-padded -> ``Sampled`` with T <= max_new_tokens.
     """
-    packs = PackedWeights(input_ids.shape[0])
-    layout = (packed_linears(policy, packs) if input_ids.device.type == "cpu"
-              else contextlib.nullcontext())
-    with layout:
-        return _generate(policy, input_ids, attention_mask, max_new_tokens, eos_token_id,
-                         pad_token_id, temperature, top_k, top_p, generator, record, depth,
-                         packs)
-
-
-def _generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-              eos_token_id: int | None, pad_token_id: int, temperature: float, top_k: int,
-              top_p: float, generator: torch.Generator | None, record: bool, depth: int,
-              packs: PackedWeights) -> Sampled:
     B = input_ids.shape[0]
     device = input_ids.device
 
@@ -185,7 +110,7 @@ def _generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new
     hiddens: list[Tensor] = []                                        # (B, H) each
     logprobs: list[Tensor] = []                                       # (B,) each
     hidden, cache = step_forward(input_ids, attention_mask, None)
-    logits = next_logits(policy, hidden[:, -1], packs)                      # (B, V)
+    logits = next_logits(policy, hidden[:, -1])                      # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # The attention mask grows one column per step: preallocated, filled as rows stay alive.
     P = attention_mask.shape[1]
@@ -215,7 +140,7 @@ def _generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new
             break
         mask[:, P + step] = alive
         hidden, cache = step_forward(nxt[:, None], mask[:, : P + step + 1], cache)
-        logits = next_logits(policy, hidden[:, -1], packs)
+        logits = next_logits(policy, hidden[:, -1])
     if not record:
         return Sampled(tokens=tokens[:, :steps], mask=alive_cols[:, :steps])
     bottom = None
@@ -227,13 +152,6 @@ def _generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new
                    bottom=bottom)
 
 
-def next_logits(policy: Policy, hidden: Tensor, packs: PackedWeights | None = None) -> Tensor:
-    """float32 logits of the next token. Shapes: (B, H) -> (B, V).
-
-    With a linear head on CPU, through ``packs`` (a packed copy of the head, made on the first
-    step: 8.6 against 11.1 ms per step for SmolLM2's 49k x 576 head at 16 rows).
-    """
-    params = policy.head_params()
-    if params is None or packs is None or not can_pack(hidden, params[0]):
-        return policy.head(hidden).float()
-    return packs.linear(hidden, *params)
+def next_logits(policy: Policy, hidden: Tensor) -> Tensor:
+    """float32 logits of the next token. Shapes: (B, H) -> (B, V)."""
+    return policy.head(hidden).float()
