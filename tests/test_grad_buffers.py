@@ -1,7 +1,7 @@
 """Persistent gradient buffers: the optimizer gets exactly the dense gradients of the default
-backward, for tied tables (the head's gradient and the rows added into one buffer), untied ones,
-linear layers and a separate critic; the buffers are reused, and the modules restored after the
-update."""
+backward, for tied tables (the head's gradient and the rows added into one buffer), untied ones
+(zeroed only in the rows written), linear layers and a separate critic, and the clipping norm is
+the same; the buffers are reused, and the modules restored after the update."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ from ppolm import (
     TransformerPolicy,
     ValueHead,
     char_tokenizer,
+    clipping,
 )
 from ppolm.grad_buffers import GradBuffers
 from ppolm.tasks import make_task
 
 
-def build(kind: str, tmp_path, keep_freed_memory: bool = False) -> Trainer:
+def build(kind: str, tmp_path, keep_freed_memory: bool = False, ent_coef: float = 0.0) -> Trainer:
     task = make_task("continue")
     tok = char_tokenizer(task.alphabet)
     if kind == "transformer":        # tied token table, untied position table, shared value head
@@ -33,7 +34,8 @@ def build(kind: str, tmp_path, keep_freed_memory: bool = False) -> Trainer:
     env = TextGenerationEnv(task.prompts, tok, task.reward, max_new_tokens=4, seed=0)
     cfg = PPOConfig(iterations=2, batch_size=8, minibatch_size=4, micro_batch_size=2,
                     ppo_epochs=1, progress=False, output_dir=str(tmp_path),
-                    keep_freed_memory=keep_freed_memory)   # False: the linears' buffers too
+                    keep_freed_memory=keep_freed_memory,   # False: the linears' buffers too
+                    ent_coef=ent_coef)
     return Trainer(policy, env, cfg, value_head=value)
 
 
@@ -45,37 +47,64 @@ def grads(trainer: Trainer) -> list[torch.Tensor | None]:
 
 
 @pytest.mark.parametrize("kind", ["transformer", "hf"])
-def test_buffers_give_the_dense_gradient(kind, tmp_path):
-    trainer = build(kind, tmp_path)
+@pytest.mark.parametrize("ent_coef", [0.0, 0.01])
+@pytest.mark.parametrize("linears", [True, False])
+def test_buffers_give_the_dense_gradient(kind, ent_coef, linears, tmp_path):
+    """Three minibatches in a row (different tokens, so different table rows): with the
+    buffers, each minibatch's gradients and their global norm equal those of the default
+    backward, though a row table's buffer is zeroed only in the rows written and the head's
+    buffer not at all (its backward writes over it; with the entropy in the loss the head's
+    gradient comes through autograd, which must find the buffer zeroed). With ``linears``
+    the head's linear layer adds its own gradient in place too."""
+    trainer = build(kind, tmp_path, ent_coef=ent_coef, keep_freed_memory=not linears)
+    assert bool(trainer.grad_buffers.linears) == linears
     assert trainer.grad_buffers.embeddings        # there are trained tables to make sparse
     if kind == "hf":
-        assert trainer.grad_buffers.linears       # and linear layers (trunk and critic)
+        assert trainer.grad_buffers.row_tables    # untied tables: rows recorded
+    torch.manual_seed(0)
     _, rollout = trainer.collect()
+    _, more = trainer.collect()
     rollout = trainer.compute_advantages(rollout)
-    halves = [rollout.select(torch.arange(0, 4)), rollout.select(torch.arange(4, 8))]
-    dense = []
-    for mb in halves:
+    more = trainer.compute_advantages(more)
+    parts = [rollout.select(torch.arange(0, 4)), more.select(torch.arange(4, 8)),
+             rollout.select(torch.arange(4, 8))]
+    dense, norms = [], []
+    for mb in parts:
         trainer.accumulate_gradients(mb)     # outside active(): the default dense backward
         dense.append(grads(trainer))
-    buffers = []
+        norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in dense[-1]
+                                          if g is not None))))
+    buffers, rows_seen = [], 0
     with trainer.grad_buffers.active():
-        # The first minibatch finds which tables need a buffer; the second uses them.
-        for mb, want in zip(halves, dense, strict=True):
+        # The first minibatch finds which tables need a buffer; the later ones use them.
+        for mb, want, norm in zip(parts, dense, norms, strict=True):
             trainer.accumulate_gradients(mb)
             for got, w in zip(grads(trainer), want, strict=True):
                 assert (got is None) == (w is None)
                 if got is not None:
                     torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-7)
+            for t in trainer.grad_buffers.row_tables:
+                rows = trainer.grad_buffers.rows(t)
+                assert rows is not None and t.grad is not None
+                # every row that holds some gradient is named (a looked-up row may get none)
+                assert set(t.grad.abs().sum(1).nonzero()[:, 0].tolist()) <= set(rows.tolist())
+                assert len(set(rows.tolist())) == len(rows) > 0
+                rows_seen += 1
+            got_norm = float(clipping.grad_norm(trainer.params, trainer.grad_buffers.rows))
+            assert got_norm == pytest.approx(norm, rel=1e-6)
             buffers.append({m: b.data_ptr() for m, b in trainer.grad_buffers._buffers.items()})
+    assert rows_seen == (3 * len(trainer.grad_buffers.row_tables))
     # Every table, linear and head that the loss reaches got a buffer, reused (not
-    # reallocated) by the second minibatch.
-    assert buffers[0] == buffers[1]
+    # reallocated) by the later minibatches.
+    assert buffers[0] == buffers[1] == buffers[2]
     assert set(buffers[0]) == {w for w in trainer.grad_buffers.weights if w.grad is not None}
     head = trainer.policy.head_params()
     assert head is not None and head[0] in buffers[0]
     if kind == "transformer":                # tied token table (the head's weight) and positions
         assert trainer.policy.tok_emb.weight is head[0]
         assert trainer.policy.pos_emb.weight in buffers[0]
+    # Outside the block no rows are known (the hooks are gone) and no buffer is stale.
+    assert all(trainer.grad_buffers.rows(t) is None for t in trainer.grad_buffers.row_tables)
 
 
 def test_modules_restored_after_update(tmp_path):

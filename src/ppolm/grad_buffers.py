@@ -18,7 +18,14 @@ fresh memory ran at half the speed of the same product into memory already mappe
 * the LM head does the same (``ppolm.policies.fused``);
 * token-table lookups give sparse gradients (the looked-up rows), which autograd adds in place
   into the buffer; for a table tied to the head that avoids autograd adding a dense and a sparse
-  gradient out of place (one more fresh full-table tensor and a copy).
+  gradient out of place (one more fresh full-table tensor and a copy);
+* a table that only lookups write (not tied to the head) has its rows written since the last
+  zeroing recorded (a hook on the weight sees every gradient autograd adds): only those rows are
+  zeroed before the next minibatch, and the gradient norm reads only those (``rows``), instead of
+  a pass over the whole table (49k rows) each time;
+* the head's buffer is not zeroed before a minibatch but marked stale: the head's backward
+  writes its product over it (``addmm_`` with beta 0), and any other writer zeroes it first
+  (``grad_buffer``, or the weight's hook before autograd adds into it).
 
 The optimizer sees the same dense gradients (tested against the default backward). The in-place
 part bypasses autograd for those weights: a hook registered on such a weight sees no gradient.
@@ -29,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -38,6 +45,9 @@ from torch import Tensor, nn
 # The weights whose gradient is added into their ``.grad`` in place while registered:
 # id -> (the weight, how many open blocks registered it).
 _INTO_GRAD: dict[int, tuple[Tensor, int]] = {}
+# The weights whose ``.grad`` holds an old gradient that counts as zero (id -> weight): the
+# first writer overwrites or zeroes it (``GradBuffers``: the head's buffer between minibatches).
+_STALE: dict[int, Tensor] = {}
 
 
 @contextlib.contextmanager
@@ -62,14 +72,30 @@ def accumulate_into_grad(weights: Iterable[Tensor]) -> Iterator[None]:
 def grad_buffer(weight: Tensor, like: Tensor) -> Tensor | None:
     """The ``.grad`` of ``weight`` to add a product of ``like``'s dtype into, or None (then the
     gradient is returned to autograd as usual)."""
+    g, beta = grad_buffer_beta(weight, like)
+    if g is not None and beta == 0.0:
+        g.zero_()
+    return g
+
+
+def grad_buffer_beta(weight: Tensor, like: Tensor) -> tuple[Tensor | None, float]:
+    """``grad_buffer`` for a writer that takes a beta (``addmm_(..., beta=beta)``): (the buffer,
+    1.0) to add into it, (the buffer, 0.0) when its contents are stale and must be overwritten,
+    or (None, 1.0)."""
     entry = _INTO_GRAD.get(id(weight))
     if entry is None or entry[0] is not weight:
-        return None
+        return None, 1.0
     g = weight.grad
     if (g is None or g.layout != torch.strided or g.shape != weight.shape
             or g.dtype != like.dtype or not g.is_contiguous()):
-        return None
-    return g
+        return None, 1.0
+    return g, 0.0 if _STALE.pop(id(weight), None) is not None else 1.0
+
+
+def _fresh(weight: Tensor) -> None:
+    """Zero ``weight.grad`` if it is stale (before autograd or a writer adds into it)."""
+    if _STALE.pop(id(weight), None) is not None and weight.grad is not None:
+        weight.grad.zero_()
 
 
 class _LinearIntoGrad(torch.autograd.Function):
@@ -123,10 +149,19 @@ class GradBuffers:
                          if linears and type(m) is nn.Linear and m.weight.requires_grad
                          and m.weight.device.type == "cpu"}
         self.linears = list(found_linears.values())
-        weights = ([m.weight for m in self.embeddings] + [h for h in heads if h.requires_grad]
+        self.heads = list({id(h): h for h in heads if h.requires_grad}.values())
+        weights = ([m.weight for m in self.embeddings] + self.heads
                    + [m.weight for m in self.linears])
         self.weights = list({id(w): w for w in weights}.values())     # a tied table once
+        # Tables that only lookups write (not a head): their written rows are recorded.
+        head_ids = {id(h) for h in self.heads}
+        self.row_tables = list({id(m.weight): m.weight for m in self.embeddings
+                                if id(m.weight) not in head_ids}.values())
         self._buffers: dict[Tensor, Tensor] = {}      # weight -> its dense gradient
+        # row table -> the row indices written since its buffer was last zeroed (each (n,),
+        # repeats allowed), or None once a dense gradient was added (then all rows count).
+        self._rows: dict[Tensor, list[Tensor] | None] = {}
+        self._hooked = False                          # inside active(): the hooks record
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -137,31 +172,89 @@ class GradBuffers:
         patched = [lin for lin in self.linears if "forward" not in lin.__dict__]
         for lin in patched:
             lin.forward = types.MethodType(_linear_into_grad, lin)      # type: ignore[method-assign]
+        # Row tables are left out of the in-place writers' list: any gradient of theirs goes
+        # through autograd, past the hook that records its rows.
+        row_ids = {id(w) for w in self.row_tables}
+        hooks = ([w.register_hook(self._row_hook(w)) for w in self.row_tables]
+                 + [h.register_hook(self._stale_hook(h)) for h in self.heads])
+        self._hooked = True
         try:
-            with accumulate_into_grad(self.weights):
+            with accumulate_into_grad(w for w in self.weights if id(w) not in row_ids):
                 yield
         finally:
+            self._hooked = False
+            for hook in hooks:
+                hook.remove()
             for emb in self.embeddings:
                 emb.sparse = False
             for lin in patched:
                 del lin.forward
+            self._unstale()
+            self._rows.clear()             # writes outside the block are not recorded
+
+    def _row_hook(self, w: Tensor) -> Callable[[Tensor], None]:
+        def record(grad: Tensor) -> None:            # before autograd adds ``grad`` into w.grad
+            rows = self._rows[w] if w in self._rows else [] if w.grad is None else None
+            self._rows[w] = rows + [grad._indices()[0]] if rows is not None and grad.is_sparse \
+                else None
+        return record
+
+    @staticmethod
+    def _stale_hook(w: Tensor) -> Callable[[Tensor], None]:
+        def fresh(grad: Tensor) -> None:             # before autograd adds ``grad`` into w.grad
+            _fresh(w)
+        return fresh
+
+    def rows(self, w: Tensor) -> Tensor | None:
+        """The distinct rows (k,) outside which ``w.grad`` is zero, when they are known (a row
+        table inside ``active()``); else None."""
+        rows = self._rows.get(w)
+        if rows is None or w.grad is None or w.grad is not self._buffers.get(w):
+            return None
+        if not rows:
+            return torch.zeros(0, dtype=torch.long, device=w.device)
+        return torch.unique(torch.cat(rows))
 
     def zero_grad(self) -> None:
         """After the optimizer's ``zero_grad``: give each weight that has one its buffer,
-        zeroed."""
+        zeroed (inside ``active()``: a row table only in the rows written, a head marked
+        stale)."""
+        row_ids, head_ids = {id(w) for w in self.row_tables}, {id(h) for h in self.heads}
         for w, buf in self._buffers.items():
-            w.grad = buf.zero_()
+            w.grad = buf
+            if id(w) in row_ids:
+                rows = self._rows.get(w)
+                if rows is None:
+                    buf.zero_()
+                elif rows:
+                    buf.index_fill_(0, torch.cat(rows), 0.0)
+                if self._hooked:
+                    self._rows[w] = []
+                else:
+                    self._rows.pop(w, None)
+            elif id(w) in head_ids and self._hooked:
+                _STALE[id(w)] = w
+            else:
+                buf.zero_()
+
+    def _unstale(self) -> None:
+        """Zero the buffers still marked stale (nothing wrote them: their gradient is 0)."""
+        for h in self.heads:
+            _fresh(h)
 
     def release(self) -> None:
         """Drop the buffers (and the gradients they hold); the next minibatch finds them anew."""
+        self._unstale()
         for w in self._buffers:
             w.grad = None
         self._buffers.clear()
+        self._rows.clear()
 
     def densify(self) -> None:
         """After the backward passes: a gradient that came out sparse is made dense (as
-        optimizers and clipping expect), and every weight keeps its dense gradient as its buffer
-        for the next minibatch."""
+        optimizers and clipping expect), a stale one zeroed, and every weight keeps its dense
+        gradient as its buffer for the next minibatch."""
+        self._unstale()
         for w in self.weights:
             g = w.grad
             if g is None:

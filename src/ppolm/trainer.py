@@ -244,7 +244,7 @@ class Trainer:
         skipped step when the loss or the gradient norm is not finite."""
         cfg = self.config
         totals = self.accumulate_gradients(minibatch)
-        grad_norm = float(clipping.grad_norm(self.params))
+        grad_norm = float(clipping.grad_norm(self.params, self.grad_buffers.rows))
         finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
         if finite:
             # Clipping to max_grad_norm happens inside the step (ppolm.clipping).

@@ -29,7 +29,8 @@ so the layout stays. On CUDA the row-major layout is kept.
 Inside ``ppolm.grad_buffers.accumulate_into_grad`` (the Trainer's update), the backward pass
 adds the head's weight gradient in place into the weight's existing ``.grad``, a persistent
 buffer, instead of returning a fresh (V, H) tensor (113 MB for SmolLM2) for autograd to add
-there (see ``ppolm.grad_buffers``).
+there, and writes it over the buffer (beta 0) when the buffer's contents are stale, so the
+buffer needs no zeroing pass of its own (see ``ppolm.grad_buffers``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppolm.grad_buffers import grad_buffer
+from ppolm.grad_buffers import grad_buffer_beta
 
 
 def head_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
@@ -220,9 +221,10 @@ class _HeadLogprobs(torch.autograd.Function):
             if not ctx.has_bias and ctx.inv_temp != 1.0:
                 grad_hidden.mul_(ctx.inv_temp)
         if ctx.needs_input_grad[1]:
-            into = grad_buffer(weight, grad_z) if x.dtype == grad_z.dtype else None
-            if into is not None:
-                into.addmm_(grad_z.t(), x)                # += grad_z^T x, no fresh (V, H)
+            into, beta = (grad_buffer_beta(weight, grad_z) if x.dtype == grad_z.dtype
+                          else (None, 1.0))
+            if into is not None:                          # += grad_z^T x, no fresh (V, H);
+                into.addmm_(grad_z.t(), x, beta=beta)     # over a stale buffer: = (beta 0)
             else:
                 grad_weight = grad_z.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
