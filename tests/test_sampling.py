@@ -26,6 +26,42 @@ def test_draw_follows_the_probabilities_and_skips_zeros():
     assert ((freq - probs).abs() <= 4 * sd + 1e-9).all(), freq
 
 
+def flat_draw(probs, generator):
+    """The one-level inverse CDF: one float64 cumulative sum over the whole row."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def test_draw_equals_one_cumulative_sum_over_the_row():
+    """The two-level draw (blocks, then a token inside the block) gives the token that one
+    cumulative sum over the whole row gives for the same uniform draw, for a vocabulary of
+    whole blocks and one with a partial last block."""
+    torch.manual_seed(0)
+    for V in (49152, 3000):
+        probs = torch.softmax(torch.randn(256, V) * 4, -1)
+        probs[:, 1000:2100] = 0                       # a whole zero block and zero edges
+        probs = probs / probs.sum(-1, keepdim=True)
+        got = draw(probs, torch.Generator().manual_seed(5))
+        want = flat_draw(probs, torch.Generator().manual_seed(5))
+        assert torch.equal(got, want)
+        assert bool((probs.gather(1, got[:, None]) > 0).all())
+
+
+def test_draw_across_blocks_follows_the_probabilities():
+    """Mass spread over several blocks, zeros at their edges: frequencies within 4 standard
+    deviations, zero-probability tokens never drawn."""
+    V = 5000
+    probs = torch.zeros(1, V)
+    probs[0, [0, 1023, 1024, 2047, 4999]] = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])
+    n = 40000
+    idx = draw(probs.expand(n, V).contiguous(), torch.Generator().manual_seed(0))
+    freq = torch.bincount(idx, minlength=V).float() / n
+    assert freq.sum() == 1 and bool((freq[probs[0] == 0] == 0).all())
+    sd = (probs[0] * (1 - probs[0]) / n).sqrt()
+    assert bool(((freq - probs[0]).abs() <= 4 * sd + 1e-9).all()), freq[probs[0] > 0]
+
+
 def test_draw_is_reproducible_with_a_generator():
     probs = torch.softmax(torch.randn(8, 100), -1)
     a = draw(probs, torch.Generator().manual_seed(3))
