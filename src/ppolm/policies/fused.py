@@ -100,7 +100,7 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor
     for start in range(0, R, rows):
         h = hidden[start: start + rows]
         z = _logits(h, weight, bias, inv_temp, None if buf is None else buf[: h.shape[0]])
-        parts.append(_softmax_stats_(z, tokens[start: start + rows]))
+        parts.append(_softmax_stats_(z, tokens[start: start + rows], keep=False))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
 
 
@@ -116,16 +116,17 @@ def _forward_columns(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens
         return logprobs, entropy, zt
     rows = max(1, _COLUMN_BLOCK // V)
     parts = [_softmax_stats_t_(_logits(hidden[a: a + rows], weight, bias, inv_temp,
-                                       transposed=True), tokens[a: a + rows])
+                                       transposed=True), tokens[a: a + rows], keep=False)
              for a in range(0, R, rows)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
 
 
-def _softmax_stats_t_(zt: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """``_softmax_stats_`` down the columns of ``zt`` (V, R), which becomes their softmax.
+def _softmax_stats_t_(zt: Tensor, tokens: Tensor, keep: bool = True) -> tuple[Tensor, Tensor]:
+    """``_softmax_stats_`` down the columns of ``zt`` (V, R), which becomes their softmax
+    (with ``keep``; else it is left overwritten).
 
     Shapes: zt (V, R), tokens (R,) -> (R,), (R,)."""
-    picked, log_s, ez = _stats_(zt, tokens, 0)
+    picked, log_s, ez = _stats_(zt, tokens, 0, keep)
     return picked - log_s, log_s - ez
 
 
@@ -149,8 +150,9 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temp: float
     return z
 
 
-def _softmax_stats_(z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """Logprobs of ``tokens`` and entropies of ``softmax(z)``; turns ``z`` into that softmax.
+def _softmax_stats_(z: Tensor, tokens: Tensor, keep: bool = True) -> tuple[Tensor, Tensor]:
+    """Logprobs of ``tokens`` and entropies of ``softmax(z)``; turns ``z`` into that softmax
+    (with ``keep``; else ``z`` is left overwritten).
 
     Works through a few rows at a time, so each row is read from memory once and written once:
     with m = max z, e = exp(z - m), s = sum e:  logp = z[token] - m - log s,
@@ -158,20 +160,24 @@ def _softmax_stats_(z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
     """
     R, V = z.shape
     rows = max(1, _CHUNK // V)
-    parts = [_stats_(z[a: a + rows], tokens[a: a + rows], -1) for a in range(0, R, rows)]
+    parts = [_stats_(z[a: a + rows], tokens[a: a + rows], -1, keep) for a in range(0, R, rows)]
     picked, log_s, ez = (torch.cat(p) for p in zip(*parts, strict=True))
     return picked - log_s, log_s - ez
 
 
-def _stats_(z: Tensor, tokens: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+def _stats_(z: Tensor, tokens: Tensor, dim: int, keep: bool = True
+            ) -> tuple[Tensor, Tensor, Tensor]:
     """(z[token] - m, log s, sum p (z - m)) of the distributions along ``dim`` of ``z``, with
-    m = max z, e = exp(z - m), s = sum e, p = e / s; ``z`` becomes p.
+    m = max z, e = exp(z - m), s = sum e, p = e / s; ``z`` becomes p with ``keep`` (without,
+    z - m: no pass writes the softmax nobody reads).
 
     Shapes: z (R, V) with dim -1, or (V, R) with dim 0; tokens (R,) -> three (R,)."""
     z.sub_(z.amax(dim, keepdim=True))                                # shifted: max 0
     picked = z.gather(dim, tokens.unsqueeze(dim)).squeeze(dim)
     e = torch.exp(z)
     s = e.sum(dim, keepdim=True)
+    if not keep:
+        return picked, torch.log(s.squeeze(dim)), e.mul_(z).sum(dim) / s.squeeze(dim)
     ez = z.mul_(e).sum(dim) / s.squeeze(dim)                         # sum p (z - m)
     torch.div(e, s, out=z)                                           # the softmax, in place
     return picked, torch.log(s.squeeze(dim)), ez
