@@ -40,9 +40,10 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     inside that block a token, so every token is drawn with its own probability (to float32
     rounding of ``probs``) and a zero-probability token never. The same token as one float64
     cumulative sum over the whole row would give for the same uniform draw (to float64
-    rounding), at a tenth of its cost (a cumulative sum runs one element at a time; here it
-    covers 48 + 1024 of a 49k row), and about 60x faster than ``torch.multinomial`` on CPU for
-    a 49k vocabulary, which draws an exponential per token.
+    rounding), in about a third of its time (1.1 against 3.1 ms for 16 rows of 49,152 on two
+    CPU cores: a cumulative sum runs one element at a time, and here it covers 48 + 1024
+    elements of a row). The one-level draw was itself about 7x faster than
+    ``torch.multinomial`` on CPU for a 49k vocabulary, which draws an exponential per token.
 
     Shapes: (B, V) -> (B,) long.
     """
@@ -50,7 +51,7 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     n = -(-V // _DRAW_BLOCK)                                         # blocks
     padded = probs if n * _DRAW_BLOCK == V else torch.nn.functional.pad(
         probs, (0, n * _DRAW_BLOCK - V))
-    blocks = padded.view(B, n, _DRAW_BLOCK)
+    blocks = padded.reshape(B, n, _DRAW_BLOCK)
     mass = blocks.sum(-1, dtype=torch.float64)                       # (B, n)
     cdf = mass.cumsum(-1)                                            # (B, n)
     u = torch.rand(B, 1, generator=generator, dtype=torch.float64,
