@@ -152,3 +152,27 @@ def test_linear_adds_its_weight_gradient_into_the_buffer(bias, frozen_input):
         if bias:
             torch.testing.assert_close(lin.bias.grad, want_b)
     assert "forward" not in lin.__dict__
+
+
+@pytest.mark.parametrize("kind", ["transformer", "hf"])
+def test_update_with_buffers_equals_the_default_update(kind, tmp_path):
+    """A whole update (2 minibatches, clipped: the norm over recorded rows decides the step)
+    leaves the same weights with the buffers as with PyTorch's default backward."""
+    torch.manual_seed(0)
+    a = build(kind, tmp_path / "a")
+    torch.manual_seed(0)
+    b = build(kind, tmp_path / "b")
+    b.policy.load_state_dict(a.policy.state_dict())
+    b.value_head.load_state_dict(a.value_head.state_dict())
+    for t in (a, b):
+        t.config.max_grad_norm = 0.05                  # every step clipped
+    b.grad_buffers = GradBuffers()                      # none: the default backward
+    _, rollout = a.collect()
+    rollout = a.compute_advantages(rollout)
+    stats = [t.update(rollout) for t in (a, b)]
+    assert stats[0]["grad_norm"] > 0.05
+    assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-5)
+    for (name, p), q in zip(a.policy.named_parameters(), b.policy.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for p, q in zip(a.value_head.parameters(), b.value_head.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
