@@ -154,9 +154,10 @@ class GradBuffers:
                    + [m.weight for m in self.linears])
         self.weights = list({id(w): w for w in weights}.values())     # a tied table once
         # Tables that only lookups write (not a head): their written rows are recorded.
-        head_ids = {id(h) for h in self.heads}
+        self._head_ids = {id(h) for h in self.heads}
         self.row_tables = list({id(m.weight): m.weight for m in self.embeddings
-                                if id(m.weight) not in head_ids}.values())
+                                if id(m.weight) not in self._head_ids}.values())
+        self._row_ids = {id(w) for w in self.row_tables}
         self._buffers: dict[Tensor, Tensor] = {}      # weight -> its dense gradient
         # row table -> the row indices written since its buffer was last zeroed (each (n,),
         # repeats allowed), or None once a dense gradient was added (then all rows count).
@@ -174,12 +175,11 @@ class GradBuffers:
             lin.forward = types.MethodType(_linear_into_grad, lin)      # type: ignore[method-assign]
         # Row tables are left out of the in-place writers' list: any gradient of theirs goes
         # through autograd, past the hook that records its rows.
-        row_ids = {id(w) for w in self.row_tables}
         hooks = ([w.register_hook(self._row_hook(w)) for w in self.row_tables]
                  + [h.register_hook(self._stale_hook(h)) for h in self.heads])
         self._hooked = True
         try:
-            with accumulate_into_grad(w for w in self.weights if id(w) not in row_ids):
+            with accumulate_into_grad(w for w in self.weights if id(w) not in self._row_ids):
                 yield
         finally:
             self._hooked = False
@@ -219,10 +219,9 @@ class GradBuffers:
         """After the optimizer's ``zero_grad``: give each weight that has one its buffer,
         zeroed (inside ``active()``: a row table only in the rows written, a head marked
         stale)."""
-        row_ids, head_ids = {id(w) for w in self.row_tables}, {id(h) for h in self.heads}
         for w, buf in self._buffers.items():
             w.grad = buf
-            if id(w) in row_ids:
+            if id(w) in self._row_ids:
                 rows = self._rows.get(w)
                 if rows is None:
                     buf.zero_()
@@ -232,7 +231,7 @@ class GradBuffers:
                     self._rows[w] = []
                 else:
                     self._rows.pop(w, None)
-            elif id(w) in head_ids and self._hooked:
+            elif id(w) in self._head_ids and self._hooked:
                 _STALE[id(w)] = w
             else:
                 buf.zero_()
