@@ -78,7 +78,8 @@ class PpolmSide:
             ppo_epochs=work.ppo_epochs, learning_rate=work.learning_rate,
             temperature=work.temperature, kl_coef=work.kl_coef, vf_coef=work.vf_coef,
             adam_eps=1e-8, max_grad_norm=None, lr_schedule="constant", ent_coef=0.0,
-            seed=work.seed, device=work.device, bf16=work.bf16, progress=False,
+            seed=work.seed, device=work.device, bf16=work.bf16,
+            cpu_bf16=work.bf16 and not work.device.startswith("cuda"), progress=False,
             output_dir=self.out_dir)
         self.trainer = Trainer(policy, env, config, value_head=value_head)
         self.n_params = {
@@ -86,7 +87,7 @@ class PpolmSide:
             "value": 0 if shared else matmul_params(models["value"]),
             "reward": matmul_params(models["reward"]) if work.reward != "toy" else 0,
         }
-        self.notes = {"bf16_autocast": bool(work.bf16 and work.device.startswith("cuda")),
+        self.notes = {"bf16_autocast": bool(work.bf16),
                       "fused_adamw": bool(self.trainer.optimizer.defaults.get("fused")),
                       "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 

@@ -3,6 +3,7 @@
     python benchmarks/vs_trl.py            # tiny and SmolLM2-135M sizes, learning check, scaling
     python benchmarks/vs_trl.py --quick    # tiny size, speed only (under 3 minutes)
     python benchmarks/vs_trl.py --device cuda --sizes 135m --bf16   # on a GPU
+    python benchmarks/vs_trl.py --quick --bf16   # both sides bf16 autocast on a CPU with AMX
 
 Each side runs in its own worker process; the parent alternates them one PPO iteration at a
 time (the side that goes first alternates too), so a change in machine load hits both alike.
@@ -224,7 +225,8 @@ def main() -> None:
                         "(too short to be conclusive: the full run's check is 3 seeds x 20)")
     p.add_argument("--sizes", default=None, help="comma-separated: tiny,135m")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (on CPU: ppolm's cpu_bf16, TRL's "
+                   "accelerate mixed precision; needs a CPU with bf16 units)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--response-len", type=int, default=32)
@@ -262,9 +264,10 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
           f"{os.cpu_count()} CPUs, load average before the run {load:.2f}")
-    peak = calibrate_matmul(args.device, args.threads)
-    print(f"calibrated matmul peak: {peak / 1e9:.1f} GFLOP/s "
-          f"({'bf16 8192^2' if args.device.startswith('cuda') else 'float32 2048^2'})")
+    peak = calibrate_matmul(args.device, args.threads, bf16=args.bf16)
+    kind = ("bf16 8192^2" if args.device.startswith("cuda")
+            else "bf16 2048^2" if args.bf16 else "float32 2048^2")
+    print(f"calibrated matmul peak: {peak / 1e9:.1f} GFLOP/s ({kind})")
     report: dict[str, Any] = {"peak_flops": peak, "device": args.device, "threads": args.threads,
                               "load_before": load, "sizes": {}}
     if "speed" in parts:

@@ -47,7 +47,7 @@ class Work:
     vf_coef: float = 0.1            # TRL's default
     reward: str = "model"           # "model": a reward model; "toy": the text reward below
     device: str = "cpu"
-    bf16: bool = False              # bf16 autocast (CUDA only)
+    bf16: bool = False              # bf16 autocast (on CPU: ppolm's cpu_bf16)
     threads: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -227,13 +227,15 @@ def useful_flops(work: Work, n_policy: int, n_value: int, n_reward: int) -> dict
 
 # --- the hardware's matmul rate -----------------------------------------------------------------
 
-def calibrate_matmul(device: str, threads: int, seconds: float = 3.0) -> float:
-    """Best FLOP/s of a large square matmul on ``device`` (float32 on CPU, bf16 on CUDA)."""
+def calibrate_matmul(device: str, threads: int, seconds: float = 3.0, bf16: bool = False
+                     ) -> float:
+    """Best FLOP/s of a large square matmul on ``device`` (bf16 on CUDA; on CPU float32, or
+    bf16 with ``bf16``)."""
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         n, dtype = 8192, torch.bfloat16
     else:
-        n, dtype = 2048, torch.float32
+        n, dtype = 2048, torch.bfloat16 if bf16 else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")

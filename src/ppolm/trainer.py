@@ -20,13 +20,14 @@ from ppolm.advantages import compute_gae, explained_variance, masked_sum, masked
 from ppolm.averaging import TailAverage
 from ppolm.config import PPOConfig
 from ppolm.env import TextGenerationEnv
-from ppolm.errors import TrainingError
+from ppolm.errors import ConfigError, TrainingError
 from ppolm.grad_buffers import GradBuffers
 from ppolm.kl_control import KLController
 from ppolm.losses import full_kl, kl_penalty, policy_loss, value_loss
 from ppolm.memory import keep_freed_memory
 from ppolm.metrics import MetricsWriter
 from ppolm.policies.base import Policy, forward_response, frozen_split, samples_bottom
+from ppolm.policies.hf import float32_attention
 from ppolm.policies.value import ValueHead
 from ppolm.progress import Timer, progress_bar
 from ppolm.types import Episodes, Rollout
@@ -36,6 +37,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether PyTorch's CPU kernels support bf16 products on this CPU."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
 
 
 def seed_everything(seed: int) -> None:
@@ -60,6 +70,9 @@ class Trainer:
                  value_head: ValueHead | None = None, reference: Policy | None = None) -> None:
         self.config, self.env = config, env
         self.device = resolve_device(config.device)
+        if config.cpu_bf16 and self.device.type == "cpu" and not cpu_bf16_supported():
+            raise ConfigError("cpu_bf16=True, but PyTorch reports no bf16 support for this CPU "
+                              "(it needs AVX-512 BF16 or AMX); leave cpu_bf16 off (float32).")
         env.check_policy(policy)
         # Dropout off everywhere: it makes logprobs noisy and the PPO ratio wrong.
         self.policy = policy.to(self.device).eval()
@@ -363,6 +376,11 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda" and self.config.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.device.type == "cpu" and self.config.cpu_bf16:
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            stack.enter_context(float32_attention())
+            return stack
         return contextlib.nullcontext()
 
     def save(self, path: str | Path | None = None) -> Path:

@@ -183,14 +183,34 @@ def _stats_(z: Tensor, tokens: Tensor, dim: int, keep: bool = True
     return picked, torch.log(s.squeeze(dim)), ez
 
 
+def _cpu_autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype CPU autocast runs products in, when it is on and ``x`` is a CPU float32
+    tensor; else None."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return None
+
+
 class _HeadLogprobs(torch.autograd.Function):
     # Under CUDA autocast the backward matmuls run in the forward's precision (bf16).
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
                 inv_temp: float) -> tuple[Tensor, Tensor]:
-        logprobs, entropy, probs = _forward(hidden, weight, bias, tokens, inv_temp,
-                                            keep_probs=True)
+        # Under CPU autocast (PPOConfig.cpu_bf16) the products run in its dtype both ways: the
+        # operands are cast here once and kept for the backward pass, which autocast does not
+        # cover on CPU. The softmax statistics and the gradient of the logits stay float32.
+        ctx.hidden_dtype, low = hidden.dtype, _cpu_autocast_dtype(hidden)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.master = weight if low is not None else None      # the float32 weight
+        if low is not None:
+            weight = weight.to(low)
+            logprobs, entropy, probs = _forward(hidden.to(low), weight,
+                                                None if bias is None else bias.to(low), tokens,
+                                                inv_temp, keep_probs=True)
+        else:
+            logprobs, entropy, probs = _forward(hidden, weight, bias, tokens, inv_temp,
+                                                keep_probs=True)
         ctx.save_for_backward(hidden, weight, probs, tokens)
         ctx.has_bias, ctx.inv_temp, ctx.columns = bias is not None, inv_temp, _columns(hidden)
         ctx.mark_non_differentiable(entropy)
@@ -211,7 +231,7 @@ class _HeadLogprobs(torch.autograd.Function):
         else:
             grad_z = probs.mul_(-g[:, None])
             grad_z.scatter_add_(-1, tokens[:, None], g[:, None])
-        if grad_z.dtype != weight.dtype:                 # a model held in bf16
+        if grad_z.dtype != weight.dtype and ctx.master is None:     # a model held in bf16
             grad_z = grad_z.to(weight.dtype)
         if ctx.has_bias:
             # z = (h W^T + b) * s: the scale goes on the gradient of z
@@ -223,10 +243,13 @@ class _HeadLogprobs(torch.autograd.Function):
             x = hidden * ctx.inv_temp if ctx.inv_temp != 1.0 else hidden
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = grad_z @ weight
+            # under CPU autocast: grad_z (float32) cast for the product with the cast weight
+            grad_hidden = grad_z.to(weight.dtype) @ weight
             if not ctx.has_bias and ctx.inv_temp != 1.0:
                 grad_hidden.mul_(ctx.inv_temp)
+            grad_hidden = grad_hidden.to(ctx.hidden_dtype)
         if ctx.needs_input_grad[1]:
+            weight = weight if ctx.master is None else ctx.master   # (CPU autocast: float32)
             into, beta = (grad_buffer_beta(weight, grad_z) if x.dtype == grad_z.dtype
                           else (None, 1.0))
             if into is not None:                          # += grad_z^T x, no fresh (V, H);
@@ -234,5 +257,5 @@ class _HeadLogprobs(torch.autograd.Function):
             else:
                 grad_weight = grad_z.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_z.sum(0)
+            grad_bias = grad_z.sum(0).to(ctx.bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import Tensor, nn
 
 from ppolm.policies.base import Policy
@@ -56,4 +57,6 @@ class ValueHead(nn.Module):
         else:
             assert policy_hidden is not None, "a shared value head needs the policy's hidden states"
             hidden = policy_hidden.detach() if self.detach else policy_hidden
-        return self.linear(hidden.float()).squeeze(-1)
+        # The values in float32 under autocast too (GAE and the value loss read them).
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.linear(hidden.float()).squeeze(-1)
