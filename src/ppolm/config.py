@@ -125,8 +125,8 @@ class PPOConfig:
     units (Intel AMX, Sapphire Rapids and later), whose bf16 products run several times faster
     than float32 ones; without them expect no gain. The LM head's products run in bf16 both
     ways, its softmax, the attention and the values in float32; weights, gradients and
-    optimizer state stay float32. Measured on a 2-core AMX machine: the tiny benchmark's
-    iteration about 10% faster, the 135M size's update not faster (docs/benchmarks.md).
+    optimizer state stay float32. Measured on a 2-core AMX machine: the benchmark's update
+    8% (tiny) and 14% (SmolLM2-135M size) faster, generation 16-20% (docs/benchmarks.md).
     Refused where PyTorch reports no bf16 support for the CPU."""
     keep_freed_memory: bool = True
     """On CPU (Linux, glibc): have malloc keep freed memory for reuse (``ppolm.memory``), so the

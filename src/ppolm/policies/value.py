@@ -58,5 +58,8 @@ class ValueHead(nn.Module):
             assert policy_hidden is not None, "a shared value head needs the policy's hidden states"
             hidden = policy_hidden.detach() if self.detach else policy_hidden
         # The values in float32 under autocast too (GAE and the value loss read them).
-        with torch.autocast(hidden.device.type, enabled=False):
-            return self.linear(hidden.float()).squeeze(-1)
+        if hidden.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(
+                hidden.device.type):
+            with torch.autocast(hidden.device.type, enabled=False):
+                return self.linear(hidden.float()).squeeze(-1)
+        return self.linear(hidden.float()).squeeze(-1)
