@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama
-from ppolm import CallableReward, HFPolicy, PPOConfig, TextGenerationEnv, Trainer, ValueHead
+from ppolm import (
+    CallableReward,
+    HFPolicy,
+    LSTMPolicy,
+    PPOConfig,
+    TextGenerationEnv,
+    Trainer,
+    TransformerPolicy,
+    ValueHead,
+)
 from ppolm import trainer as trainer_module
 from ppolm.errors import ConfigError
 from ppolm.grad_buffers import accumulate_into_grad
@@ -122,7 +131,7 @@ def test_value_head_gives_float32_values_under_autocast():
     torch.testing.assert_close(values, head.linear(hidden).squeeze(-1))
 
 
-def make_trainer(tok, tmp_path, **overrides):
+def make_trainer(tok, tmp_path, kind="llama", separate=True, **overrides):
     cfg = dict(iterations=2, batch_size=8, minibatch_size=4, ppo_epochs=2, seed=0,
                progress=False, output_dir=str(tmp_path), cpu_bf16=True, device="cpu")
     cfg.update(overrides)
@@ -130,16 +139,26 @@ def make_trainer(tok, tmp_path, **overrides):
                             CallableReward(lambda ps, rs: [r.count("a") / 8 for r in rs]),
                             max_new_tokens=6)
     torch.manual_seed(0)
-    policy = HFPolicy(tiny_llama(len(tok)))
-    return Trainer(policy, env, PPOConfig(**cfg), value_head=ValueHead.separate(policy))
+    policy = {"llama": lambda: HFPolicy(tiny_llama(len(tok))),
+              "transformer": lambda: TransformerPolicy(len(tok), hidden_size=32),
+              "lstm": lambda: LSTMPolicy(len(tok), hidden_size=32)}[kind]()
+    value_head = ValueHead.separate(policy) if separate else None
+    return Trainer(policy, env, PPOConfig(**cfg), value_head=value_head)
 
 
-def test_trainer_with_cpu_bf16_trains_float32_weights(tok, tmp_path):
-    trainer = make_trainer(tok, tmp_path)
+@pytest.mark.parametrize("kind,separate,overrides", [
+    ("llama", True, {}),
+    ("llama", False, {"ent_coef": 0.01}),                  # the head's plain (entropy) path
+    ("llama", False, {"rollout_logprobs": "forward"}),
+    ("transformer", False, {}),
+    ("lstm", True, {}),
+])
+def test_trainer_with_cpu_bf16_trains_float32_weights(kind, separate, overrides, tok, tmp_path):
+    trainer = make_trainer(tok, tmp_path, kind, separate, **overrides)
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     history = trainer.train()
     after = trainer.policy.state_dict()
-    assert all(v.dtype == torch.float32 for v in after.values())
+    assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for row in history:
         for key in ("reward_mean", "kl", "approx_kl", "value_loss", "loss"):
