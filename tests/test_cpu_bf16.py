@@ -3,6 +3,7 @@ softmax in float32, attention and values in float32, and the Trainer's use of it
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -172,3 +173,34 @@ def test_cpu_bf16_refused_where_the_cpu_has_no_bf16(tok, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="cpu_bf16"):
         make_trainer(tok, tmp_path)
     make_trainer(tok, tmp_path, cpu_bf16=False)       # float32 is always fine
+
+
+def test_frozen_weights_cast_once_per_sampling_block(tok, tmp_path):
+    """Autocast keeps a weight's bf16 copy for the rest of its block only if the weight
+    requires grad; the Trainer marks a frozen policy's weights for the (gradient-free)
+    sampling block, so each is cast once there, not once per step, and unmarks them after."""
+    from torch.profiler import profile
+
+    from ppolm.models import freeze_lower_layers
+
+    trainer = make_trainer(tok, tmp_path)
+    freeze_lower_layers(trainer.policy, 1)
+    frozen = trainer.policy.model.model.layers[0].mlp.down_proj
+    flags = {n: p.requires_grad for n, p in trainer.policy.named_parameters()}
+    x = torch.randn(3, frozen.in_features)
+
+    def casts(cached: bool) -> int:
+        with profile(record_shapes=True) as prof, torch.no_grad(), trainer._autocast():
+            block = trainer._casts_cached(trainer.policy) if cached else contextlib.nullcontext()
+            with block:
+                for _ in range(5):                              # five sampling steps
+                    frozen(x)
+        return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                   if e.key == "aten::_to_copy" and e.input_shapes
+                   and list(e.input_shapes[0]) == list(frozen.weight.shape))
+
+    assert casts(cached=False) == 5
+    assert casts(cached=True) == 1
+    assert {n: p.requires_grad for n, p in trainer.policy.named_parameters()} == flags
+    trainer.collect()
+    assert {n: p.requires_grad for n, p in trainer.policy.named_parameters()} == flags

@@ -8,6 +8,7 @@ import copy
 import math
 import random
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,7 @@ class Trainer:
         # A policy that splits its trunk but cannot also return the split from its sampling
         # steps gets the frozen layers' output from one forward of them.
         sampler_bottom = from_sampler and samples_bottom(self.policy)
-        with timer("time_generate"), self._autocast():
+        with timer("time_generate"), self._autocast(), self._casts_cached(self.policy):
             episodes = self.env.sample(self.policy, cfg.batch_size, cfg.temperature,
                                        self.device, self.sample_gen, record=from_sampler,
                                        depth=d if sampler_bottom else 0)
@@ -386,6 +387,24 @@ class Trainer:
             stack.enter_context(float32_attention())
             return stack
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _casts_cached(self, module: torch.nn.Module) -> Iterator[None]:
+        """Under CPU autocast, the casts of ``module``'s frozen weights kept for the whole block
+        too. Autocast keeps the bf16 copy of a weight for the rest of its block only when the
+        weight requires grad; a frozen one (``freeze_lower_layers``) would be cast again at every
+        sampling step, which made generation slower than in float32. The block runs without
+        gradient, so marking them for its duration changes nothing else."""
+        frozen = ([p for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
+                  if self.device.type == "cpu" and self.config.cpu_bf16
+                  and not torch.is_grad_enabled() else [])
+        for p in frozen:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write a checkpoint (default: under output_dir/checkpoints); returns its folder."""
