@@ -1,5 +1,6 @@
-"""bf16 autocast on CPU (PPOConfig.cpu_bf16): the head's products in bf16 both ways with its
-softmax in float32, attention and values in float32, and the Trainer's use of it."""
+"""bf16 autocast on CPU (PPOConfig.cpu_bf16): the head's logits and its input's gradient in
+bf16, its softmax and weight gradient in float32, attention and values in float32, and the
+Trainer's use of it."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def bf16_head(hidden, weight, bias, tokens, temperature):
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_head_under_cpu_autocast_runs_its_products_in_bf16(with_bias):
+def test_head_under_cpu_autocast_runs_its_logits_and_input_gradient_in_bf16(with_bias):
     torch.manual_seed(0)
     R, H, V, T = 12, 32, 300, 0.7
     hidden = torch.randn(R, H, requires_grad=True)

@@ -123,10 +123,11 @@ class PPOConfig:
     cpu_bf16: bool = False
     """Use bf16 autocast when the run is on CPU (off: float32). Meant for CPUs with bf16 matrix
     units (Intel AMX, Sapphire Rapids and later), whose bf16 products run several times faster
-    than float32 ones; without them expect no gain. The LM head's products run in bf16 both
-    ways, its softmax, the attention and the values in float32; weights, gradients and
-    optimizer state stay float32. Measured on a 2-core AMX machine: the benchmark's update
-    8% (tiny) and 14% (SmolLM2-135M size) faster, generation 16-20% (docs/benchmarks.md).
+    than float32 ones; without them expect no gain. The LM head's logits and its input's
+    gradient in bf16; its softmax, its weight's gradient, the attention and the values in
+    float32; weights, gradients and optimizer state stay float32. Measured on a 2-core AMX
+    machine: the benchmark's update 8% (tiny) and 14% (SmolLM2-135M size) faster, generation
+    16-20%; the SmolLM2 example's iteration 15.3 against 10.2-10.8 s (docs/benchmarks.md).
     Refused where PyTorch reports no bf16 support for the CPU."""
     keep_freed_memory: bool = True
     """On CPU (Linux, glibc): have malloc keep freed memory for reuse (``ppolm.memory``), so the

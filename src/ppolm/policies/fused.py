@@ -197,9 +197,11 @@ class _HeadLogprobs(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
                 inv_temp: float) -> tuple[Tensor, Tensor]:
-        # Under CPU autocast (PPOConfig.cpu_bf16) the products run in its dtype both ways: the
-        # operands are cast here once and kept for the backward pass, which autocast does not
-        # cover on CPU. The softmax statistics and the gradient of the logits stay float32.
+        # Under CPU autocast (PPOConfig.cpu_bf16) the logits and the hidden state's gradient are
+        # products in its dtype: the weight is cast here once and kept for the backward pass,
+        # which autocast does not cover on CPU. The softmax statistics, the gradient of the
+        # logits and the weight's gradient (a product written into its float32 buffer, cheaper
+        # than a bf16 one cast back) stay float32.
         ctx.hidden_dtype, low = hidden.dtype, _cpu_autocast_dtype(hidden)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.master = weight if low is not None else None      # the float32 weight
