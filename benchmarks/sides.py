@@ -79,15 +79,15 @@ class PpolmSide:
             temperature=work.temperature, kl_coef=work.kl_coef, vf_coef=work.vf_coef,
             adam_eps=1e-8, max_grad_norm=None, lr_schedule="constant", ent_coef=0.0,
             seed=work.seed, device=work.device, bf16=work.bf16,
-            cpu_bf16=work.bf16 and not work.device.startswith("cuda"), progress=False,
-            output_dir=self.out_dir)
+            cpu_bf16=work.bf16 and not work.device.startswith("cuda"), compile=work.compile,
+            progress=False, output_dir=self.out_dir)
         self.trainer = Trainer(policy, env, config, value_head=value_head)
         self.n_params = {
             "policy": matmul_params(models["policy"]),
             "value": 0 if shared else matmul_params(models["value"]),
             "reward": matmul_params(models["reward"]) if work.reward != "toy" else 0,
         }
-        self.notes = {"bf16_autocast": bool(work.bf16),
+        self.notes = {"bf16_autocast": bool(work.bf16), "compile": work.compile,
                       "fused_adamw": bool(self.trainer.optimizer.defaults.get("fused")),
                       "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 
@@ -170,6 +170,7 @@ class TrlSide:
         self.n_params = {"policy": matmul_params(policy), "value": matmul_params(value),
                          "reward": matmul_params(reward) if work.reward != "toy" else 0}
         self.notes = {"mixed_precision": str(self.trainer.accelerator.mixed_precision),
+                      "dynamo_backend": str(self.trainer.accelerator.state.dynamo_plugin.backend),
                       "gradient_checkpointing": bool(policy.is_gradient_checkpointing),
                       "optimizer": type(self.trainer.optimizer.optimizer).__name__,
                       "fused_adamw": bool(self.trainer.optimizer.optimizer.defaults.get("fused"))}
@@ -272,6 +273,8 @@ def worker(conn: Any, side: str, work_dict: dict[str, Any]) -> None:
     import transformers  # noqa: F401  (imports count in the baseline, not in the run)
 
     if side == "trl":
+        if work.compile_trl:      # read by the Accelerator that TRL's PPOTrainer makes
+            os.environ["ACCELERATE_DYNAMO_BACKEND"] = "inductor"
         import trl.experimental.ppo  # noqa: F401
     else:
         import ppolm  # noqa: F401

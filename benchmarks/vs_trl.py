@@ -4,6 +4,7 @@
     python benchmarks/vs_trl.py --quick    # tiny size, speed only (under 3 minutes)
     python benchmarks/vs_trl.py --device cuda --sizes 135m --bf16   # on a GPU
     python benchmarks/vs_trl.py --quick --bf16   # both sides bf16 autocast on a CPU with AMX
+    python benchmarks/vs_trl.py --quick --compile   # ppolm with PPOConfig.compile
 
 Each side runs in its own worker process; the parent alternates them one PPO iteration at a
 time (the side that goes first alternates too), so a change in machine load hits both alike.
@@ -136,7 +137,8 @@ def print_table(work: Work, summary: dict[str, dict[str, Any]], peak: float, dev
 
 def speed(args: argparse.Namespace, size: str, peak: float) -> dict[str, Any]:
     work = Work(size=size, device=args.device, bf16=args.bf16, threads=args.threads,
-                batch_size=args.batch_size, response_len=args.response_len, seed=args.seed)
+                batch_size=args.batch_size, response_len=args.response_len, seed=args.seed,
+                compile=args.compile, compile_trl=args.compile_trl)
     # --quick: the headline pair only (ppolm's default config is measured in a full run).
     sides = ["separate", "trl"] + ([] if args.no_shared or args.quick else ["shared"])
     warmup, iters = (1, 2) if args.quick else (args.warmup, args.iters)
@@ -225,8 +227,13 @@ def main() -> None:
                         "(too short to be conclusive: the full run's check is 3 seeds x 20)")
     p.add_argument("--sizes", default=None, help="comma-separated: tiny,135m")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (on CPU: ppolm's cpu_bf16, TRL's "
-                   "accelerate mixed precision; needs a CPU with bf16 units)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (on CPU: "
+                   "ppolm's cpu_bf16, TRL's accelerate mixed precision; needs a CPU with bf16 "
+                   "units)")
+    p.add_argument("--compile", action="store_true", help="ppolm's side with torch.compile "
+                   "(PPOConfig.compile; compiled in the warm-up iteration, timed there)")
+    p.add_argument("--compile-trl", action="store_true", help="TRL's side with torch.compile "
+                   "(accelerate's dynamo backend, inductor)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--response-len", type=int, default=32)

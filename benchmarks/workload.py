@@ -48,6 +48,8 @@ class Work:
     reward: str = "model"           # "model": a reward model; "toy": the text reward below
     device: str = "cpu"
     bf16: bool = False              # bf16 autocast (on CPU: ppolm's cpu_bf16)
+    compile: bool = False           # torch.compile on ppolm's side (PPOConfig.compile)
+    compile_trl: bool = False       # torch.compile on TRL's (accelerate's dynamo backend)
     threads: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -129,6 +129,12 @@ class PPOConfig:
     machine: the benchmark's update 8% (tiny) and 14% (SmolLM2-135M size) faster, generation
     16-20%; the SmolLM2 example's iteration 15.3 against 10.2-10.8 s (docs/benchmarks.md).
     Refused where PyTorch reports no bf16 support for the CPU."""
+    compile: bool = False
+    """Run the trunks' whole-sequence passes (the update's forward and backward, the rollout's
+    reference and critic forwards) through ``torch.compile``; decoding steps stay eager.
+    ``transformers`` policies only. Costs compile time in the first iterations (and a C++
+    compiler on CPU); same numbers up to float rounding. See docs/benchmarks.md for what it
+    saves."""
     keep_freed_memory: bool = True
     """On CPU (Linux, glibc): have malloc keep freed memory for reuse (``ppolm.memory``), so the
     tensors freed every minibatch are not page-faulted in again; process-wide, and the process

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import random
+import shutil
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,7 +93,7 @@ class Trainer:
         head = self.policy.head_params()
         self.grad_buffers = GradBuffers(self.policy, self.value_head,
                                         heads=[head[0]] if head is not None else [],
-                                        linears=not kept)
+                                        linears=not kept and not config.compile)
         # The fused kernel (CPU and CUDA) updates all parameters in one pass: on a 2-core CPU,
         # 8x faster than the default per-tensor loop for a 49k-token embedding. Token tables
         # that only lookups write have only the rows a gradient ever reached updated (the same
@@ -108,6 +110,8 @@ class Trainer:
                                    config.kl_horizon)
         self.depth, self.ref_shares_bottom = frozen_split(
             self.policy, self.reference, self.device, config.reuse_frozen_layers)
+        if config.compile:     # (after the split's probe, which would compile its own shape)
+            compile_trunks(self.device, self.policy, self.reference, self.value_head.critic)
         self.sample_gen = torch.Generator(self.device).manual_seed(config.seed)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.iteration = 0            # iterations completed
@@ -419,6 +423,20 @@ class Trainer:
 
         load_checkpoint(self, path)
         return self.iteration
+
+
+def compile_trunks(device: torch.device, *policies: Policy | None) -> None:
+    """``compile_trunk`` on each policy given, or a ConfigError for one that cannot, or on a
+    CPU without the C++ compiler that torch.compile builds its kernels with."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in (
+            os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise ConfigError("compile=True on CPU needs a C++ compiler (torch.compile builds its "
+                          "kernels with one): install g++, or leave compile off.")
+    for policy in policies:
+        if policy is not None and not policy.compile_trunk():
+            raise ConfigError(f"compile=True: {type(policy).__name__} does not support "
+                              "torch.compile of its trunk (transformers policies do); leave "
+                              "compile off.")
 
 
 def _lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:

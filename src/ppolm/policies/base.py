@@ -62,6 +62,12 @@ class Policy(nn.Module, ABC):
         """
         return None
 
+    def compile_trunk(self) -> bool:
+        """From now on, run the trunk's whole-sequence passes (no cache: the update's forward
+        and backward, the rollout's reference and critic forwards) through ``torch.compile``;
+        decoding steps stay eager. Returns False when this policy does not support it."""
+        return False
+
     def frozen_depth(self) -> int:
         """How many of the trunk's lower blocks (embeddings included) have no trainable
         parameter, so their output is a fixed function of the tokens (0: none, or a policy

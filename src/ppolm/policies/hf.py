@@ -31,12 +31,15 @@ class HFPolicy(Policy):
         **from_pretrained_kwargs: passed on when ``model`` is a path (e.g. ``gguf_file``).
     """
 
+    _compiled_trunk = False     # compile_trunk() was called
+
     def __init__(self, model: Any, **from_pretrained_kwargs: Any) -> None:
         super().__init__()
         if isinstance(model, (str, Path)):
             model = _load(Path(model), from_pretrained_kwargs)
         self.model = model
         self.model.eval()
+        self._slices: dict[tuple[Any, ...], nn.ModuleList] = {}    # _only's decoder-layer slices
         cfg = model.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
             raise CheckpointError(f"{type(model).__name__} rescales its logits after the head; "
@@ -55,9 +58,19 @@ class HFPolicy(Policy):
         out = self._base(input_ids, attention_mask, cache, use_cache)
         return out.last_hidden_state, (out[self._cache_arg] if use_cache else None)
 
+    def compile_trunk(self) -> bool:
+        self._compiled_trunk = True
+        return True
+
     def _base(self, input_ids: Tensor, attention_mask: Tensor, cache: Any, use_cache: bool,
               hidden_states: bool = False) -> Any:
         """The base model over the new tokens, position ids following the mask."""
+        if self._compiled_trunk and cache is None and not use_cache and not hidden_states:
+            # The token lookup stays outside the compiled graph: the Trainer's update makes its
+            # gradient sparse (ppolm.grad_buffers), which compiled graphs do not produce.
+            embeds = self.model.get_input_embeddings()(input_ids)                 # (B, L, H)
+            return _compiled_base()(self.model.base_model, embeds, attention_mask,
+                                    positions_from_mask(attention_mask))
         past = attention_mask.shape[1] - input_ids.shape[1]
         return self.model.base_model(
             input_ids=input_ids, attention_mask=attention_mask,
@@ -94,9 +107,13 @@ class HFPolicy(Policy):
         base = self.model.base_model
         norm_name = final_norm_name(base)
         norm = getattr(base, norm_name) if norm_name else None
-        setattr(base, name, nn.ModuleList(list(full)[layers]))
+        # The same slice object each time (a compiled trunk checks the modules it runs).
+        key = (layers.start, layers.stop, id(full))
+        if key not in self._slices:
+            self._slices[key] = nn.ModuleList(list(full)[layers])
+        setattr(base, name, self._slices[key])
         if norm_name and not final_norm:
-            setattr(base, norm_name, nn.Identity())
+            setattr(base, norm_name, _IDENTITY)
         try:
             yield
         finally:
@@ -105,18 +122,21 @@ class HFPolicy(Policy):
                 setattr(base, norm_name, norm)
 
     def trunk_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int) -> Tensor:
+        embeds = self.model.get_input_embeddings()(input_ids)                     # (B, L, H)
         with self._only(slice(0, depth), final_norm=False):
-            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=positions_from_mask(attention_mask),
-                                        use_cache=False)
-        return out.last_hidden_state
+            return self._on_embeds(embeds, attention_mask)
 
     def trunk_top(self, bottom: Tensor, input_ids: Tensor, attention_mask: Tensor, depth: int
                   ) -> Tensor:
         with self._only(slice(depth, None), final_norm=True):
-            out = self.model.base_model(inputs_embeds=bottom, attention_mask=attention_mask,
-                                        position_ids=positions_from_mask(attention_mask),
-                                        use_cache=False)
+            return self._on_embeds(bottom, attention_mask)
+
+    def _on_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """The base model's whole-sequence pass from its input embeddings (compiled after
+        ``compile_trunk``). Shapes: (B, L, H), (B, L) -> (B, L, H)."""
+        run = _compiled_base() if self._compiled_trunk else _base_on_embeds
+        out = run(self.model.base_model, embeds, attention_mask,
+                  positions_from_mask(attention_mask))
         return out.last_hidden_state
 
     def trunk_and_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int,
@@ -147,6 +167,25 @@ class HFPolicy(Policy):
 
     def load(self, path: str | Path) -> None:
         self.model.load_state_dict(_load(Path(path), {}).state_dict())
+
+
+def _base_on_embeds(base: nn.Module, embeds: Tensor, attention_mask: Tensor,
+                    position_ids: Tensor) -> Any:
+    """A base model's whole-sequence pass from its input embeddings (no cache)."""
+    return base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False)
+
+
+_COMPILED: list[Any] = []
+_IDENTITY = nn.Identity()      # stands in for the final norm in trunk_bottom
+
+
+def _compiled_base() -> Any:
+    """``_base_on_embeds`` through ``torch.compile``, made on first use and shared by every
+    compiled policy (each model, grad mode and shape gets its own graph, as compile guards)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_base_on_embeds))
+    return _COMPILED[0]
 
 
 @contextlib.contextmanager
