@@ -113,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-bf16", action="store_true",
                    help="bf16 autocast (PPOConfig.cpu_bf16): faster on a CPU with AMX units; "
                         "float32 without it")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile of the trunk's whole-sequence passes (PPOConfig.compile; "
+                        "compiled in the first iterations)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (use 1 on a machine shared with other work)")
     p.add_argument("--seed", type=int, default=0)
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kl_mode="loss" if args.kl == "full" else "reward", kl_estimator=args.kl,
         adaptive_kl=args.adaptive_kl,
         kl_target=args.kl_target, kl_horizon=args.kl_horizon, temperature=1.0,
-        seed=args.seed, device="cpu", cpu_bf16=args.cpu_bf16, output_dir=args.run_dir,
+        seed=args.seed, device="cpu", cpu_bf16=args.cpu_bf16, compile=args.compile,
+        output_dir=args.run_dir,
         keep_checkpoints=1, overwrite=True)
     value_head = ValueHead(policy.hidden_size, detach=args.value_head == "detached")
     trainer = Trainer(policy, env, config, reference=reference, value_head=value_head)

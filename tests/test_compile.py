@@ -4,6 +4,8 @@ same update; decoding stays eager; clear errors where it cannot run."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -15,10 +17,12 @@ from ppolm import (
     PPOConfig,
     TextGenerationEnv,
     Trainer,
+    TransformerPolicy,
     ValueHead,
 )
 from ppolm.errors import ConfigError
 from ppolm.models import freeze_lower_layers
+from ppolm.policies.base import compiled_trunks
 
 
 @pytest.fixture(autouse=True)
@@ -29,26 +33,32 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_trunk_gives_the_eager_hidden_states_and_gradients(tok):
+@pytest.mark.parametrize("kind", ["llama", "transformer"])
+def test_compiled_trunk_gives_the_eager_hidden_states_and_gradients(tok, kind):
+    make = {"llama": lambda: HFPolicy(tiny_llama(len(tok))),
+            "transformer": lambda: TransformerPolicy(len(tok), hidden_size=32)}[kind]
     torch.manual_seed(0)
-    eager = HFPolicy(tiny_llama(len(tok)))
-    compiled = HFPolicy(tiny_llama(len(tok)))
+    eager, compiled = make(), make()
     compiled.load_state_dict(eager.state_dict())
-    assert compiled.compile_trunk()
     ids = torch.randint(0, len(tok), (3, 9))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0                                   # a left-padded row
     outs = []
     for policy in (eager, compiled):
-        hidden, _ = policy.trunk(ids, mask)
+        with compiled_trunks(policy) if policy is compiled else contextlib.nullcontext():
+            hidden, _ = policy.trunk(ids, mask)
         (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
         outs.append((hidden.detach(), {n: p.grad for n, p in policy.named_parameters()}))
     real = mask.bool()
     torch.testing.assert_close(outs[1][0][real], outs[0][0][real], rtol=1e-4, atol=1e-5)
     for name, grad in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
-    # the compiled path really ran: dynamo made a graph of the base model
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    # the compiled path really ran: dynamo made a graph of the trunk; outside the block the
+    # policy is eager again (no new graph for a new shape)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and not compiled._compiled_trunk
+    compiled.trunk(ids[:, :5], mask[:, :5])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def make_trainer(tok, tmp_path, compile, frozen=False, **overrides):
@@ -78,8 +88,10 @@ def test_trainer_with_compile_makes_the_eager_update(tok, tmp_path, frozen):
         runs.append((rollout, stats, {n: p.detach().clone()
                                       for n, p in trainer.policy.named_parameters()},
                      trainer.value_head.linear.weight.detach().clone()))
-        # the trunks' passes went through compiled graphs (or, eager, through none)
+        # the trunks' passes went through compiled graphs (or, eager, through none), and the
+        # policies are eager again outside the Trainer's blocks
         assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compile
+        assert not trainer.policy._compiled_trunk and not trainer.reference._compiled_trunk
     (r0, s0, w0, v0), (r1, s1, w1, v1) = runs
     # the same samples (decoding is eager), the compiled reference and critic give their numbers
     assert torch.equal(r0.input_ids, r1.input_ids)
@@ -96,6 +108,9 @@ def test_trainer_with_compile_makes_the_eager_update(tok, tmp_path, frozen):
 
 
 def test_compile_refused_for_a_policy_without_it(tok, tmp_path):
+    with pytest.raises(ConfigError, match="LSTMPolicy does not support torch.compile"):
+        with compiled_trunks(LSTMPolicy(len(tok), hidden_size=8)):
+            pass
     env = TextGenerationEnv(["a"], tok, CallableReward(lambda ps, rs: [0.0] * len(rs)),
                             max_new_tokens=2)
     with pytest.raises(ConfigError, match="LSTMPolicy does not support torch.compile"):

@@ -30,7 +30,13 @@ from ppolm.losses import full_kl, kl_penalty, policy_loss, value_loss
 from ppolm.memory import keep_freed_memory
 from ppolm.metrics import MetricsWriter
 from ppolm.optim import AdamW
-from ppolm.policies.base import Policy, forward_response, frozen_split, samples_bottom
+from ppolm.policies.base import (
+    Policy,
+    compiled_trunks,
+    forward_response,
+    frozen_split,
+    samples_bottom,
+)
 from ppolm.policies.hf import float32_attention
 from ppolm.policies.value import ValueHead
 from ppolm.progress import Timer, progress_bar
@@ -110,8 +116,8 @@ class Trainer:
                                    config.kl_horizon)
         self.depth, self.ref_shares_bottom = frozen_split(
             self.policy, self.reference, self.device, config.reuse_frozen_layers)
-        if config.compile:     # (after the split's probe, which would compile its own shape)
-            compile_trunks(self.device, self.policy, self.reference, self.value_head.critic)
+        if config.compile:
+            check_compile(self.device, self.policy, self.reference, self.value_head.critic)
         self.sample_gen = torch.Generator(self.device).manual_seed(config.seed)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.iteration = 0            # iterations completed
@@ -172,7 +178,7 @@ class Trainer:
         ids, mask = episodes.input_ids, episodes.attention_mask
         T = episodes.response_mask.shape[1]
         exact_kl = cfg.kl_estimator == "full"      # (config: only with kl_mode='loss')
-        with timer("time_forward"), self._autocast():
+        with timer("time_forward"), self._autocast(), self._compiled():
             # The frozen lower layers' output, once per rollout (depth 0: none).
             bottom = (episodes.bottom if sampler_bottom else
                       self.policy.trunk_bottom(ids, mask, d) if d else None)      # (B, L, H)
@@ -236,7 +242,8 @@ class Trainer:
         cfg = self.config
         stats: dict[str, list[float]] = defaultdict(list)
         epochs_done = 0
-        with self.grad_buffers.active():   # backward adds into kept gradients (grad_buffers)
+        # backward adds into kept gradients (grad_buffers); trunks compiled with config.compile
+        with self.grad_buffers.active(), self._compiled():
             for epoch in range(cfg.ppo_epochs):
                 perm = torch.randperm(cfg.batch_size, generator=self.shuffle_gen).to(self.device)
                 epoch_kl = []
@@ -392,6 +399,12 @@ class Trainer:
             return stack
         return contextlib.nullcontext()
 
+    def _compiled(self) -> contextlib.AbstractContextManager[Any]:
+        """With config.compile, the trunks' whole-sequence passes through torch.compile."""
+        if self.config.compile:
+            return compiled_trunks(self.policy, self.reference, self.value_head.critic)
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
     def _casts_cached(self, module: torch.nn.Module) -> Iterator[None]:
         """Under CPU autocast, the casts of ``module``'s frozen weights kept for the whole block
@@ -425,18 +438,18 @@ class Trainer:
         return self.iteration
 
 
-def compile_trunks(device: torch.device, *policies: Policy | None) -> None:
-    """``compile_trunk`` on each policy given, or a ConfigError for one that cannot, or on a
-    CPU without the C++ compiler that torch.compile builds its kernels with."""
+def check_compile(device: torch.device, *policies: Policy | None) -> None:
+    """A ConfigError for a policy that cannot compile its trunk, or on a CPU without the C++
+    compiler that torch.compile builds its kernels with."""
     if device.type == "cpu" and not any(shutil.which(c) for c in (
             os.environ.get("CXX", "g++"), "g++", "clang++")):
         raise ConfigError("compile=True on CPU needs a C++ compiler (torch.compile builds its "
                           "kernels with one): install g++, or leave compile off.")
     for policy in policies:
-        if policy is not None and not policy.compile_trunk():
+        if policy is not None and not policy.supports_compile:
             raise ConfigError(f"compile=True: {type(policy).__name__} does not support "
-                              "torch.compile of its trunk (transformers policies do); leave "
-                              "compile off.")
+                              "torch.compile of its trunk (transformers policies and "
+                              "TransformerPolicy do); leave compile off.")
 
 
 def _lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:

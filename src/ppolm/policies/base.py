@@ -11,7 +11,9 @@ of a row are contiguous. Position ids are derived from the attention mask
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ppolm.errors import CheckpointError, DataError
+from ppolm.errors import CheckpointError, ConfigError, DataError
 from ppolm.losses import token_entropy
 from ppolm.policies.fused import head_logprobs
 
@@ -38,6 +40,10 @@ class Policy(nn.Module, ABC):
     vocab_size: int
     hidden_size: int
     max_length: int | None
+    # Whether ``trunk`` can run its whole-sequence passes through torch.compile, and whether it
+    # does now (inside ``compiled_trunks``).
+    supports_compile: bool = False
+    _compiled_trunk: bool = False
 
     @abstractmethod
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
@@ -61,12 +67,6 @@ class Policy(nn.Module, ABC):
         policies do so by themselves).
         """
         return None
-
-    def compile_trunk(self) -> bool:
-        """From now on, run the trunk's whole-sequence passes (no cache: the update's forward
-        and backward, the rollout's reference and critic forwards) through ``torch.compile``;
-        decoding steps stay eager. Returns False when this policy does not support it."""
-        return False
 
     def frozen_depth(self) -> int:
         """How many of the trunk's lower blocks (embeddings included) have no trainable
@@ -112,6 +112,25 @@ class Policy(nn.Module, ABC):
     @abstractmethod
     def load(self, path: str | Path) -> None:
         """Load weights written by ``save`` into this policy."""
+
+
+@contextlib.contextmanager
+def compiled_trunks(*policies: Policy | None) -> Iterator[None]:
+    """While the block runs, the trunks' whole-sequence passes (no cache) of ``policies`` go
+    through ``torch.compile``; decoding steps stay eager. The Trainer wraps its rollout's
+    forward passes and its update in it (``PPOConfig.compile``), so evaluation and other uses
+    outside stay eager and make no graphs of their own."""
+    found = [p for p in policies if p is not None]
+    before = [p._compiled_trunk for p in found]
+    for p in found:
+        if not p.supports_compile:
+            raise ConfigError(f"{type(p).__name__} does not support torch.compile of its trunk.")
+        p._compiled_trunk = True
+    try:
+        yield
+    finally:
+        for p, b in zip(found, before, strict=True):
+            p._compiled_trunk = b
 
 
 def check_ids(policy: Policy, input_ids: Tensor, attention_mask: Tensor) -> None:

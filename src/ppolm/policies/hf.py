@@ -31,7 +31,7 @@ class HFPolicy(Policy):
         **from_pretrained_kwargs: passed on when ``model`` is a path (e.g. ``gguf_file``).
     """
 
-    _compiled_trunk = False     # compile_trunk() was called
+    supports_compile = True
 
     def __init__(self, model: Any, **from_pretrained_kwargs: Any) -> None:
         super().__init__()
@@ -57,10 +57,6 @@ class HFPolicy(Policy):
               use_cache: bool = False) -> tuple[Tensor, Any]:
         out = self._base(input_ids, attention_mask, cache, use_cache)
         return out.last_hidden_state, (out[self._cache_arg] if use_cache else None)
-
-    def compile_trunk(self) -> bool:
-        self._compiled_trunk = True
-        return True
 
     def _base(self, input_ids: Tensor, attention_mask: Tensor, cache: Any, use_cache: bool,
               hidden_states: bool = False) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,6 +52,8 @@ class TransformerPolicy(TorchPolicy):
         dropout: dropout probability (PPO keeps the model in eval mode, so it is off anyway).
     """
 
+    supports_compile = True
+
     def __init__(self, vocab_size: int, hidden_size: int = 64, n_layers: int = 2,
                  n_heads: int = 4, max_length: int = 256, dropout: float = 0.0) -> None:
         super().__init__()
@@ -88,6 +92,8 @@ class TransformerPolicy(TorchPolicy):
         k_idx = torch.arange(Lk, device=x.device)[None, :]
         allowed = (k_idx <= q_idx) & attention_mask.bool()[:, None, :]       # (B, Lq, Lk)
         allowed = (allowed | (k_idx == q_idx)).unsqueeze(1)                 # (B, 1, Lq, Lk)
+        if self._compiled_trunk and cache is None and not use_cache:
+            return _compiled_blocks()(self.blocks, self.ln_f, x, allowed), None
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, allowed, cache[i] if cache is not None else None)
@@ -101,3 +107,24 @@ class TransformerPolicy(TorchPolicy):
         if type(self).head is not TransformerPolicy.head:   # a subclass makes its own logits
             return None
         return self.lm_head.weight, None
+
+
+def _blocks_on_embeds(blocks: nn.ModuleList, ln_f: nn.Module, x: Tensor, allowed: Tensor
+                      ) -> Tensor:
+    """The blocks and the final norm over whole sequences (no cache). Shapes: x (B, L, H),
+    allowed (B, 1, L, L) -> (B, L, H)."""
+    for block in blocks:
+        x, _ = block(x, allowed, None)
+    out: Tensor = ln_f(x)
+    return out
+
+
+_COMPILED: list[Any] = []
+
+
+def _compiled_blocks() -> Any:
+    """``_blocks_on_embeds`` through ``torch.compile``, made on first use (the token and
+    position lookups stay outside: the update makes the token table's gradient sparse)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_blocks_on_embeds))
+    return _COMPILED[0]
