@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -137,8 +138,9 @@ class TrlSide:
         ref = copy.deepcopy(policy)
         dataset = Dataset.from_dict({"input_ids": tok(prompts)["input_ids"]})
         cuda = work.device.startswith("cuda")
+        self.out_dir = tempfile.mkdtemp(prefix="trl-bench-")
         args = PPOConfig(
-            output_dir=tempfile.mkdtemp(prefix="trl-bench-"), use_cpu=not cuda, bf16=work.bf16,
+            output_dir=self.out_dir, use_cpu=not cuda, bf16=work.bf16,
             per_device_train_batch_size=work.batch_size, gradient_accumulation_steps=1,
             num_mini_batches=work.num_minibatches, num_ppo_epochs=work.ppo_epochs,
             response_length=work.response_len, stop_token=None, total_episodes=10**8,
@@ -279,9 +281,10 @@ def worker(conn: Any, side: str, work_dict: dict[str, Any]) -> None:
     else:
         import ppolm  # noqa: F401
     baseline = rss_mib()[0]
+    runner: Any = None
     try:
         t0 = time.perf_counter()
-        runner: Any = TrlSide(work) if side == "trl" else PpolmSide(work, shared=side == "shared")
+        runner = TrlSide(work) if side == "trl" else PpolmSide(work, shared=side == "shared")
         conn.send({"ok": True, "build_s": time.perf_counter() - t0, "n_params": runner.n_params,
                    "baseline_mib": baseline, "notes": runner.notes})
         while True:
@@ -304,3 +307,5 @@ def worker(conn: Any, side: str, work_dict: dict[str, Any]) -> None:
                    "traceback": traceback.format_exc()})
     finally:
         conn.close()
+        if runner is not None:      # the side's output folder (metrics, TRL's logs)
+            shutil.rmtree(runner.out_dir, ignore_errors=True)

@@ -128,8 +128,8 @@ class HFPolicy(Policy):
             return self._on_embeds(bottom, attention_mask)
 
     def _on_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        """The base model's whole-sequence pass from its input embeddings (compiled after
-        ``compile_trunk``). Shapes: (B, L, H), (B, L) -> (B, L, H)."""
+        """The base model's whole-sequence pass from its input embeddings (compiled inside
+        ``compiled_trunks``). Shapes: (B, L, H), (B, L) -> (B, L, H)."""
         run = _compiled_base() if self._compiled_trunk else _base_on_embeds
         out = run(self.model.base_model, embeds, attention_mask,
                   positions_from_mask(attention_mask))
