@@ -174,7 +174,8 @@ def learning(args: argparse.Namespace) -> dict[str, Any]:
           f"{len(seeds)} seed(s) x {iters} iterations per side")
     for seed in seeds:
         work = Work(size="tiny", reward="toy", response_len=16, learning_rate=args.learn_lr,
-                    device=args.device, bf16=args.bf16, threads=args.threads, seed=seed)
+                    device=args.device, bf16=args.bf16, threads=args.threads, seed=seed,
+                    compile=args.compile, compile_trl=args.compile_trl)
         raw = run_alternating(work, ["separate", "trl"], 0, iters, log=lambda *_: None)
         for s in curves:
             curves[s].append([r["score"] for r in raw[s]["iters"]])
@@ -207,7 +208,7 @@ def scaling(args: argparse.Namespace, peak: float) -> list[dict[str, Any]]:
     print("\n[scaling] ppolm (separate critic), tiny size; 1 warm-up + 2 measured iterations")
     for b, t in grid:
         work = Work(size="tiny", batch_size=b, response_len=t, device=args.device,
-                    bf16=args.bf16, threads=args.threads, seed=args.seed)
+                    bf16=args.bf16, threads=args.threads, seed=args.seed, compile=args.compile)
         raw = run_alternating(work, ["separate"], 1, 2, log=lambda *_: None)
         s = summarise(work, raw["separate"], peak)
         tokens = b * (work.prompt_len + t)
