@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,17 @@ def compiled_trunks(*policies: Policy | None) -> Iterator[None]:
     finally:
         for p, b in zip(found, before, strict=True):
             p._compiled_trunk = b
+
+
+_COMPILED: dict[Callable[..., Any], Any] = {}
+
+
+def compiled(fn: Callable[..., Any]) -> Any:
+    """``fn`` through ``torch.compile``, made on first use and shared by every policy that
+    calls it (each model, grad mode and shape gets its own graph, as compile guards)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
 
 
 def check_ids(policy: Policy, input_ids: Tensor, attention_mask: Tensor) -> None:

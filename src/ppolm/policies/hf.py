@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ppolm.errors import CheckpointError
-from ppolm.policies.base import Policy, positions_from_mask
+from ppolm.policies.base import Policy, compiled, positions_from_mask
 
 
 class HFPolicy(Policy):
@@ -55,18 +55,17 @@ class HFPolicy(Policy):
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
               use_cache: bool = False) -> tuple[Tensor, Any]:
+        if self._compiled_trunk and cache is None and not use_cache:
+            # The token lookup stays outside the compiled graph: the Trainer's update makes its
+            # gradient sparse (ppolm.grad_buffers), which compiled graphs do not produce.
+            embeds = self.model.get_input_embeddings()(input_ids)                 # (B, L, H)
+            return self._on_embeds(embeds, attention_mask), None
         out = self._base(input_ids, attention_mask, cache, use_cache)
         return out.last_hidden_state, (out[self._cache_arg] if use_cache else None)
 
     def _base(self, input_ids: Tensor, attention_mask: Tensor, cache: Any, use_cache: bool,
               hidden_states: bool = False) -> Any:
         """The base model over the new tokens, position ids following the mask."""
-        if self._compiled_trunk and cache is None and not use_cache and not hidden_states:
-            # The token lookup stays outside the compiled graph: the Trainer's update makes its
-            # gradient sparse (ppolm.grad_buffers), which compiled graphs do not produce.
-            embeds = self.model.get_input_embeddings()(input_ids)                 # (B, L, H)
-            return _compiled_base()(self.model.base_model, embeds, attention_mask,
-                                    positions_from_mask(attention_mask))
         past = attention_mask.shape[1] - input_ids.shape[1]
         return self.model.base_model(
             input_ids=input_ids, attention_mask=attention_mask,
@@ -130,7 +129,7 @@ class HFPolicy(Policy):
     def _on_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
         """The base model's whole-sequence pass from its input embeddings (compiled inside
         ``compiled_trunks``). Shapes: (B, L, H), (B, L) -> (B, L, H)."""
-        run = _compiled_base() if self._compiled_trunk else _base_on_embeds
+        run = compiled(_base_on_embeds) if self._compiled_trunk else _base_on_embeds
         out = run(self.model.base_model, embeds, attention_mask,
                   positions_from_mask(attention_mask))
         return out.last_hidden_state
@@ -172,16 +171,7 @@ def _base_on_embeds(base: nn.Module, embeds: Tensor, attention_mask: Tensor,
                 use_cache=False)
 
 
-_COMPILED: list[Any] = []
 _IDENTITY = nn.Identity()      # stands in for the final norm in trunk_bottom
-
-
-def _compiled_base() -> Any:
-    """``_base_on_embeds`` through ``torch.compile``, made on first use and shared by every
-    compiled policy (each model, grad mode and shape gets its own graph, as compile guards)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_base_on_embeds))
-    return _COMPILED[0]
 
 
 @contextlib.contextmanager

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ppolm.errors import ConfigError
-from ppolm.policies.base import TorchPolicy, positions_from_mask
+from ppolm.policies.base import TorchPolicy, compiled, positions_from_mask
 
 KVCache = list[tuple[Tensor, Tensor]]   # per layer: keys and values (B, heads, Lpast, head_dim)
 
@@ -93,7 +91,8 @@ class TransformerPolicy(TorchPolicy):
         allowed = (k_idx <= q_idx) & attention_mask.bool()[:, None, :]       # (B, Lq, Lk)
         allowed = (allowed | (k_idx == q_idx)).unsqueeze(1)                 # (B, 1, Lq, Lk)
         if self._compiled_trunk and cache is None and not use_cache:
-            return _compiled_blocks()(self.blocks, self.ln_f, x, allowed), None
+            # (the lookups stay outside: the update makes the token table's gradient sparse)
+            return compiled(_blocks_on_embeds)(self.blocks, self.ln_f, x, allowed), None
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, allowed, cache[i] if cache is not None else None)
@@ -117,14 +116,3 @@ def _blocks_on_embeds(blocks: nn.ModuleList, ln_f: nn.Module, x: Tensor, allowed
         x, _ = block(x, allowed, None)
     out: Tensor = ln_f(x)
     return out
-
-
-_COMPILED: list[Any] = []
-
-
-def _compiled_blocks() -> Any:
-    """``_blocks_on_embeds`` through ``torch.compile``, made on first use (the token and
-    position lookups stay outside: the update makes the token table's gradient sparse)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_blocks_on_embeds))
-    return _COMPILED[0]
