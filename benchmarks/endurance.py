@@ -30,7 +30,7 @@ def main() -> None:
     import torch
 
     from ppolm import PPOConfig, TextGenerationEnv, Trainer, TransformerPolicy, char_tokenizer
-    from ppolm.tasks import make_task
+    from ppolm.rollout.tasks import make_task
 
     torch.manual_seed(0)
     task = make_task("continue")

@@ -93,7 +93,7 @@ class PpolmSide:
                       "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 
     def step(self) -> dict[str, float]:
-        from ppolm.progress import Timer
+        from ppolm.training.progress import Timer
 
         tr = self.trainer
         timer = Timer()

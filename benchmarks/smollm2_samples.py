@@ -5,8 +5,8 @@ prompts of a split, in order: prompt i's samples are indices ``i * n .. i * n + 
 from __future__ import annotations
 
 from ppolm import HFPolicy, SentimentReward, TextGenerationEnv
-from ppolm.models import chat_prompts, load_smollm2
-from ppolm.tasks import movie_review_prompts
+from ppolm.policies.pretrained import chat_prompts, load_smollm2
+from ppolm.rollout.tasks import movie_review_prompts
 
 
 def repeated_prompts_env(split: str, k: int, n: int) -> tuple[HFPolicy, TextGenerationEnv]:

@@ -3,7 +3,7 @@
     python benchmarks/update_ab.py --size tiny --reps 6
 
 Builds ppolm's side of the vs_trl workload (separate critic by default), collects one rollout,
-then times ``Trainer.update`` on it alternately with the gradient buffers (``ppolm.grad_buffers``:
+then times ``Trainer.update`` on it alternately with the gradient buffers (``ppolm.engines.fast_cpu.grad_buffers``:
 ppolm's default) and without (PyTorch's default backward: fresh gradients every minibatch,
 ``nn.Embedding``'s dense backward), restoring the weights and optimizer state before each timing
 so both variants do the same work. Prints seconds per update and page faults for each.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ppolm.grad_buffers import GradBuffers
+from ppolm.engines.fast_cpu.grad_buffers import GradBuffers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sides import PpolmSide  # noqa: E402

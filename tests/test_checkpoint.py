@@ -16,9 +16,9 @@ import torch
 
 from conftest import toy_trainer
 from ppolm import Trainer
-from ppolm.checkpoint import latest_checkpoint
+from ppolm.training.checkpoint import latest_checkpoint
 from ppolm.errors import CheckpointError, ConfigError
-from ppolm.metrics import read_metrics
+from ppolm.training.metrics import read_metrics
 
 
 def build(out: Path, iterations: int = 4, save_every: int = 2) -> Trainer:
@@ -52,7 +52,7 @@ import os, sys
 sys.path.insert(0, {tests!r})
 from test_checkpoint import build
 from pathlib import Path
-import ppolm.checkpoint as ck
+import ppolm.training.checkpoint as ck
 kill_at = os.environ.get("KILL_AT")
 if kill_at:
     real = getattr(ck, kill_at)
@@ -127,7 +127,7 @@ def test_corrupt_or_missing_checkpoints(tmp_path):
 
 def test_corrupt_gguf_file_is_a_checkpoint_error(tmp_path):
     pytest.importorskip("gguf")
-    from ppolm.models import load_gguf
+    from ppolm.policies.pretrained import load_gguf
 
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00\xff" * 64)

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from ppolm import clipping
+from ppolm.engines.fast_cpu import clipping
 
 
 def make_params() -> list[torch.nn.Parameter]:

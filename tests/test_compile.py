@@ -21,7 +21,7 @@ from ppolm import (
     ValueHead,
 )
 from ppolm.errors import ConfigError
-from ppolm.models import freeze_lower_layers
+from ppolm.policies.pretrained import freeze_lower_layers
 from ppolm.policies.base import compiled_trunks
 
 

@@ -24,8 +24,8 @@ from ppolm import (
 )
 from ppolm import trainer as trainer_module
 from ppolm.errors import ConfigError
-from ppolm.grad_buffers import accumulate_into_grad
-from ppolm.policies.fused import head_logprobs
+from ppolm.engines.fast_cpu.grad_buffers import accumulate_into_grad
+from ppolm.engines.fast_cpu.fused import head_logprobs
 from ppolm.policies.hf import float32_attention
 
 pytestmark = pytest.mark.skipif(not trainer_module.cpu_bf16_supported(),
@@ -182,7 +182,7 @@ def test_frozen_weights_cast_once_per_sampling_block(tok, tmp_path):
     sampling block, so each is cast once there, not once per step, and unmarks them after."""
     from torch.profiler import profile
 
-    from ppolm.models import freeze_lower_layers
+    from ppolm.policies.pretrained import freeze_lower_layers
 
     trainer = make_trainer(tok, tmp_path)
     freeze_lower_layers(trainer.policy, 1)

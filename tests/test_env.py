@@ -11,8 +11,8 @@ import torch
 
 from ppolm import CallableReward, RewardFunction, TextGenerationEnv, TransformerPolicy
 from ppolm.errors import DataError, RewardError
-from ppolm.rewards import WeightedReward
-from ppolm.sampling import filter_logits, sample
+from ppolm.rollout.rewards import WeightedReward
+from ppolm.rollout.sampling import filter_logits, sample
 
 
 class Length(RewardFunction):
@@ -203,7 +203,7 @@ def test_prefix_shaping_rewards_each_token_with_the_score_increment(tok, penalty
 
 
 def test_score_increments_add_up_to_the_score():
-    from ppolm.env import score_increments
+    from ppolm.rollout.env import score_increments
 
     phi = torch.tensor([[0.0, 0.1, 0.3, 0.9], [0.0, 0.5, 0.0, 0.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])

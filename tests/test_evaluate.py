@@ -10,7 +10,7 @@ import torch
 
 from ppolm import CallableReward, EvalResult, TransformerPolicy, char_tokenizer, evaluate
 from ppolm.errors import DataError
-from ppolm.evaluate import distinct_n, format_pairs, format_table, sequence_kl
+from ppolm.evaluation.evaluate import distinct_n, format_pairs, format_table, sequence_kl
 
 ALPHABET = "abcdefghij"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppolm import grad_buffers
-from ppolm.grad_buffers import accumulate_into_grad
+from ppolm.engines.fast_cpu import grad_buffers
+from ppolm.engines.fast_cpu.grad_buffers import accumulate_into_grad
 from ppolm.policies import fused
 from ppolm.policies.base import forward_response
-from ppolm.policies.fused import head_logprobs
+from ppolm.engines.fast_cpu.fused import head_logprobs
 
 
 def reference(hidden, weight, bias, tokens, temperature):

@@ -19,8 +19,8 @@ from ppolm import (
     char_tokenizer,
     clipping,
 )
-from ppolm.grad_buffers import GradBuffers
-from ppolm.tasks import make_task
+from ppolm.engines.fast_cpu.grad_buffers import GradBuffers
+from ppolm.rollout.tasks import make_task
 
 
 def build(kind: str, tmp_path, keep_freed_memory: bool = False, ent_coef: float = 0.0) -> Trainer:

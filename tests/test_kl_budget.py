@@ -13,7 +13,7 @@ import torch
 
 from ppolm import CallableReward, TransformerPolicy, char_tokenizer, evaluate
 from ppolm.errors import ConfigError
-from ppolm.kl_budget import WeightPath, fit_kl_budget
+from ppolm.evaluation.kl_budget import WeightPath, fit_kl_budget
 
 ALPHABET = "abcdefghij"
 PROMPTS = ["abc", "bcd", "cde", "def", "efg", "fgh", "ghi", "hij"]

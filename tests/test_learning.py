@@ -15,7 +15,7 @@ from ppolm import (
     TransformerPolicy,
     char_tokenizer,
 )
-from ppolm.tasks import make_task
+from ppolm.rollout.tasks import make_task
 
 # (policy, task) -> (iterations, batch size, learning rate, schedule, entropy coefficient).
 # Found by a small sweep; for transformer/continue, last-5 mean score with 1e-3, linear decay,

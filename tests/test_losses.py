@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ppolm import entropy, kl_penalty, policy_loss, value_loss
-from ppolm.losses import full_kl
+from ppolm.maths.losses import full_kl
 
 
 def test_policy_loss_at_ratio_one_is_minus_mean_advantage():

@@ -1,4 +1,4 @@
-"""ppolm.memory: with malloc keeping freed memory, a block freed and allocated again is reused
+"""ppolm.engines.fast_cpu.memory: with malloc keeping freed memory, a block freed and allocated again is reused
 (no page faults the second time), where glibc's default hands it back to the kernel."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import resource
 import pytest
 import torch
 
-from ppolm.memory import keep_freed_memory
+from ppolm.engines.fast_cpu.memory import keep_freed_memory
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="glibc only")

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_llama
 from ppolm import HFPolicy, PPOConfig, TextGenerationEnv, Trainer, char_tokenizer, models
 from ppolm.errors import CheckpointError, ConfigError, DataError
-from ppolm.tasks import TargetCharReward
+from ppolm.rollout.tasks import TargetCharReward
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""ppolm.optim.AdamW: the rows of lookup-only tables updated lazily, bitwise as torch's AdamW."""
+"""ppolm.engines.fast_cpu.optim.AdamW: the rows of lookup-only tables updated lazily, bitwise as torch's AdamW."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from ppolm import clipping
-from ppolm.optim import AdamW
+from ppolm.engines.fast_cpu import clipping
+from ppolm.engines.fast_cpu.optim import AdamW
 
 V, H = 40, 6
 

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_llama
 from ppolm import CallableReward, HFPolicy, TextGenerationEnv, TransformerPolicy
 from ppolm.policies.base import forward_response
-from ppolm.sampling import draw, generate
+from ppolm.rollout.sampling import draw, generate
 
 
 def test_draw_follows_the_probabilities_and_skips_zeros():

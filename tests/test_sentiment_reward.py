@@ -9,7 +9,7 @@ import pytest
 from ppolm import SentimentReward
 from ppolm.errors import RewardError
 from ppolm.run import RunSpec, load_reward
-from ppolm.tasks import movie_review_prompts
+from ppolm.rollout.tasks import movie_review_prompts
 
 needs_vader = pytest.mark.skipif(importlib.util.find_spec("vaderSentiment") is None,
                                  reason="needs: pip install vaderSentiment")

@@ -31,7 +31,7 @@ def smol():
 
 
 def test_second_load_reads_the_cache(smol):
-    from ppolm import models
+    from ppolm.policies import pretrained as models
 
     t0 = time.perf_counter()
     folder = models.dequantize_gguf(models.smollm2_gguf_file())
@@ -41,7 +41,7 @@ def test_second_load_reads_the_cache(smol):
 
 def test_generates_english_from_a_chat_prompt(smol):
     from ppolm import chat_prompts
-    from ppolm.sampling import sample
+    from ppolm.rollout.sampling import sample
 
     policy, tok = smol
     assert policy.vocab_size == 49152 and policy.hidden_size == 576

@@ -23,7 +23,7 @@ from ppolm import (
     TransformerPolicy,
 )
 from ppolm.errors import TrainingError
-from ppolm.losses import full_kl
+from ppolm.maths.losses import full_kl
 from ppolm.policies.base import forward_response
 
 # Prompts of different lengths, so rows carry left padding; an untrained policy emits EOS at
@@ -345,7 +345,7 @@ def test_prefix_shaping_with_kl_and_whitened_rewards(tok, tmp_path):
 
 
 def frozen_trainer(kind, tok, path, reuse=True, reference=None, **overrides):
-    from ppolm.models import freeze_lower_layers
+    from ppolm.policies.pretrained import freeze_lower_layers
 
     cfg = dict(iterations=1, batch_size=16, minibatch_size=8, ppo_epochs=2, seed=0,
                progress=False, output_dir=str(path), reuse_frozen_layers=reuse)
@@ -416,7 +416,7 @@ def test_frozen_split_is_refused_where_it_would_change_the_numbers(tok, tmp_path
 def test_a_policy_that_cannot_record_its_split_gets_it_from_one_forward(tok, tmp_path):
     """A custom policy with trunk_bottom/trunk_top but no trunk_and_bottom still reuses its
     frozen layers with the sampler's logprobs: the rollout runs the lower layers once."""
-    from ppolm.models import freeze_lower_layers
+    from ppolm.policies.pretrained import freeze_lower_layers
     from ppolm.policies.base import Policy
 
     class NoRecord(HFPolicy):

@@ -1,8 +1,8 @@
 """ppolm: Proximal Policy Optimization for language models."""
 
-from ppolm.advantages import compute_gae, masked_mean, masked_var, whiten
-from ppolm.config import PPOConfig
-from ppolm.env import TextGenerationEnv, read_prompts
+from ppolm.maths.advantages import compute_gae, masked_mean, masked_var, whiten
+from ppolm.training.config import PPOConfig
+from ppolm.rollout.env import TextGenerationEnv, read_prompts
 from ppolm.errors import (
                           CheckpointError,
                           ConfigError,
@@ -11,22 +11,22 @@ from ppolm.errors import (
                           RewardError,
                           TrainingError,
 )
-from ppolm.evaluate import EvalResult, distinct_n, evaluate
-from ppolm.kl_budget import BudgetFit, WeightPath, fit_kl_budget
-from ppolm.kl_control import KLController
-from ppolm.losses import entropy, kl_penalty, policy_loss, value_loss
-from ppolm.models import chat_prompts, freeze_lower_layers, load_gguf, load_smollm2
+from ppolm.evaluation.evaluate import EvalResult, distinct_n, evaluate
+from ppolm.evaluation.kl_budget import BudgetFit, WeightPath, fit_kl_budget
+from ppolm.training.kl_control import KLController
+from ppolm.maths.losses import entropy, kl_penalty, policy_loss, value_loss
+from ppolm.policies.pretrained import chat_prompts, freeze_lower_layers, load_gguf, load_smollm2
 from ppolm.policies import HFPolicy, LSTMPolicy, Policy, TransformerPolicy, ValueHead
-from ppolm.rewards import (
+from ppolm.rollout.rewards import (
     CallableReward,
     RewardFunction,
     SentimentReward,
     SequenceClassifierReward,
     WeightedReward,
 )
-from ppolm.tokenization import char_tokenizer
-from ppolm.trainer import Trainer
-from ppolm.types import Episodes, Rollout
+from ppolm.rollout.tokenization import char_tokenizer
+from ppolm.training.trainer import Trainer
+from ppolm.rollout.types import Episodes, Rollout
 
 __version__ = "0.1.0"
 

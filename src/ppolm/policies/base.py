@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ppolm.errors import CheckpointError, ConfigError, DataError
-from ppolm.losses import token_entropy
-from ppolm.policies.fused import head_logprobs
+from ppolm.maths.losses import token_entropy
+from ppolm.engines.fast_cpu.fused import head_logprobs
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -62,7 +62,7 @@ class Policy(nn.Module, ABC):
         """(weight (V, H), bias (V,) or None) when ``head`` is one linear map, else None.
 
         With them, ``forward_response`` computes logprobs without keeping the logits (see
-        ``ppolm.policies.fused``) and the sampler projects with them directly; None falls back
+        ``ppolm.engines.fast_cpu.fused``) and the sampler projects with them directly; None falls back
         to ``head``. A subclass that overrides ``head`` must return None here (the built-in
         policies do so by themselves).
         """
@@ -218,7 +218,7 @@ def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
 
     The entropy carries a gradient only with ``entropy_grad=True`` (an entropy bonus in the
     loss); otherwise it is a statistic, and a policy with a linear head gets logprobs and
-    entropy from one fused function that keeps no logits (``ppolm.policies.fused``).
+    entropy from one fused function that keeps no logits (``ppolm.engines.fast_cpu.fused``).
 
     ``full_dist=True`` also returns the whole log-softmax (B, T, V) (the exact KL needs it).
 

@@ -57,7 +57,7 @@ class HFPolicy(Policy):
               use_cache: bool = False) -> tuple[Tensor, Any]:
         if self._compiled_trunk and cache is None and not use_cache:
             # The token lookup stays outside the compiled graph: the Trainer's update makes its
-            # gradient sparse (ppolm.grad_buffers), which compiled graphs do not produce.
+            # gradient sparse (ppolm.engines.fast_cpu.grad_buffers), which compiled graphs do not produce.
             embeds = self.model.get_input_embeddings()(input_ids)                 # (B, L, H)
             return self._on_embeds(embeds, attention_mask), None
         out = self._base(input_ids, attention_mask, cache, use_cache)

@@ -56,7 +56,7 @@ class PPOConfig:
     gradient's size; a warm-up keeps them small."""
     average_last: int = 0
     """End training with the uniform mean of the policy's trainable weights after each of the
-    last N iterations instead of the last iterate (tail averaging, see ppolm.averaging): when
+    last N iterations instead of the last iterate (tail averaging, see ppolm.training.averaging): when
     the late iterates scatter around a fixed point, their noise, and the KL it costs, averages
     out. 0 (default): the last iterate. At most ``iterations``."""
     adam_eps: float = 1e-5
@@ -137,7 +137,7 @@ class PPOConfig:
     and 20% (SmolLM2-135M size) faster, after a first iteration that compiles for about
     15-50 s (tiny) or 3-4 minutes (135M) (docs/benchmarks.md)."""
     keep_freed_memory: bool = True
-    """On CPU (Linux, glibc): have malloc keep freed memory for reuse (``ppolm.memory``), so the
+    """On CPU (Linux, glibc): have malloc keep freed memory for reuse (``ppolm.engines.fast_cpu.memory``), so the
     tensors freed every minibatch are not page-faulted in again; process-wide, and the process
     keeps its peak memory."""
     reuse_frozen_layers: bool = True

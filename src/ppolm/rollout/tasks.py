@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ppolm.rewards import RewardFunction, SentimentReward
+from ppolm.rollout.rewards import RewardFunction, SentimentReward
 
 ALPHABET = "abcdefghij"
 
@@ -73,14 +73,14 @@ def make_task(name: str) -> ToyTask:
     raise ConfigError(f"Unknown toy task {name!r}; use 'continue' or 'target_char'.")
 
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent.parent / "data"
 
 
 def movie_review_prompts(split: str = "train") -> list[str]:
     """Requests for a two-sentence review of a named movie, as plain user messages (wrap them
-    with ``ppolm.models.chat_prompts`` for a chat model). 'train': 294 prompts; 'eval': 64
+    with ``ppolm.policies.pretrained.chat_prompts`` for a chat model). 'train': 294 prompts; 'eval': 64
     held-out prompts about other movies."""
-    from ppolm.env import read_prompts
+    from ppolm.rollout.env import read_prompts
     from ppolm.errors import ConfigError
 
     if split not in ("train", "eval"):

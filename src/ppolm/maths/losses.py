@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ppolm.advantages import masked_mean, masked_sum
+from ppolm.maths.advantages import masked_mean, masked_sum
 
 
 def _mean(x: Tensor, mask: Tensor, num_tokens: Tensor | float | None) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from ppolm.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
-    from ppolm.trainer import Trainer
+    from ppolm.training.trainer import Trainer
 
 COMPLETE = "COMPLETE"
 
@@ -161,7 +161,7 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
     before its next checkpoint), so a resumed run's metrics.jsonl has each iteration once."""
     if not path.is_file():
         return
-    from ppolm.metrics import read_metrics
+    from ppolm.training.metrics import read_metrics
 
     rows = [r for r in read_metrics(path) if r.get("iteration", 0) <= iteration]
     tmp = path.with_suffix(".jsonl.tmp")

@@ -16,9 +16,9 @@ from torch import Tensor
 
 from ppolm.errors import DataError, RewardError
 from ppolm.policies.base import Policy
-from ppolm.rewards import RewardFunction, check_scores
-from ppolm.sampling import generate
-from ppolm.types import Episodes
+from ppolm.rollout.rewards import RewardFunction, check_scores
+from ppolm.rollout.sampling import generate
+from ppolm.rollout.types import Episodes
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -158,7 +158,7 @@ class TextGenerationEnv:
         With ``indices``, use those prompts instead (``n`` is then ignored and the prompt order
         is left untouched), as an evaluation over a fixed set does. ``record`` and ``depth``:
         also return the sampler's logprobs, states and frozen-layer output (see
-        ``ppolm.sampling.generate``)."""
+        ``ppolm.rollout.sampling.generate``)."""
         idx = list(indices) if indices is not None else self.next_indices(n)
         prompts = [self.prompts[i] for i in idx]
         enc = self.tokenizer.pad({"input_ids": [self.prompt_ids[i] for i in idx]},

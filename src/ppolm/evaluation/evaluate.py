@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppolm.env import TextGenerationEnv
+from ppolm.rollout.env import TextGenerationEnv
 from ppolm.errors import DataError
-from ppolm.losses import kl_penalty
+from ppolm.maths.losses import kl_penalty
 from ppolm.policies.base import Policy, forward_response, frozen_split, samples_bottom
 
 

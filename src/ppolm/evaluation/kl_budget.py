@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ppolm.errors import ConfigError
-from ppolm.evaluate import evaluate
+from ppolm.evaluation.evaluate import evaluate
 
 
 class WeightPath:
@@ -102,7 +102,7 @@ def fit_kl_budget(policy: Any, reference: Any, tokenizer: Any, prompts: list[str
                   reward_fn: Any, budget: float, *, max_tries: int = 3, max_alpha: float = 1.0,
                   tolerance: float = 0.0, **evaluate_kwargs: Any) -> BudgetFit:
     """Move the trained ``policy`` along the line from ``reference`` (in place) until its KL to
-    it, measured by ``ppolm.evaluate`` on ``prompts``, lies in the band
+    it, measured by ``ppolm.evaluation.evaluate`` on ``prompts``, lies in the band
     ``[budget - tolerance, budget]`` nats per response.
 
     With the defaults (``max_alpha=1``, ``tolerance=0``) only shrinking is allowed and the band is

@@ -26,11 +26,11 @@ without gradient 80 against 140 ms (docs/benchmarks.md). Rechecked on the AVX-51
 99-107 against 105-106 ms), the forward without gradient faster at H=576 (42 against 52-55 ms),
 so the layout stays. On CUDA the row-major layout is kept.
 
-Inside ``ppolm.grad_buffers.accumulate_into_grad`` (the Trainer's update), the backward pass
+Inside ``ppolm.engines.fast_cpu.grad_buffers.accumulate_into_grad`` (the Trainer's update), the backward pass
 adds the head's weight gradient in place into the weight's existing ``.grad``, a persistent
 buffer, instead of returning a fresh (V, H) tensor (113 MB for SmolLM2) for autograd to add
 there, and writes it over the buffer (beta 0) when the buffer's contents are stale, so the
-buffer needs no zeroing pass of its own (see ``ppolm.grad_buffers``).
+buffer needs no zeroing pass of its own (see ``ppolm.engines.fast_cpu.grad_buffers``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppolm.grad_buffers import grad_buffer_beta
+from ppolm.engines.fast_cpu.grad_buffers import grad_buffer_beta
 
 
 def head_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,

@@ -12,10 +12,10 @@ fresh memory ran at half the speed of the same product into memory already mappe
   buffer, zeroed (not reallocated) before each later minibatch, and released after the update
   (the rollout gets the memory back);
 * with ``linears=True`` (the Trainer's choice when malloc does not keep freed memory, see
-  ``ppolm.memory``: with it, fresh gradients cost no faults and these buffers cost more than they
+  ``ppolm.engines.fast_cpu.memory``: with it, fresh gradients cost no faults and these buffers cost more than they
   save), every trained CPU ``nn.Linear`` computes its weight gradient as ``grad += g^T x``
   straight into that buffer (``_LinearIntoGrad``; the same maths as ``nn.Linear``'s backward);
-* the LM head does the same (``ppolm.policies.fused``);
+* the LM head does the same (``ppolm.engines.fast_cpu.fused``);
 * token-table lookups give sparse gradients (the looked-up rows), which autograd adds in place
   into the buffer; for a table tied to the head that avoids autograd adding a dense and a sparse
   gradient out of place (one more fresh full-table tensor and a copy);

@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ppolm import clipping
-from ppolm.advantages import compute_gae, explained_variance, masked_sum, masked_var, whiten
-from ppolm.averaging import TailAverage
-from ppolm.config import PPOConfig
-from ppolm.env import TextGenerationEnv
+from ppolm.engines.fast_cpu import clipping
+from ppolm.maths.advantages import compute_gae, explained_variance, masked_sum, masked_var, whiten
+from ppolm.training.averaging import TailAverage
+from ppolm.training.config import PPOConfig
+from ppolm.rollout.env import TextGenerationEnv
 from ppolm.errors import ConfigError, TrainingError
-from ppolm.grad_buffers import GradBuffers
-from ppolm.kl_control import KLController
-from ppolm.losses import full_kl, kl_penalty, policy_loss, value_loss
-from ppolm.memory import keep_freed_memory
-from ppolm.metrics import MetricsWriter
-from ppolm.optim import AdamW
+from ppolm.engines.fast_cpu.grad_buffers import GradBuffers
+from ppolm.training.kl_control import KLController
+from ppolm.maths.losses import full_kl, kl_penalty, policy_loss, value_loss
+from ppolm.engines.fast_cpu.memory import keep_freed_memory
+from ppolm.training.metrics import MetricsWriter
+from ppolm.engines.fast_cpu.optim import AdamW
 from ppolm.policies.base import (
     Policy,
     compiled_trunks,
@@ -39,8 +39,8 @@ from ppolm.policies.base import (
 )
 from ppolm.policies.hf import float32_attention
 from ppolm.policies.value import ValueHead
-from ppolm.progress import Timer, progress_bar
-from ppolm.types import Episodes, Rollout
+from ppolm.training.progress import Timer, progress_bar
+from ppolm.rollout.types import Episodes, Rollout
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,7 +103,7 @@ class Trainer:
         # The fused kernel (CPU and CUDA) updates all parameters in one pass: on a 2-core CPU,
         # 8x faster than the default per-tensor loop for a 49k-token embedding. Token tables
         # that only lookups write have only the rows a gradient ever reached updated (the same
-        # numbers, ppolm.optim).
+        # numbers, ppolm.engines.fast_cpu.optim).
         fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = AdamW(self.params, lr=config.learning_rate, eps=config.adam_eps,
                                weight_decay=config.weight_decay, fused=fused,
@@ -131,7 +131,7 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
         """Run the remaining iterations; returns one metrics dict per iteration run."""
-        from ppolm.checkpoint import save_checkpoint, start_fresh
+        from ppolm.training.checkpoint import save_checkpoint, start_fresh
 
         cfg = self.config
         if self.iteration == 0:
@@ -276,7 +276,7 @@ class Trainer:
         grad_norm = float(clipping.grad_norm(self.params, self.grad_buffers.rows))
         finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
         if finite:
-            # Clipping to max_grad_norm happens inside the step (ppolm.clipping).
+            # Clipping to max_grad_norm happens inside the step (ppolm.engines.fast_cpu.clipping).
             clipping.step_with_factor(self.optimizer, self.params,
                                       clipping.clip_factor(grad_norm, cfg.max_grad_norm))
             self.scheduler.step()
@@ -358,7 +358,7 @@ class Trainer:
 
     def log(self, episodes: Episodes, rollout: Rollout, stats: dict[str, float],
             timer: Timer) -> dict[str, Any]:
-        """Write the iteration's metrics (fixed names, see ppolm.metrics.METRIC_NAMES)."""
+        """Write the iteration's metrics (fixed names, see ppolm.training.metrics.METRIC_NAMES)."""
         cfg, mask = self.config, rollout.response_mask
         # The metric uses the optimised estimator; for the exact KL (optimised per state),
         # k1 on the sampled tokens: the unbiased estimate of the KL of whole responses.
@@ -425,14 +425,14 @@ class Trainer:
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write a checkpoint (default: under output_dir/checkpoints); returns its folder."""
-        from ppolm.checkpoint import save_checkpoint
+        from ppolm.training.checkpoint import save_checkpoint
 
         return save_checkpoint(self, path)
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default: the newest complete one under output_dir/checkpoints)
         and continue from it on the next ``train()``; returns the iteration reached."""
-        from ppolm.checkpoint import load_checkpoint
+        from ppolm.training.checkpoint import load_checkpoint
 
         load_checkpoint(self, path)
         return self.iteration

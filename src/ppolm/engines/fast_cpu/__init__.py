@@ -1,0 +1,1 @@
+"""engines/fast_cpu"""
