@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ppolm import CallableReward, RewardFunction, TextGenerationEnv, TransformerPolicy
-from ppolm.errors import DataError, RewardError
+from ppolm.errors import ConfigError, DataError, RewardError
 from ppolm.rollout.rewards import WeightedReward
 from ppolm.rollout.sampling import filter_logits, sample
 
@@ -62,12 +62,95 @@ def test_top_k_and_top_p_filters():
     assert torch.isfinite(p1[0, 0]) and torch.isinf(p1[0, 1:]).all()
 
 
-def test_missing_eos_penalty(tok):
+def test_missing_eos_penalty_is_subtracted_from_responses_that_never_end(tok):
+    # As TRL's field of the same name: a positive penalty LOWERS the score of a response that
+    # never emitted an end token, by exactly the penalty; a response that ended keeps its score.
     policy = TransformerPolicy(len(tok), hidden_size=32)
-    env = make_env(tok, reward=CallableReward(lambda p, r: [0.0] * len(r)),
-                   max_new_tokens=3, missing_eos_penalty=-1.0)
-    ep = env.sample(policy, 32, 1.0, torch.device("cpu"))
-    assert torch.equal(ep.scores, torch.where(ep.ended, 0.0, -1.0))
+    cpu = torch.device("cpu")
+    plain = make_env(tok, max_new_tokens=3)
+    penalised = make_env(tok, max_new_tokens=3, missing_eos_penalty=1.0)
+    base = plain.sample(policy, 32, 1.0, cpu, torch.Generator().manual_seed(0))
+    ep = penalised.sample(policy, 32, 1.0, cpu, torch.Generator().manual_seed(0))
+    assert torch.equal(ep.input_ids, base.input_ids)           # the same responses
+    assert ep.ended.any() and (~ep.ended).any()
+    assert (base.scores > 0).any()                             # Length: not all zero
+    assert ep.scores[ep.ended].tolist() == base.scores[ep.ended].tolist()
+    assert (ep.scores[~ep.ended] - base.scores[~ep.ended]).tolist() == [-1.0] * int(
+        (~ep.ended).sum())
+
+
+@pytest.mark.parametrize("penalty", [-1.0, -0.5, -1, float("nan")])
+def test_a_negative_missing_eos_penalty_is_refused(tok, penalty):
+    with pytest.raises(DataError, match="SUBTRACTED.*give a positive number \\(e.g. 1.0\\)"):
+        make_env(tok, missing_eos_penalty=penalty)
+    make_env(tok, missing_eos_penalty=0.0)                      # no penalty: allowed
+
+
+def test_env_spec_refuses_a_negative_missing_eos_penalty():
+    from ppolm.run import EnvSpec
+
+    with pytest.raises(ConfigError, match="missing_eos_penalty=-1 is SUBTRACTED.*positive"):
+        EnvSpec(missing_eos_penalty=-1)
+    assert EnvSpec(missing_eos_penalty=1.0).missing_eos_penalty == 1.0
+
+
+class AOrC(TransformerPolicy):
+    """Draws 'a' or 'c', each with probability 1/2; never EOS."""
+
+    def head(self, hidden):
+        logits = torch.full((*hidden.shape[:-1], self.vocab_size), -1e9)
+        logits[..., [4, 6]] = 0.0                             # 'a', 'c' in the char tokenizer
+        return logits
+
+
+def test_stop_token_ids_end_a_response(tok):
+    c = tok.convert_tokens_to_ids("c")
+    assert c == 6 and tok.eos_token_id == 1
+    policy = AOrC(len(tok), hidden_size=32)
+    cpu = torch.device("cpu")
+    env = make_env(tok, max_new_tokens=6, stop_token_ids=[c])
+    assert env.stop_ids(policy) == [tok.eos_token_id, c]
+    ep = env.sample(policy, 32, 1.0, cpu, torch.Generator().manual_seed(0))
+    resp = ep.input_ids[:, -ep.response_mask.shape[1]:]
+    lengths = ep.response_mask.sum(1).tolist()
+    assert max(lengths) > 1 and min(lengths) < resp.shape[1]    # rows of several lengths
+    assert ep.ended.any()
+    for ids, m, ended, text in zip(resp.tolist(), ep.response_mask.tolist(),
+                                   ep.ended.tolist(), ep.responses, strict=True):
+        n = sum(m)
+        assert m == [1] * n + [0] * (len(m) - n)             # the stop token is a response token
+        assert ids[n:] == [tok.pad_token_id] * (len(m) - n)
+        assert c not in ids[: n - 1]                         # it ends the response at once
+        assert ended == (ids[n - 1] == c)
+        assert text == "a" * (n - 1 if ended else n)          # left out of the text
+    assert ep.scores.tolist() == [float(len(t)) for t in ep.responses]
+
+    # Without it, 'c' is an ordinary token: every response runs to max_new_tokens.
+    plain = make_env(tok, max_new_tokens=6).sample(policy, 32, 1.0, cpu,
+                                                   torch.Generator().manual_seed(0))
+    assert plain.response_mask.shape == (32, 6) and bool(plain.response_mask.bool().all())
+    assert not plain.ended.any() and any("c" in t for t in plain.responses)
+
+
+@pytest.mark.parametrize("ids,words", [
+    ([-1], "\\[-1\\] are not token ids"),
+    ([1, "c"], "\\['c'\\] are not token ids"),
+    ([2.0], "\\[2.0\\] are not token ids"),
+    ([True], "\\[True\\] are not token ids"),
+    (5, "must be a list of token ids"),
+    ("abc", "must be a list of token ids"),
+])
+def test_bad_stop_token_ids(tok, ids, words):
+    with pytest.raises(DataError, match=words):
+        make_env(tok, stop_token_ids=ids)
+
+
+def test_stop_token_ids_must_fit_the_vocabulary(tok):
+    env = make_env(tok, stop_token_ids=[5, len(tok)])
+    with pytest.raises(DataError, match=f"stop_token_ids \\[{len(tok)}\\] are outside"):
+        env.check_policy(TransformerPolicy(len(tok), hidden_size=32))
+    make_env(tok, stop_token_ids=[5, len(tok) - 1]).check_policy(
+        TransformerPolicy(len(tok), hidden_size=32))
 
 
 def test_prompt_order_covers_every_prompt_each_pass(tok):
@@ -181,7 +264,7 @@ def test_sequence_classifier_reward_scores_with_a_real_model(tok):
     assert len(scores) == 3 and scores[1] == pytest.approx(alone, abs=1e-5)
 
 
-@pytest.mark.parametrize("penalty", [None, -1.0])
+@pytest.mark.parametrize("penalty", [None, 1.0])
 def test_prefix_shaping_rewards_each_token_with_the_score_increment(tok, penalty):
     # Length of the text so far: with one character per token, each token adds 1 but the
     # special ones (EOS, BOS, ...: not in the text) add 0; a missing-EOS penalty lands on the
@@ -196,7 +279,7 @@ def test_prefix_shaping_rewards_each_token_with_the_score_increment(tok, penalty
         n = int(ep.response_mask[b].sum())
         expect = [0.0 if t in tok.all_special_ids else 1.0 for t in resp[b, :n].tolist()]
         if penalty is not None and not ep.ended[b]:
-            expect[-1] += penalty
+            expect[-1] -= penalty                          # subtracted
         expect += [0.0] * (resp.shape[1] - n)
         assert ep.token_scores[b].tolist() == pytest.approx(expect)
     assert torch.allclose(ep.token_scores.sum(1), ep.scores)

@@ -6,7 +6,6 @@ import torch
 
 from conftest import tiny_llama
 from ppolm import CallableReward, HFPolicy, TextGenerationEnv, TransformerPolicy
-from ppolm.policies.base import forward_response
 from ppolm.rollout.sampling import draw, generate
 
 
@@ -96,6 +95,9 @@ def test_ignore_eos_gives_every_response_max_new_tokens(tok):
 def test_sampling_matches_a_forward_pass(tok):
     """The sampler's recorded logprobs and states (decoding steps over the cache, the head on
     the last position) equal a forward pass over the finished sequences, to float rounding."""
+    # Imported here: the engines refactor moves it (from ppolm.policies.base).
+    from ppolm.engines.fast_cpu.forward import forward_response
+
     torch.manual_seed(0)
     policy = HFPolicy(tiny_llama(len(tok)))
     ids = torch.randint(4, len(tok), (4, 6))
@@ -108,3 +110,63 @@ def test_sampling_matches_a_forward_pass(tok):
         fwd = forward_response(policy, full, torch.cat([mask, out.mask], 1), 5, 0.7)
     torch.testing.assert_close(out.logprobs, fwd.logprobs, atol=2e-5, rtol=0)
     torch.testing.assert_close(out.hidden, fwd.hidden, atol=2e-5, rtol=0)
+
+
+class AOrCHF(HFPolicy):
+    """A tiny Llama whose logits put probability 1/2 on 'a' and on 'c' (never on EOS)."""
+
+    def head(self, hidden):
+        logits = torch.full((*hidden.shape[:-1], self.vocab_size), -1e9)
+        logits[..., [4, 6]] = 0.0                             # 'a', 'c' in the char tokenizer
+        return logits
+
+
+def test_a_generation_config_with_several_eos_ids_stops_on_each(tok):
+    """A policy whose generation config lists two end-of-sequence ids ([EOS, 'c']) stops at 'c'
+    too: 'c' is a response token, the mask is 0 after it, the row has ended, the text has no
+    'c'. With the config's EOS alone, or with ignore_eos, 'c' is an ordinary token."""
+    from transformers import GenerationConfig
+
+    c = tok.convert_tokens_to_ids("c")
+    model = tiny_llama(len(tok))
+    model.generation_config = GenerationConfig(eos_token_id=[tok.eos_token_id, c])
+    policy = AOrCHF(model)
+    reward = CallableReward(lambda ps, rs: [0.0] * len(rs))
+    cpu = torch.device("cpu")
+    env = TextGenerationEnv(["ab", "cde"], tok, reward, max_new_tokens=6)
+    assert env.stop_ids(policy) == [tok.eos_token_id, c]
+    ep = env.sample(policy, 16, 1.0, cpu, torch.Generator().manual_seed(0))
+    resp = ep.input_ids[:, -ep.response_mask.shape[1]:]
+    lengths = ep.response_mask.sum(1).tolist()
+    assert max(lengths) > 1 and min(lengths) < resp.shape[1] and ep.ended.any()
+    for ids, m, ended, text in zip(resp.tolist(), ep.response_mask.tolist(),
+                                   ep.ended.tolist(), ep.responses, strict=True):
+        n = sum(m)
+        assert m == [1] * n + [0] * (len(m) - n)
+        assert ids[n:] == [tok.pad_token_id] * (len(m) - n)
+        assert ids[: n - 1] == [4] * (n - 1)                  # 'a's up to the end
+        assert ended == (ids[n - 1] == c)
+        assert text == "a" * (n - 1 if ended else n)
+
+    # The sampler itself, given both ids: a row stops at the first of either.
+    ids = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    out = generate(policy, ids, torch.ones_like(ids), 6, [tok.eos_token_id, c], 0,
+                   generator=torch.Generator().manual_seed(0))
+    stopped = 0
+    for row, m in zip(out.tokens.tolist(), out.mask.tolist(), strict=True):
+        n = sum(m)
+        assert m == [1] * n + [0] * (len(m) - n) and row[n:] == [0] * (len(m) - n)
+        assert c not in row[: n - 1] and (row[n - 1] == c or n == 6)
+        stopped += row[n - 1] == c
+    assert stopped > 0
+
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
+    assert env.stop_ids(policy) == [tok.eos_token_id]
+    one = env.sample(policy, 16, 1.0, cpu, torch.Generator().manual_seed(0))
+    assert one.response_mask.shape == (16, 6) and not one.ended.any()
+
+    model.generation_config = GenerationConfig(eos_token_id=[tok.eos_token_id, c])
+    fixed = TextGenerationEnv(["ab", "cde"], tok, reward, max_new_tokens=6, ignore_eos=True)
+    ep = fixed.sample(policy, 16, 1.0, cpu, torch.Generator().manual_seed(0))
+    assert ep.response_mask.shape == (16, 6) and bool(ep.response_mask.bool().all())
+    assert (ep.input_ids[:, -6:] == c).sum(1).gt(1).any()      # 'c' sampled, and sampled on

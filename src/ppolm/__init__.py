@@ -1,8 +1,6 @@
 """ppolm: Proximal Policy Optimization for language models."""
 
-from ppolm.maths.advantages import compute_gae, masked_mean, masked_var, whiten
-from ppolm.training.config import PPOConfig
-from ppolm.rollout.env import TextGenerationEnv, read_prompts
+from ppolm.engines import Engine, FastCPUEngine, PlainEngine
 from ppolm.errors import (
                           CheckpointError,
                           ConfigError,
@@ -13,25 +11,28 @@ from ppolm.errors import (
 )
 from ppolm.evaluation.evaluate import EvalResult, distinct_n, evaluate
 from ppolm.evaluation.kl_budget import BudgetFit, WeightPath, fit_kl_budget
-from ppolm.training.kl_control import KLController
+from ppolm.maths.advantages import compute_gae, masked_mean, masked_var, whiten
 from ppolm.maths.losses import entropy, kl_penalty, policy_loss, value_loss
-from ppolm.policies.pretrained import chat_prompts, freeze_lower_layers, load_gguf, load_smollm2
 from ppolm.policies import HFPolicy, LSTMPolicy, Policy, TransformerPolicy, ValueHead
+from ppolm.policies.pretrained import chat_prompts, freeze_lower_layers, load_gguf, load_smollm2
+from ppolm.rollout.env import TextGenerationEnv, read_prompts
 from ppolm.rollout.rewards import (
-    CallableReward,
-    RewardFunction,
-    SentimentReward,
-    SequenceClassifierReward,
-    WeightedReward,
+                          CallableReward,
+                          RewardFunction,
+                          SentimentReward,
+                          SequenceClassifierReward,
+                          WeightedReward,
 )
 from ppolm.rollout.tokenization import char_tokenizer
+from ppolm.rollout.types import Advantages, Episodes, Rollout
+from ppolm.training.config import PPOConfig
+from ppolm.training.kl_control import KLController
 from ppolm.training.trainer import Trainer
-from ppolm.rollout.types import Episodes, Rollout
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BudgetFit", "CallableReward", "CheckpointError", "ConfigError", "DataError", "Episodes",
+    "Advantages", "BudgetFit", "Engine", "FastCPUEngine", "PlainEngine", "CallableReward", "CheckpointError", "ConfigError", "DataError", "Episodes",
     "EvalResult", "HFPolicy", "KLController", "LSTMPolicy", "PPOConfig", "PPOLMError", "Policy",
     "RewardError", "RewardFunction", "Rollout", "SentimentReward", "SequenceClassifierReward",
     "TextGenerationEnv", "Trainer", "TrainingError", "TransformerPolicy", "ValueHead",

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ppolm.errors import PPOLMError
+from ppolm.training.config import PPOConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                        "ppo.learning_rate=1e-4, model.kind=lstm or iterations=20")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint in output_dir")
-    sub.add_parser("show-config", help="print the default run config as YAML")
+    sub.add_parser("show-config", help="print the built-in default run's config as YAML")
     ns = parser.parse_args(argv)
     try:
         if ns.command == "show-config":
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from ppolm.run import RunSpec
 
-            print(yaml.safe_dump(RunSpec().to_dict(), sort_keys=False), end="")
+            print(yaml.safe_dump(RunSpec.load(None, []).to_dict(), sort_keys=False), end="")
             return 0
         return _train(ns.args, ns.resume)
     except PPOLMError as e:
@@ -44,8 +45,9 @@ def _train(args: list[str], resume: bool) -> int:
     config = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if config else args
     spec = RunSpec.load(config, overrides)
+    spec.ppo = command_line_defaults(spec.ppo, Path(config).stem if config else "default")
     trainer = build_run(spec)
-    out = Path(spec.ppo.output_dir)
+    out = Path(str(spec.ppo.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     if resume:
@@ -63,6 +65,20 @@ def _train(args: list[str], resume: bool) -> int:
     print(f"metrics: {out / 'metrics.jsonl'}")
     print(f"checkpoints: {out / 'checkpoints'}")
     return 0
+
+
+def command_line_defaults(ppo: PPOConfig, name: str) -> PPOConfig:
+    """What the command sets where the config leaves it open: an output_dir (runs/NAME), and,
+    on the fast CPU engine, malloc keeping freed memory (process-wide, which a command may
+    decide for its process and a library may not)."""
+    from ppolm.training.engines import resolve_device
+
+    values = ppo.to_dict()
+    if ppo.output_dir is None:
+        values["output_dir"] = f"runs/{name}"
+    if ppo.engine != "plain" and resolve_device(ppo.device).type == "cpu":
+        values["keep_freed_memory"] = True
+    return PPOConfig(**values)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ppolm.training.config import PPOConfig, check_keys, check_types, load_yaml_mapping, parse_overrides
 from ppolm.errors import ConfigError
+from ppolm.training.config import SECTIONS, PPOConfig
+from ppolm.training.config_io import check_keys, check_types, load_yaml_mapping, parse_overrides
+
+#: The built-in default run (``ppolm train`` without a config file).
+DEMO = Path(__file__).parent / "data" / "demo.yaml"
 
 ModelKind = Literal["transformer", "lstm", "hf", "smollm2"]
 ValueKind = Literal["shared", "detached", "separate"]
@@ -58,7 +62,9 @@ class EnvSpec:
     top_p: float = 1.0
     """Nucleus sampling threshold (1.0: all)."""
     missing_eos_penalty: float | None = None
-    """Added to the score of a response without EOS (e.g. -1.0)."""
+    """Non-negative amount SUBTRACTED from the score of a response that never emits an end
+    token (e.g. 1.0), as TRL's field of the same name; None for no penalty. Negative values are
+    refused."""
     prefix_shaping: bool = False
     """Score every prefix of each response and reward each token with the score's increment
     (potential-based shaping; the increments add up to the score). Calls the reward about
@@ -69,6 +75,10 @@ class EnvSpec:
         if self.max_new_tokens <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"env: max_new_tokens={self.max_new_tokens} must be > 0, "
                               f"top_k={self.top_k} >= 0 and top_p={self.top_p} in (0, 1].")
+        if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
+            raise ConfigError(f"env.missing_eos_penalty={self.missing_eos_penalty} is SUBTRACTED "
+                              "from the score of a response that never ends (as in TRL): give a "
+                              "positive number (e.g. 1.0), or null for no penalty.")
     chat_template: bool = False
     """Wrap each prompt as a user message in the tokenizer's chat template (and add no other
     special tokens); for chat models such as smollm2."""
@@ -80,9 +90,7 @@ class RunSpec:
 
     model: ModelSpec = field(default_factory=ModelSpec)
     env: EnvSpec = field(default_factory=EnvSpec)
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
-        iterations=200, batch_size=64, minibatch_size=16, learning_rate=1e-3,
-        lr_schedule="linear", ent_coef=0.01, kl_coef=0.01, output_dir="runs/default"))
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     task: str | None = "continue"
     """Built-in toy task (continue, target_char): tokenizer, prompts and reward in one."""
     prompts: str | None = None
@@ -115,12 +123,16 @@ class RunSpec:
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str]) -> RunSpec:
-        """The spec from a YAML file (or the defaults) with ``key=value`` overrides applied.
+        """The spec from a YAML file (without one: the built-in default run, ``DEMO``) with
+        ``key=value`` overrides applied. Settings the file does not give take the defaults of
+        ``ModelSpec``, ``EnvSpec`` and ``PPOConfig`` (the same as from Python).
 
         Override keys are dotted (``ppo.learning_rate=1e-4``, ``model.kind=lstm``); a bare
         PPOConfig field name (``learning_rate=1e-4``) means ``ppo.<name>``.
         """
-        values = load_yaml_mapping(path) if path is not None else {}
+        values = load_yaml_mapping(path if path is not None else DEMO)
+        if isinstance(values.get("ppo"), dict):      # sections allowed, as PPOConfig writes
+            values["ppo"] = PPOConfig.from_dict(values["ppo"]).to_dict()
         base = cls().to_dict()
         for key in ("model", "env", "ppo"):
             base[key].update(values.pop(key, None) or {})
@@ -128,6 +140,8 @@ class RunSpec:
         ppo_fields = {f.name for f in dataclasses.fields(PPOConfig) if f.init}
         for key, value in parse_overrides(overrides).items():
             section, _, name = key.rpartition(".")
+            if section.startswith("ppo.") and section[4:] in SECTIONS:
+                section = "ppo"                   # ppo.system.engine=plain
             if not section and name in ppo_fields:
                 section = "ppo"
             elif not section and name not in base:
@@ -171,11 +185,12 @@ def build_run(spec: RunSpec) -> Any:
     """Policy, tokenizer, environment and Trainer from a RunSpec; returns the Trainer."""
     import torch
 
-    from ppolm.rollout.env import TextGenerationEnv
     from ppolm.policies import LSTMPolicy, TransformerPolicy, ValueHead
+    from ppolm.rollout.env import TextGenerationEnv
     from ppolm.rollout.tasks import make_task
     from ppolm.rollout.tokenization import char_tokenizer
-    from ppolm.training.trainer import Trainer, seed_everything
+    from ppolm.training.seeding import seed_everything
+    from ppolm.training.trainer import Trainer
 
     seed_everything(spec.ppo.seed)
     m = spec.model
@@ -199,8 +214,8 @@ def build_run(spec: RunSpec) -> Any:
                   else ValueHead(policy.hidden_size, detach=m.value == "detached"))
     e = spec.env
     if e.chat_template:
-        from ppolm.rollout.env import read_prompts
         from ppolm.policies.pretrained import chat_prompts
+        from ppolm.rollout.env import read_prompts
 
         prompts = chat_prompts(tokenizer, read_prompts(prompts) if isinstance(prompts, str)
                                else prompts)

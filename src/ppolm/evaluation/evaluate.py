@@ -32,10 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppolm.rollout.env import TextGenerationEnv
+from ppolm.engines.base import Engine, Sequences
+from ppolm.engines.plain import PlainEngine
 from ppolm.errors import DataError
 from ppolm.maths.losses import kl_penalty
-from ppolm.policies.base import Policy, forward_response, frozen_split, samples_bottom
+from ppolm.policies.base import Policy
+from ppolm.rollout.env import TextGenerationEnv
 
 
 @dataclass(frozen=True)
@@ -114,14 +116,18 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 32, add_special_tokens: bool = True,
              positive_threshold: float = 0.05, samples_per_prompt: int = 1,
-             out: str | Path | None = None) -> EvalResult:
+             out: str | Path | None = None, engine: Engine | None = None) -> EvalResult:
     """Sample ``samples_per_prompt`` responses per prompt (all prompts in order, then again;
     one generator seeded by ``seed``), score them, and measure the figures of the module
     docstring; write them to ``out`` (JSON) if given.
 
     The same seed, batch size and prompts give the same samples for the same policy, so a
     before/after comparison sees the same randomness. ``reference`` (e.g. the model before
-    training) gives the KL figure; pass the policy itself for a baseline (KL exactly 0).
+    training) gives the KL figure (the policy's logprobs from the sampling pass, the
+    reference's from a forward pass over the finished responses); the policy itself as its own
+    reference gives a KL of 0 up to float rounding. ``engine``: the forward passes through
+    it (a Trainer's ``trainer.engine``, set up with this policy and reference); default a
+    ``PlainEngine`` on the policy's device.
     """
     if batch_size <= 0:
         raise DataError(f"batch_size={batch_size} must be > 0.")
@@ -143,24 +149,19 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
     t0 = time.perf_counter()
     samples: list[EvalSample] = []
     lengths, ended = [], []
-    # The policy's logprobs come from the sampling pass; a reference that shares the policy's
-    # frozen lower layers reuses their output from it (as the Trainer's rollout does).
-    measure = reference is not None and reference is not policy
-    depth, shared = frozen_split(policy, reference, device) if measure else (0, False)
-    depth = depth if shared and samples_bottom(policy) else 0
+    engine = engine or PlainEngine(device, bf16=False)
+    measure = reference is not None
     for idx in batches:
-        ep = env.sample(policy, len(idx), temperature, device, generator, indices=idx,
-                        record=measure, depth=depth)
-        mask = ep.response_mask.float()                                   # (B, T)
-        kl = None
-        if measure:
-            assert reference is not None and ep.logprobs is not None
-            ref = forward_response(reference, ep.input_ids, ep.attention_mask, mask.shape[1],
-                                   temperature, bottom=ep.bottom if depth else None,
-                                   depth=depth)
-            kl = sequence_kl(ep.logprobs, ref.logprobs, mask).tolist()   # B floats
-        elif reference is not None:
-            kl = [0.0] * len(idx)                                         # the policy itself
+        with engine.rollout():
+            ep = env.sample(policy, len(idx), temperature, device, generator, indices=idx,
+                            record=measure, trunk=engine.sampling_trunk(policy))
+            mask = ep.response_mask.float()                               # (B, T)
+            kl = None
+            if reference is not None:
+                assert ep.logprobs is not None
+                seqs = Sequences(ep.input_ids, ep.attention_mask, mask.shape[1])
+                ref = engine.forward_response(reference, seqs, temperature)
+                kl = sequence_kl(ep.logprobs.float(), ref.logprobs.float(), mask).tolist()
         for i in range(len(idx)):
             samples.append(EvalSample(ep.prompts[i], ep.responses[i], float(ep.scores[i]),
                                       kl[i] if kl is not None else None))

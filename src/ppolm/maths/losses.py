@@ -79,6 +79,15 @@ def token_entropy(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[token], by gather minus logsumexp (no full log-softmax copy).
+
+    Shapes: logits (B, T, V), tokens (B, T) -> (B, T).
+    """
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' logprobs.
 

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ppolm.errors import CheckpointError
-from ppolm.policies.base import Policy, compiled, positions_from_mask
+from ppolm.policies.base import Policy, positions_from_mask
 
 
 class HFPolicy(Policy):
@@ -30,8 +29,6 @@ class HFPolicy(Policy):
             ``AutoModelForCausalLM.from_pretrained``.
         **from_pretrained_kwargs: passed on when ``model`` is a path (e.g. ``gguf_file``).
     """
-
-    supports_compile = True
 
     def __init__(self, model: Any, **from_pretrained_kwargs: Any) -> None:
         super().__init__()
@@ -55,11 +52,6 @@ class HFPolicy(Policy):
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
               use_cache: bool = False) -> tuple[Tensor, Any]:
-        if self._compiled_trunk and cache is None and not use_cache:
-            # The token lookup stays outside the compiled graph: the Trainer's update makes its
-            # gradient sparse (ppolm.engines.fast_cpu.grad_buffers), which compiled graphs do not produce.
-            embeds = self.model.get_input_embeddings()(input_ids)                 # (B, L, H)
-            return self._on_embeds(embeds, attention_mask), None
         out = self._base(input_ids, attention_mask, cache, use_cache)
         return out.last_hidden_state, (out[self._cache_arg] if use_cache else None)
 
@@ -102,7 +94,7 @@ class HFPolicy(Policy):
         base = self.model.base_model
         norm_name = final_norm_name(base)
         norm = getattr(base, norm_name) if norm_name else None
-        # The same slice object each time (a compiled trunk checks the modules it runs).
+        # The same slice object each time (a compiled graph is guarded on the modules it runs).
         key = (layers.start, layers.stop, id(full))
         if key not in self._slices:
             self._slices[key] = nn.ModuleList(list(full)[layers])
@@ -117,22 +109,25 @@ class HFPolicy(Policy):
                 setattr(base, norm_name, norm)
 
     def trunk_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int) -> Tensor:
-        embeds = self.model.get_input_embeddings()(input_ids)                     # (B, L, H)
+        embeds = self.embed(input_ids, attention_mask)                            # (B, L, H)
         with self._only(slice(0, depth), final_norm=False):
-            return self._on_embeds(embeds, attention_mask)
+            return self.trunk_on_embeds(embeds, attention_mask)
 
-    def trunk_top(self, bottom: Tensor, input_ids: Tensor, attention_mask: Tensor, depth: int
-                  ) -> Tensor:
+    def trunk_top(self, bottom: Tensor, input_ids: Tensor, attention_mask: Tensor, depth: int,
+                  on_embeds: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
         with self._only(slice(depth, None), final_norm=True):
-            return self._on_embeds(bottom, attention_mask)
+            return (on_embeds or self.trunk_on_embeds)(bottom, attention_mask)
 
-    def _on_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        """The base model's whole-sequence pass from its input embeddings (compiled inside
-        ``compiled_trunks``). Shapes: (B, L, H), (B, L) -> (B, L, H)."""
-        run = compiled(_base_on_embeds) if self._compiled_trunk else _base_on_embeds
-        out = run(self.model.base_model, embeds, attention_mask,
-                  positions_from_mask(attention_mask))
-        return out.last_hidden_state
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out: Tensor = self.model.get_input_embeddings()(input_ids)                # (B, L, H)
+        return out
+
+    def trunk_on_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.model.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                    position_ids=positions_from_mask(attention_mask),
+                                    use_cache=False)
+        hidden: Tensor = out.last_hidden_state
+        return hidden
 
     def trunk_and_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int,
                          cache: Any = None, use_cache: bool = False
@@ -164,52 +159,7 @@ class HFPolicy(Policy):
         self.model.load_state_dict(_load(Path(path), {}).state_dict())
 
 
-def _base_on_embeds(base: nn.Module, embeds: Tensor, attention_mask: Tensor,
-                    position_ids: Tensor) -> Any:
-    """A base model's whole-sequence pass from its input embeddings (no cache)."""
-    return base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False)
-
-
 _IDENTITY = nn.Identity()      # stands in for the final norm in trunk_bottom
-
-
-@contextlib.contextmanager
-def float32_attention() -> Iterator[None]:
-    """While the block runs, ``transformers`` models with SDPA attention take their attention
-    on CPU in float32, under CPU autocast too.
-
-    Under CPU autocast (``PPOConfig.cpu_bf16``) SDPA would run in bf16 (autocast casts its
-    inputs, and the value projection hands it bf16), and PyTorch's CPU attention kernels are
-    slower in bf16 than in float32 (forward and backward of (4, 9, 42, 64): 5.4 against 1.1 ms
-    on the 2-core benchmark machine; the tiny benchmark's update spent 285 against 32 ms in
-    the attention's backward). Done through the ``AttentionInterface`` registry of
-    ``transformers`` (this block's own override, restored on exit)."""
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    except (ImportError, KeyError):  # a transformers without the registry: attention as it is
-        yield
-        return
-
-    def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                  attention_mask: Tensor | None, **kwargs: Any) -> Any:
-        if query.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or any(
-                t.dtype in (torch.bfloat16, torch.float16) for t in (query, key, value))):
-            if attention_mask is not None and attention_mask.is_floating_point():
-                attention_mask = attention_mask.float()
-            with torch.autocast("cpu", enabled=False):
-                return sdpa(module, query.float(), key.float(), value.float(), attention_mask,
-                            **kwargs)
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
-
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = attention          # this instance's own override
-    try:
-        yield
-    finally:
-        del ALL_ATTENTION_FUNCTIONS["sdpa"]
-        if ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa:  # an override made before this block
-            ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
 
 
 def decoder_layers(base: nn.Module) -> tuple[str, nn.ModuleList] | None:

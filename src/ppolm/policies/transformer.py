@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ppolm.errors import ConfigError
-from ppolm.policies.base import TorchPolicy, compiled, positions_from_mask
+from ppolm.policies.base import TorchPolicy, positions_from_mask
 
 KVCache = list[tuple[Tensor, Tensor]]   # per layer: keys and values (B, heads, Lpast, head_dim)
 
@@ -50,8 +50,6 @@ class TransformerPolicy(TorchPolicy):
         dropout: dropout probability (PPO keeps the model in eval mode, so it is off anyway).
     """
 
-    supports_compile = True
-
     def __init__(self, vocab_size: int, hidden_size: int = 64, n_layers: int = 2,
                  n_heads: int = 4, max_length: int = 256, dropout: float = 0.0) -> None:
         super().__init__()
@@ -79,25 +77,28 @@ class TransformerPolicy(TorchPolicy):
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache | None = None,
               use_cache: bool = False) -> tuple[Tensor, KVCache | None]:
-        B, Lq = input_ids.shape
-        Lk = attention_mask.shape[1]
-        past = Lk - Lq
-        pos = positions_from_mask(attention_mask)[:, past:]                 # (B, Lq)
-        x = self.tok_emb(input_ids) + self.pos_emb(pos)                     # (B, Lq, H)
-        # Query i (absolute position past + i) sees real keys j <= past + i, and always itself,
-        # so rows of left padding never attend to nothing (which would give NaN).
-        q_idx = torch.arange(Lq, device=x.device)[:, None] + past
-        k_idx = torch.arange(Lk, device=x.device)[None, :]
-        allowed = (k_idx <= q_idx) & attention_mask.bool()[:, None, :]       # (B, Lq, Lk)
-        allowed = (allowed | (k_idx == q_idx)).unsqueeze(1)                 # (B, 1, Lq, Lk)
-        if self._compiled_trunk and cache is None and not use_cache:
-            # (the lookups stay outside: the update makes the token table's gradient sparse)
-            return compiled(_blocks_on_embeds)(self.blocks, self.ln_f, x, allowed), None
+        x = self.embed(input_ids, attention_mask)                           # (B, Lq, H)
+        allowed = _allowed(attention_mask, input_ids.shape[1])              # (B, 1, Lq, Lk)
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, allowed, cache[i] if cache is not None else None)
             new_cache.append(kv)
         return self.ln_f(x), (new_cache if use_cache else None)
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token plus position embeddings of the new tokens (the last Lq of the mask's columns).
+        Shapes: (B, Lq), (B, Lk) -> (B, Lq, H)."""
+        past = attention_mask.shape[1] - input_ids.shape[1]
+        pos = positions_from_mask(attention_mask)[:, past:]                 # (B, Lq)
+        out: Tensor = self.tok_emb(input_ids) + self.pos_emb(pos)
+        return out
+
+    def trunk_on_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        x, allowed = embeds, _allowed(attention_mask, embeds.shape[1])
+        for block in self.blocks:
+            x, _ = block(x, allowed, None)
+        out: Tensor = self.ln_f(x)
+        return out
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
@@ -108,11 +109,12 @@ class TransformerPolicy(TorchPolicy):
         return self.lm_head.weight, None
 
 
-def _blocks_on_embeds(blocks: nn.ModuleList, ln_f: nn.Module, x: Tensor, allowed: Tensor
-                      ) -> Tensor:
-    """The blocks and the final norm over whole sequences (no cache). Shapes: x (B, L, H),
-    allowed (B, 1, L, L) -> (B, L, H)."""
-    for block in blocks:
-        x, _ = block(x, allowed, None)
-    out: Tensor = ln_f(x)
-    return out
+def _allowed(attention_mask: Tensor, new: int) -> Tensor:
+    """Which keys each of the ``new`` last queries may attend to: query i (absolute position
+    past + i) sees real keys j <= past + i, and always itself, so rows of left padding never
+    attend to nothing (which would give NaN). Shapes: (B, Lk) -> (B, 1, new, Lk) bool."""
+    Lk = attention_mask.shape[1]
+    q_idx = torch.arange(new, device=attention_mask.device)[:, None] + (Lk - new)
+    k_idx = torch.arange(Lk, device=attention_mask.device)[None, :]
+    allowed = (k_idx <= q_idx) & attention_mask.bool()[:, None, :]           # (B, new, Lk)
+    return (allowed | (k_idx == q_idx)).unsqueeze(1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import Tensor, nn
 
 from ppolm.policies.base import Policy
@@ -18,7 +17,8 @@ class ValueHead(nn.Module):
         forward pass for policy and value; the value loss also trains the trunk);
       * ``ValueHead(policy.hidden_size, detach=True)``: shared trunk, but the value loss does not
         reach it;
-      * ``ValueHead.separate(policy)``: on its own critic trunk (a copy of the policy).
+      * ``ValueHead.separate(policy)``: on its own critic trunk (a copy of the policy), held as
+        ``critic``; the Trainer's engine runs that trunk and hands its states to ``forward``.
 
     The head starts at zero output (weights ~ N(0, init_std), bias 0) so early value errors do
     not swamp the policy gradient through a shared trunk.
@@ -43,23 +43,11 @@ class ValueHead(nn.Module):
         """True when the head reads the policy's hidden states."""
         return self.critic is None
 
-    def forward(self, policy_hidden: Tensor | None, input_ids: Tensor, attention_mask: Tensor,
-                response_len: int) -> Tensor:
-        """Values of the states that predict the last ``response_len`` tokens.
+    def forward(self, hidden: Tensor) -> Tensor:
+        """Values of the states ``hidden`` (the policy's, or the critic trunk's), in float32.
 
-        Shapes: policy_hidden (B, T, H) (the policy's states at those positions; ignored with a
-        critic trunk), input_ids and attention_mask (B, L); returns (B, T).
-        """
-        if self.critic is not None:
-            L = input_ids.shape[1]
-            hidden, _ = self.critic.trunk(input_ids, attention_mask)
-            hidden = hidden[:, L - response_len - 1: L - 1]
-        else:
-            assert policy_hidden is not None, "a shared value head needs the policy's hidden states"
-            hidden = policy_hidden.detach() if self.detach else policy_hidden
-        # The values in float32 under autocast too (GAE and the value loss read them).
-        if hidden.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(
-                hidden.device.type):
-            with torch.autocast(hidden.device.type, enabled=False):
-                return self.linear(hidden.float()).squeeze(-1)
-        return self.linear(hidden.float()).squeeze(-1)
+        Shapes: (B, T, H) -> (B, T)."""
+        if self.detach:
+            hidden = hidden.detach()
+        out: Tensor = self.linear(hidden.float()).squeeze(-1)
+        return out

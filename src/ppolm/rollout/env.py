@@ -7,7 +7,10 @@ the same one (the Trainer passes it in).
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from torch import Tensor
 from ppolm.errors import DataError, RewardError
 from ppolm.policies.base import Policy
 from ppolm.rollout.rewards import RewardFunction, check_scores
-from ppolm.rollout.sampling import generate
+from ppolm.rollout.sampling import StepTrunk, generate
 from ppolm.rollout.types import Episodes
 
 
@@ -62,10 +65,16 @@ class TextGenerationEnv:
         reward_fn: a RewardFunction (or any callable ``(prompts, responses) -> list[float]``).
         max_new_tokens: longest response.
         top_k, top_p: sampling filters (0 and 1.0 keep every token).
-        missing_eos_penalty: added to the score of a response that never emitted EOS
-            (e.g. -1.0); None for no penalty.
+        missing_eos_penalty: a non-negative amount SUBTRACTED from the score of a response that
+            never emitted an end token (e.g. 1.0: such a response scores 1.0 less), as TRL's
+            field of the same name; None for no penalty. A negative value is refused.
         ignore_eos: sample exactly ``max_new_tokens`` tokens for every prompt: EOS is then an
             ordinary token that does not end the response (benchmarks, fixed-length tasks).
+        stop_token_ids: more ids that end a response, besides the tokenizer's EOS (keyword
+            only). The ids in the policy's ``model.generation_config.eos_token_id`` (an int or a
+            list of ints; Hugging Face models, e.g. chat models with an end-of-turn token) end
+            it too; see ``stop_ids``. A response ends at the first of them; it is a response
+            token, and is left out of the text.
         add_special_tokens: let the tokenizer add its BOS etc. to the prompts.
         seed: seed of the prompt order (a new shuffle every pass over the prompts).
         prefix_shaping: also score every prefix of each response and hand the trainer the
@@ -81,7 +90,8 @@ class TextGenerationEnv:
                  reward_fn: RewardFunction | Any, max_new_tokens: int = 16, top_k: int = 0,
                  top_p: float = 1.0, missing_eos_penalty: float | None = None,
                  add_special_tokens: bool = True, seed: int = 0, ignore_eos: bool = False,
-                 prefix_shaping: bool = False) -> None:
+                 prefix_shaping: bool = False, *, stop_token_ids: list[int] | None = None
+                 ) -> None:
         if isinstance(prompts, (str, Path)):
             prompts = read_prompts(prompts)
         if not isinstance(prompts, list) or not prompts:
@@ -93,6 +103,15 @@ class TextGenerationEnv:
             raise DataError(f"max_new_tokens={max_new_tokens} must be > 0.")
         if top_k < 0 or not 0 < top_p <= 1:
             raise DataError(f"top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1].")
+        if missing_eos_penalty is not None:
+            if (isinstance(missing_eos_penalty, bool)
+                    or not isinstance(missing_eos_penalty, (int, float))
+                    or not math.isfinite(missing_eos_penalty) or missing_eos_penalty < 0):
+                raise DataError(
+                    f"missing_eos_penalty={missing_eos_penalty!r}: it is SUBTRACTED from the "
+                    "score of a response that never ends (as in TRL), so give a positive "
+                    "number (e.g. 1.0), or None for no penalty.")
+        self.stop_token_ids = _check_stop_token_ids(stop_token_ids)
         if not callable(reward_fn):
             raise RewardError(f"reward_fn must be a RewardFunction, got {reward_fn!r}.")
         if tokenizer.pad_token_id is None:
@@ -102,7 +121,8 @@ class TextGenerationEnv:
         tokenizer.padding_side = "left"
         self.prompts, self.tokenizer, self.reward_fn = prompts, tokenizer, reward_fn
         self.max_new_tokens, self.top_k, self.top_p = max_new_tokens, top_k, top_p
-        self.missing_eos_penalty = missing_eos_penalty
+        self.missing_eos_penalty = (None if missing_eos_penalty is None
+                                    else float(missing_eos_penalty))
         self.ignore_eos, self.prefix_shaping = ignore_eos, prefix_shaping
         self.prompt_ids: list[list[int]] = tokenizer(
             prompts, add_special_tokens=add_special_tokens)["input_ids"]
@@ -134,6 +154,16 @@ class TextGenerationEnv:
         self._order_gen.set_state(state["gen"])
 
     # --- the work ------------------------------------------------------------------------------
+    def stop_ids(self, policy: Policy | None = None) -> list[int]:
+        """The ids that end a response, sorted: the tokenizer's EOS, ``stop_token_ids``, and
+        the ids of ``policy.model.generation_config.eos_token_id`` when the policy has one (an
+        int or a list of ints)."""
+        ids = set(self.stop_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        ids.update(generation_eos_ids(policy))
+        return sorted(ids)
+
     def check_policy(self, policy: Policy) -> None:
         """Refuse a policy whose vocabulary or context the prompts do not fit."""
         top = max(max(ids) for ids in self.prompt_ids)
@@ -142,6 +172,10 @@ class TextGenerationEnv:
         if max([top, *special]) >= policy.vocab_size:
             raise DataError(f"the tokenizer produces id {max([top, *special])} but the policy's "
                             f"vocabulary has {policy.vocab_size} entries: they disagree.")
+        outside = [t for t in self.stop_token_ids if t >= policy.vocab_size]
+        if outside:
+            raise DataError(f"stop_token_ids {outside} are outside the policy's vocabulary of "
+                            f"{policy.vocab_size} entries (ids 0 to {policy.vocab_size - 1}).")
         if policy.max_length is not None:
             for i, ids in enumerate(self.prompt_ids):
                 if len(ids) + self.max_new_tokens > policy.max_length:
@@ -152,12 +186,12 @@ class TextGenerationEnv:
 
     def sample(self, policy: Policy, n: int, temperature: float, device: torch.device,
                generator: torch.Generator | None = None, indices: list[int] | None = None,
-               record: bool = False, depth: int = 0) -> Episodes:
+               record: bool = False, trunk: StepTrunk | None = None) -> Episodes:
         """Sample one response for each of the next ``n`` prompts and score them.
 
         With ``indices``, use those prompts instead (``n`` is then ignored and the prompt order
-        is left untouched), as an evaluation over a fixed set does. ``record`` and ``depth``:
-        also return the sampler's logprobs, states and frozen-layer output (see
+        is left untouched), as an evaluation over a fixed set does. ``record``: also return the
+        sampler's logprobs and states; ``trunk``: the decoding steps' trunk (see
         ``ppolm.rollout.sampling.generate``)."""
         idx = list(indices) if indices is not None else self.next_indices(n)
         prompts = [self.prompts[i] for i in idx]
@@ -165,23 +199,24 @@ class TextGenerationEnv:
                                  return_tensors="pt")
         query = enc["input_ids"].to(device)                              # (B, P)
         query_mask = enc["attention_mask"].to(device)                    # (B, P)
+        stops = self.stop_ids(policy)
         out = generate(
             policy, query, query_mask, self.max_new_tokens,
-            None if self.ignore_eos else self.tokenizer.eos_token_id,
+            None if self.ignore_eos else stops,
             self.tokenizer.pad_token_id, temperature, self.top_k, self.top_p, generator,
-            record=record, depth=depth)
+            record=record, trunk=trunk)
         response, response_mask = out.tokens, out.mask
-        eos = self.tokenizer.eos_token_id
-        ended = ((response == eos) & response_mask.bool()).any(1)        # (B,)
-        texts = self.decode(response, response_mask)
+        stop_ids = torch.tensor(stops, dtype=torch.long, device=response.device)
+        ended = (torch.isin(response, stop_ids) & response_mask.bool()).any(1)  # (B,)
+        texts = self.decode(response, response_mask, stops)
         t0 = time.perf_counter()
         # Prefixes first: a reward's parts() then describe the whole responses.
-        potentials = (self.prefix_scores(prompts, response, response_mask)
+        potentials = (self.prefix_scores(prompts, response, response_mask, stops)
                       if self.prefix_shaping else None)
         scores = self.score(prompts, texts)
         reward_seconds = time.perf_counter() - t0
-        if self.missing_eos_penalty is not None:
-            scores = scores + self.missing_eos_penalty * (~ended).to(scores.dtype).cpu()
+        if self.missing_eos_penalty is not None:   # subtracted, as TRL does
+            scores = scores - self.missing_eos_penalty * (~ended).to(scores.dtype).cpu()
         token_scores = None
         if potentials is not None:
             token_scores = score_increments(potentials, scores, response_mask.cpu()).float()
@@ -192,16 +227,17 @@ class TextGenerationEnv:
             response_mask=response_mask, scores=scores.float().to(device), ended=ended,
             reward_parts=self.reward_parts(), reward_seconds=reward_seconds,
             token_scores=token_scores.to(device) if token_scores is not None else None,
-            logprobs=out.logprobs, hidden=out.hidden, bottom=out.bottom)
+            logprobs=out.logprobs, hidden=out.hidden)
 
-    def prefix_scores(self, prompts: list[str], response: Tensor, response_mask: Tensor
-                      ) -> Tensor:
+    def prefix_scores(self, prompts: list[str], response: Tensor, response_mask: Tensor,
+                      stop_ids: Iterable[int] | None = None) -> Tensor:
         """The reward of every proper prefix of each response: ``phi[b, t]`` is the score of the
-        text of its first ``t`` tokens (EOS dropped), for ``1 <= t < n_b`` (``n_b`` its tokens);
-        0 elsewhere. All prefixes go to the reward function in one call.
+        text of its first ``t`` tokens (EOS dropped: the ids ``stop_ids``, by default those of
+        ``stop_ids()``), for ``1 <= t < n_b`` (``n_b`` its tokens); 0 elsewhere. All prefixes
+        go to the reward function in one call.
 
         Shapes: response, response_mask (B, T) -> phi (B, T) float64."""
-        eos = self.tokenizer.eos_token_id
+        eos = set(self.stop_ids() if stop_ids is None else stop_ids)
         where: list[tuple[int, int]] = []
         items: list[tuple[str, str]] = []
         for b, (ids, m) in enumerate(zip(response.tolist(), response_mask.tolist(),
@@ -210,7 +246,7 @@ class TextGenerationEnv:
             for t in range(1, n):
                 where.append((b, t))
                 items.append((prompts[b], self.tokenizer.decode(
-                    [i for i in ids[:t] if i != eos], skip_special_tokens=True)))
+                    [i for i in ids[:t] if i not in eos], skip_special_tokens=True)))
         phi = torch.zeros(response.shape, dtype=torch.float64)
         if items:
             values = self.score([p for p, _ in items], [r for _, r in items])
@@ -218,12 +254,15 @@ class TextGenerationEnv:
             phi[list(rows), list(cols)] = values
         return phi
 
-    def decode(self, response: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-        """Response texts, cut before EOS, special tokens dropped."""
-        eos = self.tokenizer.eos_token_id
+    def decode(self, response: torch.Tensor, response_mask: torch.Tensor,
+               stop_ids: Iterable[int] | None = None) -> list[str]:
+        """Response texts, cut before EOS, special tokens dropped. ``stop_ids``: the ids that end
+        a response, all left out of the text (by default those of ``stop_ids()``: the
+        tokenizer's EOS and ``stop_token_ids``; ``sample`` passes the policy's as well)."""
+        eos = set(self.stop_ids() if stop_ids is None else stop_ids)
         out = []
         for ids, m in zip(response.tolist(), response_mask.tolist(), strict=True):
-            ids = [t for t, keep in zip(ids, m, strict=True) if keep and t != eos]
+            ids = [t for t, keep in zip(ids, m, strict=True) if keep and t not in eos]
             out.append(self.tokenizer.decode(ids, skip_special_tokens=True))
         return out
 
@@ -250,6 +289,33 @@ class TextGenerationEnv:
     def reward_parts(self) -> dict[str, float]:
         parts = getattr(self.reward_fn, "parts", None)
         return parts() if callable(parts) else {}
+
+
+def _check_stop_token_ids(stop_token_ids: Any) -> list[int]:
+    """``stop_token_ids`` as a list of ints, or a DataError naming what is wrong."""
+    if stop_token_ids is None:
+        return []
+    if isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, Iterable):
+        raise DataError(f"stop_token_ids={stop_token_ids!r} must be a list of token ids "
+                        "(ints >= 0), or None.")
+    ids = list(stop_token_ids)
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+           or t < 0]
+    if bad:
+        raise DataError(f"stop_token_ids={ids!r}: {bad!r} are not token ids; every stop token id "
+                        "must be an int >= 0.")
+    return [int(t) for t in ids]
+
+
+def generation_eos_ids(policy: Any) -> list[int]:
+    """The end-of-sequence ids of ``policy.model.generation_config`` (a Hugging Face model's;
+    ``eos_token_id`` an int or a list of ints), or [] when it has none."""
+    config = getattr(getattr(policy, "model", None), "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, (list, tuple)) else []
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        return []
+    return [int(t) for t in ids if t >= 0]
 
 
 def score_increments(phi: Tensor, scores: Tensor, mask: Tensor) -> Tensor:

@@ -1,8 +1,9 @@
-"""Batched sampling with a cache: temperature, top-k, top-p, stop at EOS; optionally keeping
-what PPO's rollout needs from the same forward steps."""
+"""Batched sampling with a cache: temperature, top-k, top-p, stop at EOS (one id or several);
+optionally keeping what PPO's rollout needs from the same forward steps."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,10 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
+
+# One decoding step of a trunk: (new ids (B, Lnew), attention mask (B, Lpast + Lnew), cache)
+# -> (hidden states (B, Lnew, H), the updated cache).
+StepTrunk = Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]]
 
 # Tokens per block of the two-level inverse CDF in ``draw``.
 _DRAW_BLOCK = 1024
@@ -79,16 +84,27 @@ class Sampled:
     mask: Tensor                    # (B, T) long, 1 up to and including EOS
     logprobs: Tensor | None = None  # (B, T) log pi(token) at the temperature (before top-k/p)
     hidden: Tensor | None = None    # (B, T, H) trunk states at the positions predicting them
-    bottom: Tensor | None = None    # (B, P + T, H) trunk_bottom(depth) at every position (the
-                                    # last one, never fed to the model, is zeros: it is causal)
+
+
+def stop_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device
+                ) -> Tensor | None:
+    """The ids that end a row, as a 1-D long tensor on ``device``; None for none (no id, or an
+    empty sequence): rows then never stop early."""
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids:
+        return None
+    return torch.tensor([int(i) for i in ids], dtype=torch.long, device=device)
 
 
 @torch.no_grad()
 def sample(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-           eos_token_id: int | None, pad_token_id: int, temperature: float = 1.0,
+           eos_token_id: int | Sequence[int] | None, pad_token_id: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None
            ) -> tuple[Tensor, Tensor]:
-    """Sample up to ``max_new_tokens`` per row, stopping a row at its first EOS.
+    """Sample up to ``max_new_tokens`` per row, stopping a row at its first EOS (any of the ids
+    when ``eos_token_id`` is a sequence).
 
     Shapes: input_ids, attention_mask (B, P) left-padded -> response ids (B, T),
     response mask (B, T) with T <= max_new_tokens. See ``generate``.
@@ -100,36 +116,38 @@ def sample(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_to
 
 @torch.no_grad()
 def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-             eos_token_id: int | None, pad_token_id: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             record: bool = False, depth: int = 0) -> Sampled:
+             eos_token_id: int | Sequence[int] | None, pad_token_id: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None, record: bool = False,
+             trunk: StepTrunk | None = None) -> Sampled:
     """Sample up to ``max_new_tokens`` per row, stopping a row at its first EOS.
 
-    Stops early once every row has ended; with ``eos_token_id=None`` every row gets exactly
-    ``max_new_tokens`` tokens. Tokens after a row's EOS are ``pad_token_id`` and masked out; the
-    EOS itself is a response token (an action the policy took).
+    ``eos_token_id`` is one id or a sequence of ids (models whose generation config lists
+    several end-of-sequence tokens): a row stops at the first token that is any of them. Stops
+    early once every row has ended; with ``eos_token_id=None`` (or an empty sequence) every row
+    gets exactly ``max_new_tokens`` tokens. Tokens after a row's EOS are ``pad_token_id`` and
+    masked out; the EOS itself is a response token (an action the policy took).
 
     One forward step per new token over the cache; only the last position is projected to the
     vocabulary. With ``record=True`` the logprob of each drawn token (under the tempered,
-    unfiltered distribution, as ``forward_response`` computes it) and the trunk state that
-    predicted it are kept; with ``depth > 0`` also the output of the trunk's lower ``depth``
-    blocks at every position (``policy.trunk_and_bottom``). They equal a forward pass over the
-    finished sequences up to float rounding (the cache sums in another order).
+    unfiltered distribution, as a forward pass over the finished sequences computes it) and the
+    trunk state that predicted it are kept. They equal a forward pass over the finished
+    sequences up to float rounding (the cache sums in another order).
+
+    ``trunk`` replaces ``policy.trunk`` for the decoding steps (an engine that keeps something
+    from them passes its own; it must return what ``policy.trunk`` would).
 
     Shapes: input_ids, attention_mask (B, P) left-padded -> ``Sampled`` with T <= max_new_tokens.
     """
     B = input_ids.shape[0]
     device = input_ids.device
+    stops = stop_tensor(eos_token_id, device)                         # (S,) or None
 
     def step_forward(ids: Tensor, mask: Tensor, cache: Any) -> tuple[Tensor, Any]:
-        if record and depth:
-            hidden, bottom, cache = policy.trunk_and_bottom(ids, mask, depth, cache=cache,
-                                                            use_cache=True)
-            bottoms.append(bottom)
-            return hidden, cache
+        if trunk is not None:
+            return trunk(ids, mask, cache)
         return policy.trunk(ids, mask, cache=cache, use_cache=True)
 
-    bottoms: list[Tensor] = []                                        # (B, Lnew, H) each
     hiddens: list[Tensor] = []                                        # (B, H) each
     logprobs: list[Tensor] = []                                       # (B,) each
     hidden, cache = step_forward(input_ids, attention_mask, None)
@@ -157,8 +175,8 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
         tokens[:, step] = nxt
         alive_cols[:, step] = alive
-        if eos_token_id is not None:
-            done = done | (alive & (nxt == eos_token_id))
+        if stops is not None:
+            done = done | (alive & torch.isin(nxt, stops))
             if bool(done.all()):
                 steps = step + 1
                 break
@@ -169,13 +187,8 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
         logits = next_logits(policy, hidden[:, -1])
     if not record:
         return Sampled(tokens=tokens[:, :steps], mask=alive_cols[:, :steps])
-    bottom = None
-    if bottoms:
-        last = bottoms[0].new_zeros(B, 1, bottoms[0].shape[-1])
-        bottom = torch.cat([*bottoms, last], dim=1)                   # (B, P + steps, H)
     return Sampled(tokens=tokens[:, :steps], mask=alive_cols[:, :steps],
-                   logprobs=torch.stack(logprobs, 1), hidden=torch.stack(hiddens, 1),
-                   bottom=bottom)
+                   logprobs=torch.stack(logprobs, 1), hidden=torch.stack(hiddens, 1))
 
 
 def next_logits(policy: Policy, hidden: Tensor) -> Tensor:

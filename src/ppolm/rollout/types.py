@@ -29,7 +29,6 @@ class Episodes:
                                         # shaping; each row adds up to the score), or None
     logprobs: Tensor | None = None  # (B, T) log pi(token) from the sampling pass (record=True)
     hidden: Tensor | None = None    # (B, T, H) the sampler's trunk states that predicted them
-    bottom: Tensor | None = None    # (B, L, H) the sampler's frozen-layer output (depth > 0)
 
     @property
     def prompt_len(self) -> int:
@@ -38,7 +37,7 @@ class Episodes:
 
 @dataclass(frozen=True)
 class Rollout:
-    """One iteration's experience, with everything the update needs."""
+    """One iteration's experience: what was sampled and what the models said of it."""
 
     input_ids: Tensor       # (B, L)
     attention_mask: Tensor  # (B, L)
@@ -47,12 +46,9 @@ class Rollout:
     ref_logprobs: Tensor    # (B, T) log pi_ref(a_t | s_t) at the sampling temperature
     values: Tensor          # (B, T) V_old(s_t)
     scores: Tensor          # (B,) reward-function scores
-    rewards: Tensor         # (B, T) per-token rewards (score at the last token, KL penalty)
-    advantages: Tensor      # (B, T)
-    returns: Tensor         # (B, T) advantages + values
+    index: Tensor           # (B,) long: each episode's place in the iteration's batch
     ref_dist: Tensor | None = None  # (B, T, V) log pi_ref(. | s_t), for kl_estimator='full'
     token_scores: Tensor | None = None  # (B, T) per-token score increments (prefix shaping)
-    bottom: Tensor | None = None    # (B, L, H) output of the policy's frozen lower layers
 
     def select(self, idx: Tensor) -> Rollout:
         """The episodes at ``idx`` (a 1-D index tensor), as a smaller Rollout."""
@@ -62,3 +58,16 @@ class Rollout:
     def to(self, device: torch.device) -> Rollout:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
                                 if getattr(self, f.name) is not None})
+
+
+@dataclass(frozen=True)
+class Advantages:
+    """What the advantage estimation makes of a Rollout (row for row)."""
+
+    rewards: Tensor         # (B, T) per-token rewards (score at the last token, KL penalty)
+    advantages: Tensor      # (B, T)
+    returns: Tensor         # (B, T) advantages + values: the value targets
+
+    def select(self, idx: Tensor) -> Advantages:
+        """The rows at ``idx`` (a 1-D index tensor)."""
+        return Advantages(self.rewards[idx], self.advantages[idx], self.returns[idx])

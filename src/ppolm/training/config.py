@@ -1,5 +1,12 @@
-"""PPOConfig: every hyper-parameter of a PPO run, validated once, with YAML load/save and
-``key=value`` overrides.
+"""PPOConfig: every setting of a PPO run, validated once, with YAML load/save and ``key=value``
+overrides.
+
+The settings are declared in three sections, by who reads them (TRL keeps its
+``TrainingArguments`` apart from the algorithm's fields the same way): ``AlgorithmConfig`` (what
+PPO computes), ``SystemConfig`` (how: the engine, the device, precision, and the fast CPU
+engine's own switches, declared with that engine as ``FastCPUSettings``) and ``RunConfig``
+(files and progress). ``PPOConfig`` is all three: it takes every field as a flat keyword
+argument, validates them in one place (``__post_init__``), and writes YAML in sections.
 
 Derived sizes (minibatches per epoch, gradient-accumulation steps) are computed in
 ``__post_init__`` so the rest of the code never re-derives them (and never disagrees about them:
@@ -9,26 +16,27 @@ inconsistent micro/mini batch settings silently halved gradients in peers, verl 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from ppolm.engines.fast_cpu import FastCPUSettings
 from ppolm.errors import ConfigError
+from ppolm.training.config_io import check_keys, check_types, load_yaml_mapping, parse_overrides
 
 KLMode = Literal["reward", "loss"]
 KLEstimator = Literal["k1", "k2", "k3", "full"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 RolloutLogprobs = Literal["sampler", "forward"]
+EngineName = Literal["auto", "plain", "fast_cpu"]
 
 
 @dataclass
-class PPOConfig:
-    """Hyper-parameters of a PPO run. Every field is checked in ``__post_init__``."""
+class AlgorithmConfig:
+    """What PPO computes: loop sizes, optimisation, advantages, losses, KL control, sampling
+    temperature. (A declaration: build a ``PPOConfig``, which validates.)"""
 
     # --- loop sizes -------------------------------------------------------------------------
     iterations: int = 100
@@ -113,57 +121,65 @@ class PPOConfig:
     """Sampling temperature; logits are divided by it for sampling AND for every logprob
     computed for training and for the reference, so the first ratio is exactly 1."""
 
-    # --- run --------------------------------------------------------------------------------
-    seed: int = 0
-    """Seed of every random generator of the run."""
+
+
+@dataclass
+class SystemConfig(FastCPUSettings):
+    """How the numbers are computed: the engine, the device, precision, the seed; the fast CPU
+    engine's switches (``cpu_bf16``, ``compile``, ``keep_freed_memory``,
+    ``reuse_frozen_layers``) are declared with that engine (``FastCPUSettings``)."""
+
+    engine: EngineName = "auto"
+    """'plain' (torch as users know it: AdamW, clip_grad_norm_, autocast on CUDA), 'fast_cpu'
+    (the single-process CPU engine, docs/performance.md) or 'auto' (fast_cpu on CPU, plain
+    elsewhere)."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     bf16: bool = True
-    """Use bf16 autocast on CUDA (on CPU see ``cpu_bf16``)."""
-    cpu_bf16: bool = False
-    """Use bf16 autocast when the run is on CPU (off: float32). Meant for CPUs with bf16 matrix
-    units (Intel AMX, Sapphire Rapids and later), whose bf16 products run several times faster
-    than float32 ones; without them expect no gain. The LM head's logits and its input's
-    gradient in bf16; its softmax, its weight's gradient, the attention and the values in
-    float32; weights, gradients and optimizer state stay float32. Measured on a 2-core AMX
-    machine: the benchmark's update 8% (tiny) and 14% (SmolLM2-135M size) faster, generation
-    16-20%; the SmolLM2 example's iteration 15.3 against 10.2-10.8 s (docs/benchmarks.md).
-    Refused where PyTorch reports no bf16 support for the CPU."""
-    compile: bool = False
-    """Run the trunks' whole-sequence passes (the update's forward and backward, the rollout's
-    reference and critic forwards) through ``torch.compile``; decoding steps stay eager.
-    ``transformers`` policies and ``TransformerPolicy``; needs a C++ compiler on CPU. Same
-    numbers up to float rounding. Measured on 2 CPU cores: the benchmark's update 12% (tiny)
-    and 20% (SmolLM2-135M size) faster, after a first iteration that compiles for about
-    15-50 s (tiny) or 3-4 minutes (135M) (docs/benchmarks.md)."""
-    keep_freed_memory: bool = True
-    """On CPU (Linux, glibc): have malloc keep freed memory for reuse (``ppolm.engines.fast_cpu.memory``), so the
-    tensors freed every minibatch are not page-faulted in again; process-wide, and the process
-    keeps its peak memory."""
-    reuse_frozen_layers: bool = True
-    """When the policy's lower layers are frozen (e.g. ``freeze_lower_layers``), run them once
-    per rollout and start every training forward (and the reference's, when it shares them)
-    above them. Same numbers, less work; used only where the policy's split trunk is checked
-    to equal its whole trunk."""
+    """bf16 autocast on CUDA (on CPU see ``cpu_bf16``, a fast_cpu setting)."""
+    seed: int = 0
+    """Seed of every random generator of the run."""
     rollout_logprobs: RolloutLogprobs = "sampler"
     """Where the rollout's logprobs and value-head states come from. 'sampler': the sampling
-    pass itself (the states that drew each token; with frozen lower layers, their output too),
-    so the rollout runs no forward of the policy: faster, and the first ratio is 1 up to float
-    rounding (1e-6 to 2e-5 in float32). 'forward': one more forward pass over the finished
-    sequences, the same computation as the update's, so the first ratio is exactly 1. With bf16
-    autocast the two paths round differently (the sampler's logprobs are still those the
-    tokens were drawn with)."""
-    output_dir: str = "runs/ppolm"
-    """Where metrics.jsonl and checkpoints go."""
+    pass itself (the states that drew each token), so the rollout runs no forward of the
+    policy; the first ratio is 1 up to float rounding. 'forward': one more forward pass over
+    the finished sequences, the same computation as the update's, so the first ratio is
+    exactly 1."""
+
+
+@dataclass
+class RunConfig:
+    """Files and feedback of a run."""
+
+    output_dir: str | None = None
+    """Where metrics.jsonl and checkpoints go. None (the default from Python): no files are
+    written (``trainer.save(path)`` still writes a checkpoint where asked); the ``ppolm train``
+    command always sets one."""
     overwrite: bool = False
     """Let a new run start in an output_dir that holds an earlier run's checkpoints or metrics,
     deleting them. Without it such a start is refused (resume continues the earlier run)."""
     save_every: int = 0
-    """Save a checkpoint every this many iterations (0: only at the end)."""
+    """Save a checkpoint every this many iterations (0: only at the end); needs output_dir."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep on disk."""
     progress: bool = True
     """Show a progress bar."""
+
+
+#: The sections of a PPOConfig, as its YAML file writes them.
+SECTIONS: dict[str, type] = {"algorithm": AlgorithmConfig, "system": SystemConfig,
+                             "run": RunConfig}
+FAST_CPU_FIELDS = tuple(f.name for f in dataclasses.fields(FastCPUSettings))
+
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+@dataclass
+class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
+    """Every setting of a PPO run (the three sections' fields, as flat keyword arguments).
+    Every field is checked in ``__post_init__``."""
 
     # --- derived (not settable) -------------------------------------------------------------
     num_minibatches: int = field(init=False, default=0)
@@ -222,128 +238,69 @@ class PPOConfig:
                               f"iterations={self.iterations}.")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+        if self.engine == "plain":
+            on = [n for n in FAST_CPU_FIELDS
+                  if getattr(self, n) != getattr(FastCPUSettings, n)]
+            if on:
+                raise ConfigError(f"{', '.join(on)} set, but only engine='fast_cpu' reads "
+                                  f"{'it' if len(on) == 1 else 'them'}; engine='plain' would "
+                                  "ignore it. Use engine='fast_cpu' (or 'auto' on one CPU).")
+        if self.save_every and self.output_dir is None:
+            raise ConfigError(f"save_every={self.save_every} needs an output_dir to save into.")
         self.num_minibatches = self.batch_size // self.minibatch_size
         self.grad_accum_steps = self.minibatch_size // micro
+
+    def fast_cpu_settings(self) -> FastCPUSettings:
+        """The fast CPU engine's switches."""
+        return FastCPUSettings(**{n: getattr(self, n) for n in FAST_CPU_FIELDS})
 
     # --- I/O ----------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PPOConfig:
-        """Build from a plain dict, refusing unknown keys (with the closest known name)."""
-        check_keys(cls, values, where="PPOConfig")
-        return cls(**values)
+        """Build from a plain dict: flat field names, or the sections ``algorithm``, ``system``
+        and ``run`` as mappings (as ``to_yaml`` writes them), refusing unknown keys (with the
+        closest known name)."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"PPOConfig must be a mapping of names to values, got {values!r}.")
+        flat: dict[str, Any] = {}
+        for key, value in values.items():
+            if key in SECTIONS and isinstance(value, dict):
+                check_keys(SECTIONS[key], value, where=f"PPOConfig section {key!r}")
+                flat.update(value)
+            else:
+                flat[key] = value
+        check_keys(cls, flat, where="PPOConfig")
+        return cls(**flat)
 
     def to_dict(self) -> dict[str, Any]:
-        """The settable fields as a plain dict (derived sizes left out)."""
+        """The settable fields as one flat dict (derived sizes left out)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def to_sections(self) -> dict[str, dict[str, Any]]:
+        """The settable fields by section: ``{"algorithm": {...}, "system": {...},
+        "run": {...}}``."""
+        return {name: {n: getattr(self, n) for n in _names(cls)}
+                for name, cls in SECTIONS.items()}
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PPOConfig:
-        """Load from a YAML mapping of field names to values."""
+        """Load from a YAML mapping (sections or flat field names)."""
         return cls.from_dict(load_yaml_mapping(path))
 
     def to_yaml(self, path: str | Path) -> None:
-        """Write the settable fields to a YAML file."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the settable fields to a YAML file, by section."""
+        Path(path).write_text(yaml.safe_dump(self.to_sections(), sort_keys=False))
 
     def override(self, pairs: list[str]) -> PPOConfig:
-        """A copy with ``key=value`` strings applied (values parsed as YAML scalars)."""
+        """A copy with ``key=value`` strings applied (values parsed as YAML scalars; a key may
+        name its section: ``system.engine=plain``)."""
         values = self.to_dict()
-        values.update(parse_overrides(pairs))
+        for key, value in parse_overrides(pairs).items():
+            section, _, name = key.rpartition(".")
+            if section and section not in SECTIONS:
+                raise ConfigError(f"Unknown section {section!r} in override {key!r}; use "
+                                  f"{', '.join(SECTIONS)}.")
+            if section:
+                check_keys(SECTIONS[section], {name: value}, where=f"section {section!r}")
+            values[name] = value
         return PPOConfig.from_dict(values)
-
-
-# --- helpers shared by every config-like dataclass --------------------------------------------
-
-def check_keys(cls: type, values: dict[str, Any], where: str) -> None:
-    """Raise ConfigError for a key that is not a settable field of ``cls``."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping of names to values, got {values!r}.")
-    known = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else f" Known keys: {', '.join(known)}."
-            raise ConfigError(f"Unknown key {key!r} in {where}.{hint}")
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Parse ``["a=1", "b=x"]`` into ``{"a": 1, "b": "x"}`` (values read as YAML scalars)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"Override {pair!r} is not of the form key=value.")
-        key, _, raw = pair.partition("=")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Cannot parse the value of override {pair!r}: {e}") from None
-    return out
-
-
-def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; clear errors for a missing or bad file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"Config file {str(p)!r} does not exist.")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Config file {str(p)!r} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"Config file {str(p)!r} must hold a mapping, got {type(data).__name__}.")
-    return data
-
-
-def check_types(obj: Any) -> None:
-    """Check each init field against its annotation; ints are accepted where floats are."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        if not f.init:
-            continue
-        value = getattr(obj, f.name)
-        if isinstance(value, str) and _accepts_float(hints[f.name]):
-            # YAML 1.1 reads "1e-4" (no dot) as a string; take it as the number it means.
-            try:
-                value = float(value)
-                setattr(obj, f.name, value)
-            except ValueError:
-                pass
-        if not _matches(value, hints[f.name]):
-            raise ConfigError(f"{f.name}={value!r} has the wrong type: expected "
-                              f"{_describe(hints[f.name])}, got {type(value).__name__}.")
-
-
-def _accepts_float(hint: Any) -> bool:
-    return hint is float or float in typing.get_args(hint)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is not None:
-        return isinstance(value, origin)
-    if hint is Any:
-        return True
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint))

@@ -19,13 +19,15 @@ METRIC_NAMES = (
 
 class MetricsWriter:
     """Appends one JSON object per line to ``path``; flushed so a crash loses at most the
-    line being written."""
+    line being written. With ``path`` None nothing is written."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
 
     def write(self, row: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in row.items()}
         with self.path.open("a", encoding="utf-8") as f:

@@ -1,16 +1,12 @@
 """Trainer: the PPO loop. ``train()`` reads as the algorithm: collect, compute advantages,
-update, log, save."""
+update, log, adapt the KL coefficient, save. How the numbers are computed is the engine's
+business (``ppolm.engines``)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
-import random
-import shutil
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,50 +14,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ppolm.engines.fast_cpu import clipping
-from ppolm.maths.advantages import compute_gae, explained_variance, masked_sum, masked_var, whiten
+from ppolm.engines.base import Engine, OptimizerSettings, Sequences
+from ppolm.errors import CheckpointError, ConfigError, TrainingError
+from ppolm.maths.advantages import compute_gae, explained_variance, masked_sum, whiten
+from ppolm.maths.losses import full_kl, kl_penalty, policy_loss, value_loss
+from ppolm.maths.rewards import token_rewards
+from ppolm.policies.base import Policy
+from ppolm.policies.value import ValueHead
+from ppolm.rollout.env import TextGenerationEnv
+from ppolm.rollout.types import Advantages, Episodes, Rollout
+from ppolm.training import checkpoint
 from ppolm.training.averaging import TailAverage
 from ppolm.training.config import PPOConfig
-from ppolm.rollout.env import TextGenerationEnv
-from ppolm.errors import ConfigError, TrainingError
-from ppolm.engines.fast_cpu.grad_buffers import GradBuffers
+from ppolm.training.engines import make_engine, resolve_device
 from ppolm.training.kl_control import KLController
-from ppolm.maths.losses import full_kl, kl_penalty, policy_loss, value_loss
-from ppolm.engines.fast_cpu.memory import keep_freed_memory
 from ppolm.training.metrics import MetricsWriter
-from ppolm.engines.fast_cpu.optim import AdamW
-from ppolm.policies.base import (
-    Policy,
-    compiled_trunks,
-    forward_response,
-    frozen_split,
-    samples_bottom,
-)
-from ppolm.policies.hf import float32_attention
-from ppolm.policies.value import ValueHead
 from ppolm.training.progress import Timer, progress_bar
-from ppolm.rollout.types import Episodes, Rollout
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_bf16_supported() -> bool:
-    """Whether PyTorch's CPU kernels support bf16 products on this CPU."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from ppolm.training.schedule import lr_factor
+from ppolm.training.seeding import rng_state, set_rng_state
 
 
 class Trainer:
@@ -74,50 +44,29 @@ class Trainer:
         value_head: a ValueHead; default a head on the policy's shared trunk.
         reference: the frozen reference policy for the KL penalty; default a frozen copy of
             ``policy`` as it is now.
+        engine: how the numbers are computed; default the one ``config.engine`` names.
     """
 
     def __init__(self, policy: Policy, env: TextGenerationEnv, config: PPOConfig,
-                 value_head: ValueHead | None = None, reference: Policy | None = None) -> None:
+                 value_head: ValueHead | None = None, reference: Policy | None = None,
+                 engine: Engine | None = None) -> None:
         self.config, self.env = config, env
         self.device = resolve_device(config.device)
-        if config.cpu_bf16 and self.device.type == "cpu" and not cpu_bf16_supported():
-            raise ConfigError("cpu_bf16=True, but PyTorch reports no bf16 support for this CPU "
-                              "(it needs AVX-512 BF16 or AMX); leave cpu_bf16 off (float32).")
+        self.engine = engine or make_engine(config, self.device)
         env.check_policy(policy)
         # Dropout off everywhere: it makes logprobs noisy and the PPO ratio wrong.
         self.policy = policy.to(self.device).eval()
         self.value_head = (value_head or ValueHead(policy.hidden_size)).to(self.device).eval()
         self.reference = (reference or copy.deepcopy(policy)).to(self.device).eval()
         self.reference.requires_grad_(False)
-        params = {id(p): p for m in (self.policy, self.value_head) for p in m.parameters()
-                  if p.requires_grad}
-        self.params = list(params.values())
-        # With malloc keeping freed memory, fresh gradients cost no page faults, and the
-        # linears' buffers (zeroed, then read back by addmm_) would cost more than they save;
-        # the tables and the head keep theirs (docs/benchmarks.md).
-        kept = self.device.type == "cpu" and config.keep_freed_memory and keep_freed_memory()
-        head = self.policy.head_params()
-        self.grad_buffers = GradBuffers(self.policy, self.value_head,
-                                        heads=[head[0]] if head is not None else [],
-                                        linears=not kept and not config.compile)
-        # The fused kernel (CPU and CUDA) updates all parameters in one pass: on a 2-core CPU,
-        # 8x faster than the default per-tensor loop for a 49k-token embedding. Token tables
-        # that only lookups write have only the rows a gradient ever reached updated (the same
-        # numbers, ppolm.engines.fast_cpu.optim).
-        fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
-        self.optimizer = AdamW(self.params, lr=config.learning_rate, eps=config.adam_eps,
-                               weight_decay=config.weight_decay, fused=fused,
-                               row_tables=self.grad_buffers.row_tables,
-                               rows=self.grad_buffers.rows)
+        self.engine.setup(self.policy, self.value_head, self.reference, OptimizerSettings(
+            config.learning_rate, config.adam_eps, config.weight_decay, config.max_grad_norm))
         total = config.iterations * config.ppo_epochs * config.num_minibatches
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: _lr_factor(
-            config.lr_schedule, step, total, config.warmup_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.engine.optimizer, lambda step:
+                                                           lr_factor(config.lr_schedule, step,
+                                                                     total, config.warmup_steps))
         self.kl_ctl = KLController(config.kl_coef, config.adaptive_kl, config.kl_target,
                                    config.kl_horizon)
-        self.depth, self.ref_shares_bottom = frozen_split(
-            self.policy, self.reference, self.device, config.reuse_frozen_layers)
-        if config.compile:
-            check_compile(self.device, self.policy, self.reference, self.value_head.critic)
         self.sample_gen = torch.Generator(self.device).manual_seed(config.seed)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.iteration = 0            # iterations completed
@@ -125,131 +74,110 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.average = TailAverage()  # of the last config.average_last iterates
         self.last_iterate: dict[str, Tensor] | None = None   # set when the average replaced it
-        self.output_dir = Path(config.output_dir)
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
+        self.output_dir = Path(config.output_dir) if config.output_dir is not None else None
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl"
+                                     if self.output_dir is not None else None)
 
     # --- the loop --------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
         """Run the remaining iterations; returns one metrics dict per iteration run."""
-        from ppolm.training.checkpoint import save_checkpoint, start_fresh
-
         cfg = self.config
         if self.iteration == 0:
-            start_fresh(self)
+            self._start_fresh()
         with progress_bar(cfg.progress, cfg.iterations, self.iteration) as bar:
             while self.iteration < cfg.iterations:
                 timer = Timer()
                 episodes, rollout = self.collect(timer)
                 with timer("time_advantages"):
-                    rollout = self.compute_advantages(rollout)
+                    advantages = self.compute_advantages(rollout)
                 with timer("time_train"):
-                    stats = self.update(rollout)
+                    stats = self.update(rollout, advantages)
                 self.iteration += 1
                 self.average_weights()
-                row = self.log(episodes, rollout, stats, timer)
+                row = self.log(episodes, rollout, advantages, stats, timer)
+                self.kl_ctl.update(row["kl"], cfg.batch_size)
                 bar.update(row)
                 if cfg.save_every and self.iteration % cfg.save_every == 0:
-                    save_checkpoint(self)
-        if not cfg.save_every or self.iteration % cfg.save_every:
-            save_checkpoint(self)
+                    self.save()
+        if self.output_dir is not None and (not cfg.save_every or self.iteration % cfg.save_every):
+            self.save()
         return self.history
 
     # --- phases ------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, timer: Timer | None = None) -> tuple[Episodes, Rollout]:
         """Sample a batch, keeping the policy's logprobs and states from the sampling pass
-        (or, with rollout_logprobs='forward', one more forward pass of the policy: logprobs and
-        values sharing the trunk); then one forward of the reference over the whole sequences,
-        at the sampling temperature (with kl_estimator='full', the reference's whole
-        distribution over the response too)."""
+        (or, with rollout_logprobs='forward', one more forward pass of the policy); the
+        critic's values; one forward of the reference over the whole sequences, at the sampling
+        temperature (with kl_estimator='full', the reference's whole distribution too)."""
         timer = timer or Timer()
         cfg = self.config
-        d = self.depth
         from_sampler = cfg.rollout_logprobs == "sampler"
-        # A policy that splits its trunk but cannot also return the split from its sampling
-        # steps gets the frozen layers' output from one forward of them.
-        sampler_bottom = from_sampler and samples_bottom(self.policy)
-        with timer("time_generate"), self._autocast(), self._casts_cached(self.policy):
-            episodes = self.env.sample(self.policy, cfg.batch_size, cfg.temperature,
-                                       self.device, self.sample_gen, record=from_sampler,
-                                       depth=d if sampler_bottom else 0)
-        timer.add("time_reward", episodes.reward_seconds)
-        timer.add("time_generate", -episodes.reward_seconds)
-        ids, mask = episodes.input_ids, episodes.attention_mask
-        T = episodes.response_mask.shape[1]
-        exact_kl = cfg.kl_estimator == "full"      # (config: only with kl_mode='loss')
-        with timer("time_forward"), self._autocast(), self._compiled():
-            # The frozen lower layers' output, once per rollout (depth 0: none).
-            bottom = (episodes.bottom if sampler_bottom else
-                      self.policy.trunk_bottom(ids, mask, d) if d else None)      # (B, L, H)
-            if from_sampler:
-                assert episodes.logprobs is not None and episodes.hidden is not None
-                logprobs, hidden = episodes.logprobs, episodes.hidden
-            else:
-                # The same path as the update's forward, so the first ratio is exactly 1.
-                fwd = forward_response(self.policy, ids, mask, T, cfg.temperature,
-                                       bottom=bottom, depth=d)
-                logprobs, hidden = fwd.logprobs, fwd.hidden
-            values = self.value_head(hidden, ids, mask, T).float()
-            ref = forward_response(self.reference, ids, mask, T, cfg.temperature,
-                                   full_dist=exact_kl,
-                                   bottom=bottom if self.ref_shares_bottom else None, depth=d)
+        with self.engine.rollout():
+            with timer("time_generate"):
+                episodes = self.env.sample(self.policy, cfg.batch_size, cfg.temperature,
+                                           self.device, self.sample_gen, record=from_sampler,
+                                           trunk=self.engine.sampling_trunk(self.policy))
+            timer.add("time_reward", episodes.reward_seconds)
+            timer.add("time_generate", -episodes.reward_seconds)
+            seqs = Sequences(episodes.input_ids, episodes.attention_mask,
+                             episodes.response_mask.shape[1])
+            with timer("time_forward"):
+                if from_sampler:
+                    assert episodes.logprobs is not None and episodes.hidden is not None
+                    logprobs, hidden = episodes.logprobs, episodes.hidden
+                else:
+                    fwd = self.engine.forward_response(self.policy, seqs, cfg.temperature)
+                    logprobs, hidden = fwd.logprobs, fwd.hidden
+                values = self.values(seqs, hidden)
+                ref = self.engine.forward_response(self.reference, seqs, cfg.temperature,
+                                                   full_dist=cfg.kl_estimator == "full")
         rmask = episodes.response_mask.float()
-        zeros = torch.zeros_like(rmask)
-        rollout = Rollout(input_ids=ids, attention_mask=mask, response_mask=rmask,
-                          logprobs=logprobs.float() * rmask,
-                          ref_logprobs=ref.logprobs.float() * rmask,
-                          values=values * rmask, scores=episodes.scores.float(),
-                          rewards=zeros, advantages=zeros, returns=zeros,
+        rollout = Rollout(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+                          response_mask=rmask, logprobs=logprobs.float() * rmask,
+                          ref_logprobs=ref.logprobs.float() * rmask, values=values * rmask,
+                          scores=episodes.scores.float(),
+                          index=torch.arange(cfg.batch_size, device=self.device),
                           ref_dist=ref.dist.float() if ref.dist is not None else None,
-                          token_scores=episodes.token_scores, bottom=bottom)
+                          token_scores=episodes.token_scores)
         return episodes, rollout
 
-    def compute_advantages(self, rollout: Rollout) -> Rollout:
-        """Per-token rewards (the score at the last response token, or its increments token by
-        token with prefix shaping; -beta * KL on every token when the KL is in the reward), then
-        GAE and advantage whitening."""
+    def values(self, seqs: Sequences, policy_hidden: Tensor) -> Tensor:
+        """V(s) at the positions predicting the response tokens: the value head on the
+        policy's states, or on a separate critic's. Shapes: -> (B, T) float32."""
+        critic = self.value_head.critic
+        hidden = self.engine.forward_hidden(critic, seqs) if critic is not None else policy_hidden
+        values: Tensor = self.value_head(hidden)
+        return values
+
+    def compute_advantages(self, rollout: Rollout) -> Advantages:
+        """Per-token rewards (``ppolm.maths.rewards.token_rewards``: the score, or its
+        increments with prefix shaping; -beta * KL on every token when the KL is in the
+        reward), then GAE and advantage whitening."""
         cfg, mask = self.config, rollout.response_mask
-        scores, token_scores = rollout.scores, rollout.token_scores
-        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)   # (B,)
-        if cfg.whiten_rewards:
-            # s -> (s - mean) / std + mean; with increments: each / std, the shift at the end.
-            ones = torch.ones_like(scores)
-            whitened = whiten(scores, ones, shift_mean=False)
-            if token_scores is not None:
-                std = torch.sqrt(masked_var(scores, ones) + 1e-8)
-                token_scores = token_scores / std
-                token_scores = token_scores.scatter_add(
-                    1, last[:, None], (whitened - token_scores.sum(1))[:, None]) * mask
-            scores = whitened
-        if cfg.kl_mode == "reward":
-            kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
-            rewards = -self.kl_ctl.value * kl
-        else:
-            rewards = torch.zeros_like(mask)
-        if token_scores is not None:
-            rewards = rewards + token_scores
-        else:
-            rewards = rewards.scatter_add(1, last[:, None], scores[:, None])
+        in_reward = cfg.kl_mode == "reward"
+        rewards = token_rewards(rollout.scores, mask, token_scores=rollout.token_scores,
+                                logprobs=rollout.logprobs if in_reward else None,
+                                ref_logprobs=rollout.ref_logprobs if in_reward else None,
+                                kl_coef=self.kl_ctl.value, kl_estimator=cfg.kl_estimator,
+                                whiten_rewards=cfg.whiten_rewards)
         advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
-        return Rollout(**{**rollout.__dict__, "rewards": rewards, "advantages": advantages,
-                          "returns": returns})
+        return Advantages(rewards, advantages, returns)
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
+    def update(self, rollout: Rollout, advantages: Advantages) -> dict[str, float]:
         """K epochs over shuffled minibatches; one optimizer step per minibatch."""
         cfg = self.config
         stats: dict[str, list[float]] = defaultdict(list)
         epochs_done = 0
-        # backward adds into kept gradients (grad_buffers); trunks compiled with config.compile
-        with self.grad_buffers.active(), self._compiled():
+        with self.engine.update():
             for epoch in range(cfg.ppo_epochs):
                 perm = torch.randperm(cfg.batch_size, generator=self.shuffle_gen).to(self.device)
                 epoch_kl = []
                 for start in range(0, cfg.batch_size, cfg.minibatch_size):
-                    mb = rollout.select(perm[start: start + cfg.minibatch_size])
-                    step = self.optimizer_step(mb)
+                    idx = perm[start: start + cfg.minibatch_size]
+                    step = self.optimizer_step(rollout.select(idx), advantages.select(idx))
                     if epoch == 0 and start == 0:
                         stats["ratio_dev_first"].append(step["ratio_max_dev"])
                     for k, v in step.items():
@@ -258,9 +186,6 @@ class Trainer:
                 epochs_done += 1
                 if cfg.target_approx_kl is not None and np.mean(epoch_kl) > cfg.target_approx_kl:
                     break
-        # No gradients are held between updates: the rollout gets their memory.
-        self.optimizer.zero_grad(set_to_none=True)
-        self.grad_buffers.release()
         # The mean over the applied steps (a skipped step's statistics are NaN); NaN if none.
         out = {k: float(np.nanmean(v)) if not np.isnan(v).all() else math.nan
                for k, v in stats.items() if k != "skipped"}
@@ -268,67 +193,60 @@ class Trainer:
         out["epochs_done"] = float(epochs_done)
         return out
 
-    def optimizer_step(self, minibatch: Rollout) -> dict[str, float]:
-        """Gradients of one minibatch, global-norm clipping, then an optimizer step, or a
-        skipped step when the loss or the gradient norm is not finite."""
-        cfg = self.config
-        totals = self.accumulate_gradients(minibatch)
-        grad_norm = float(clipping.grad_norm(self.params, self.grad_buffers.rows))
-        finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
-        if finite:
-            # Clipping to max_grad_norm happens inside the step (ppolm.engines.fast_cpu.clipping).
-            clipping.step_with_factor(self.optimizer, self.params,
-                                      clipping.clip_factor(grad_norm, cfg.max_grad_norm))
+    def optimizer_step(self, minibatch: Rollout, advantages: Advantages) -> dict[str, float]:
+        """Gradients of one minibatch, then the engine's clipped optimizer step, or a skipped
+        step when the loss or the gradient norm is not finite."""
+        totals = self.accumulate_gradients(minibatch, advantages)
+        result = self.engine.step(loss_finite=math.isfinite(totals["loss"]))
+        if result.applied:
             self.scheduler.step()
             self.bad_updates = 0
         else:
             # Skip the update rather than apply NaN/inf to the weights (as veRL does).
-            self.optimizer.zero_grad(set_to_none=True)
             self.bad_updates += 1
-            if self.bad_updates >= cfg.max_bad_updates:
+            if self.bad_updates >= self.config.max_bad_updates:
                 raise TrainingError(
                     f"{self.bad_updates} non-finite updates in a row (loss {totals['loss']}, "
-                    f"grad norm {grad_norm}) at iteration {self.iteration + 1}; check the "
+                    f"grad norm {result.grad_norm}) at iteration {self.iteration + 1}; check the "
                     "rewards and lower learning_rate. The last checkpoint is kept.")
-        totals["grad_norm"] = grad_norm
-        totals["skipped"] = 0.0 if finite else 1.0
+        totals["grad_norm"] = result.grad_norm
+        totals["skipped"] = 0.0 if result.applied else 1.0
         return totals
 
-    def accumulate_gradients(self, minibatch: Rollout) -> dict[str, float]:
+    def accumulate_gradients(self, minibatch: Rollout, advantages: Advantages
+                             ) -> dict[str, float]:
         """Zero the gradients, then backward each micro-batch. Losses are normalised by the
         token count of the whole minibatch, so the accumulated gradients equal those of one
         pass over it. Returns the minibatch's loss statistics."""
         cfg = self.config
-        self.optimizer.zero_grad(set_to_none=True)
-        self.grad_buffers.zero_grad()
+        self.engine.zero_grad()
         num_tokens = minibatch.response_mask.sum().clamp(min=1)
         totals: dict[str, float] = defaultdict(float)
         n = minibatch.input_ids.shape[0]
         size = cfg.minibatch_size // cfg.grad_accum_steps      # = micro_batch_size
         for start in range(0, n, size):
-            micro = minibatch.select(torch.arange(start, min(start + size, n), device=self.device))
-            with self._autocast():
-                loss, parts = self.loss(micro, num_tokens)
-            loss.backward()
+            idx = torch.arange(start, min(start + size, n), device=self.device)
+            micro = minibatch.select(idx)
+            loss, parts = self.loss(micro, advantages.select(idx), num_tokens)
+            self.engine.backward(loss)
             share = float(micro.response_mask.sum() / num_tokens)
             for k, v in parts.items():
                 totals[k] = max(totals[k], v) if k == "ratio_max_dev" else totals[k] + share * v
-        self.grad_buffers.densify()
         return dict(totals)
 
-    def loss(self, micro: Rollout, num_tokens: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, micro: Rollout, adv: Advantages, num_tokens: Tensor
+             ) -> tuple[Tensor, dict[str, float]]:
         """The PPO loss of one micro-batch: clipped surrogate + vf_coef * clipped value loss
         - ent_coef * entropy (+ beta * KL when the KL is in the loss)."""
         cfg, mask = self.config, micro.response_mask
-        T = mask.shape[1]
         exact_kl = cfg.kl_estimator == "full"      # (config: only with kl_mode='loss')
-        fwd = forward_response(self.policy, micro.input_ids, micro.attention_mask, T,
-                               cfg.temperature, entropy_grad=cfg.ent_coef > 0,
-                               full_dist=exact_kl, bottom=micro.bottom, depth=self.depth)
-        values = self.value_head(fwd.hidden, micro.input_ids, micro.attention_mask, T)
-        pg, pg_stats = policy_loss(fwd.logprobs, micro.logprobs, micro.advantages, mask,
+        seqs = Sequences(micro.input_ids, micro.attention_mask, mask.shape[1], micro.index)
+        fwd = self.engine.forward_response(self.policy, seqs, cfg.temperature,
+                                           entropy_grad=cfg.ent_coef > 0, full_dist=exact_kl)
+        values = self.values(seqs, fwd.hidden)
+        pg, pg_stats = policy_loss(fwd.logprobs, micro.logprobs, adv.advantages, mask,
                                    cfg.clip_range, num_tokens)
-        vf, vf_stats = value_loss(values, micro.values, micro.returns, mask,
+        vf, vf_stats = value_loss(values, micro.values, adv.returns, mask,
                                   cfg.clip_range_value, num_tokens)
         ent = masked_sum(fwd.entropy, mask) / num_tokens
         loss = pg + cfg.vf_coef * vf - cfg.ent_coef * ent
@@ -356,27 +274,25 @@ class Trainer:
             if self.iteration == cfg.iterations:
                 self.last_iterate = self.average.swap_in(self.policy)
 
-    def log(self, episodes: Episodes, rollout: Rollout, stats: dict[str, float],
-            timer: Timer) -> dict[str, Any]:
-        """Write the iteration's metrics (fixed names, see ppolm.training.metrics.METRIC_NAMES)."""
+    def log(self, episodes: Episodes, rollout: Rollout, advantages: Advantages,
+            stats: dict[str, float], timer: Timer) -> dict[str, Any]:
+        """Write the iteration's metrics (fixed names, see ppolm.training.metrics)."""
         cfg, mask = self.config, rollout.response_mask
         # The metric uses the optimised estimator; for the exact KL (optimised per state),
         # k1 on the sampled tokens: the unbiased estimate of the KL of whole responses.
         estimator = "k1" if cfg.kl_estimator == "full" else cfg.kl_estimator
         kl_seq = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, estimator)
                   * mask).sum(1)                                            # (B,)
-        beta = self.kl_ctl.value
-        self.kl_ctl.update(float(kl_seq.mean()), cfg.batch_size)
         total = timer.total()
         n_tokens = float(mask.sum())
         row: dict[str, Any] = {
             "iteration": self.iteration,
-            "reward_mean": float(rollout.rewards.sum(1).mean()),
-            "reward_std": float(rollout.rewards.sum(1).std()),
+            "reward_mean": float(advantages.rewards.sum(1).mean()),
+            "reward_std": float(advantages.rewards.sum(1).std()),
             "score_mean": float(rollout.scores.mean()),
             "score_std": float(rollout.scores.std()),
-            "kl": float(kl_seq.mean()), "kl_coef": beta,
-            "explained_variance": explained_variance(rollout.values, rollout.returns, mask),
+            "kl": float(kl_seq.mean()), "kl_coef": self.kl_ctl.value,
+            "explained_variance": explained_variance(rollout.values, advantages.returns, mask),
             "lr": self.scheduler.get_last_lr()[0],
             "response_length": float(mask.sum(1).mean()),
             "eos_fraction": float(episodes.ended.float().mean()),
@@ -388,78 +304,93 @@ class Trainer:
         self.metrics.write(row)
         return row
 
-    # --- helpers -----------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type == "cuda" and self.config.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        if self.device.type == "cpu" and self.config.cpu_bf16:
-            stack = contextlib.ExitStack()
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-            stack.enter_context(float32_attention())
-            return stack
-        return contextlib.nullcontext()
+    # --- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs: the models' trainable state, the engine's (optimizer),
+        the schedule, the KL controller, the prompt order, the weight average, every random
+        generator and the counters."""
+        return {
+            "iteration": self.iteration, "bad_updates": self.bad_updates,
+            "policy": self.policy.state_dict(), "value_head": self.value_head.state_dict(),
+            "engine": self.engine.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "kl": self.kl_ctl.state_dict(), "env": self.env.state_dict(),
+            "average": self.average.state_dict(),
+            "rng": rng_state(sample=self.sample_gen, shuffle=self.shuffle_gen),
+        }
 
-    def _compiled(self) -> contextlib.AbstractContextManager[Any]:
-        """With config.compile, the trunks' whole-sequence passes through torch.compile."""
-        if self.config.compile:
-            return compiled_trunks(self.policy, self.reference, self.value_head.critic)
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _casts_cached(self, module: torch.nn.Module) -> Iterator[None]:
-        """Under CPU autocast, the casts of ``module``'s frozen weights kept for the whole block
-        too. Autocast keeps the bf16 copy of a weight for the rest of its block only when the
-        weight requires grad; a frozen one (``freeze_lower_layers``) would be cast again at every
-        sampling step, which made generation slower than in float32. The block runs without
-        gradient, so marking them for its duration changes nothing else."""
-        frozen = ([p for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
-                  if self.device.type == "cpu" and self.config.cpu_bf16
-                  and not torch.is_grad_enabled() else [])
-        for p in frozen:
-            p.requires_grad_(True)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (``policy`` may be left out when the policy's
+        weights were loaded another way)."""
         try:
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
+            if "policy" in state:
+                self.policy.load_state_dict(state["policy"])
+            self.value_head.load_state_dict(state["value_head"])
+            self.engine.load_state_dict(state["engine"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.kl_ctl.load_state_dict(state["kl"])
+            self.env.load_state_dict(state["env"])
+            self.average.load_state_dict(state["average"], self.device)
+            set_rng_state(state["rng"], sample=self.sample_gen, shuffle=self.shuffle_gen)
+            self.iteration, self.bad_updates = state["iteration"], state["bad_updates"]
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"The saved state does not fit this run: {e}") from None
 
+    # --- files -------------------------------------------------------------------------------
     def save(self, path: str | Path | None = None) -> Path:
-        """Write a checkpoint (default: under output_dir/checkpoints); returns its folder."""
-        from ppolm.training.checkpoint import save_checkpoint
+        """Write a checkpoint (default: output_dir/checkpoints/iter-NNNNNNN, keeping the newest
+        ``keep_checkpoints``): the policy's own files under ``policy/``, the rest of
+        ``state_dict()``, the config. Returns its folder."""
+        if path is None and self.output_dir is None:
+            raise ConfigError("trainer.save() needs a path, or an output_dir in the config.")
+        folder = self._checkpoints()
+        state = self.state_dict()
+        del state["policy"]                          # written as the policy's own files
 
-        return save_checkpoint(self, path)
+        def write(tmp: Path) -> None:
+            self.policy.save(tmp / "policy")
+            checkpoint.save_state(state, tmp)
+            self.config.to_yaml(tmp / "config.yaml")
+
+        final = Path(path) if path else folder / f"iter-{self.iteration:07d}"
+        checkpoint.write_atomic(final, write, str(self.iteration))
+        if path is None:
+            checkpoint.prune(folder, self.config.keep_checkpoints)
+        return final
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default: the newest complete one under output_dir/checkpoints)
         and continue from it on the next ``train()``; returns the iteration reached."""
-        from ppolm.training.checkpoint import load_checkpoint
-
-        load_checkpoint(self, path)
+        if path is None:
+            if self.output_dir is None:
+                raise ConfigError("trainer.resume() needs a path, or an output_dir in the config.")
+            found = checkpoint.latest_checkpoint(self._checkpoints())
+            if found is None:
+                raise CheckpointError(f"No complete checkpoint under "
+                                      f"{str(self._checkpoints())!r} to resume from.")
+            path = found
+        state = checkpoint.load_state(path)
+        self.policy.load(Path(path) / "policy")
+        self.policy.to(self.device)
+        self.load_state_dict(state)
+        if self.metrics.path is not None:
+            checkpoint.truncate_metrics(self.metrics.path, self.iteration)
         return self.iteration
 
+    def _checkpoints(self) -> Path:
+        return (self.output_dir or Path(".")) / "checkpoints"
 
-def check_compile(device: torch.device, *policies: Policy | None) -> None:
-    """A ConfigError for a policy that cannot compile its trunk, or on a CPU without the C++
-    compiler that torch.compile builds its kernels with."""
-    if device.type == "cpu" and not any(shutil.which(c) for c in (
-            os.environ.get("CXX", "g++"), "g++", "clang++")):
-        raise ConfigError("compile=True on CPU needs a C++ compiler (torch.compile builds its "
-                          "kernels with one): install g++, or leave compile off.")
-    for policy in policies:
-        if policy is not None and not policy.supports_compile:
-            raise ConfigError(f"compile=True: {type(policy).__name__} does not support "
-                              "torch.compile of its trunk (transformers policies and "
-                              "TransformerPolicy do); leave compile off.")
-
-
-def _lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
-    """The learning-rate multiplier of optimizer step ``step`` (0-based) of ``total``: a linear
-    warm-up over the first ``warmup`` steps, then the schedule over the rest."""
-    if step < warmup:
-        return (step + 1) / warmup
-    frac = min((step - warmup) / max(total - warmup, 1), 1.0)
-    if schedule == "linear":
-        return 1.0 - frac
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * frac))
-    return 1.0
+    def _start_fresh(self) -> None:
+        """Before a new run's first iteration: refuse to mix it with an earlier run found in
+        output_dir (its checkpoints would be resumed, its metrics read as this run's), unless
+        ``config.overwrite``, which deletes them."""
+        if self.output_dir is None or self.metrics.path is None:
+            return
+        found = checkpoint.earlier_run(self._checkpoints(), self.metrics.path)
+        if found is None:
+            return
+        if not self.config.overwrite:
+            raise ConfigError(
+                f"output_dir {str(self.output_dir)!r} holds an earlier run ({found}). Continue "
+                "it with --resume (trainer.resume()), start over with overwrite=true (deletes "
+                "it), or choose another output_dir.")
+        checkpoint.clear_run(self._checkpoints(), self.metrics.path)

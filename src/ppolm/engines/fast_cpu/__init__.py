@@ -1,1 +1,5 @@
-"""engines/fast_cpu"""
+"""The single-process CPU engine (docs/performance.md)."""
+
+from ppolm.engines.fast_cpu.engine import FastCPUEngine, FastCPUSettings
+
+__all__ = ["FastCPUEngine", "FastCPUSettings"]

@@ -1,0 +1,156 @@
+"""The seam between what PPO computes and how: the ``Engine`` interface the Trainer calls.
+
+The Trainer says what PPO computes (collect, advantages, losses, the loop); an engine says how
+the numbers are made: the forward passes over whole sequences, backward, the optimizer step
+with gradient clipping, the contexts the rollout and the update run in, and its own state.
+``PlainEngine`` is torch as users know it and the reference every fast path is tested against;
+``FastCPUEngine`` is the single-process CPU engine (docs/performance.md).
+
+A new engine (several processes, another accelerator) subclasses ``Engine`` and is chosen in
+``ppolm.training.trainer.make_engine``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ppolm.policies.base import Policy
+from ppolm.policies.value import ValueHead
+from ppolm.rollout.sampling import StepTrunk
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Whole sequences (prompt then response) to run a model over.
+
+    Shapes: input_ids, attention_mask (B, L); the last ``response_len`` tokens of each row are
+    its response; ``index`` (B,) long: each row's place in the iteration's batch (an engine may
+    keep per-episode results of the rollout, e.g. ``FastCPUEngine``'s frozen-layer output, and
+    find them again for a minibatch), or None outside a rollout's batch.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_len: int
+    index: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ResponseForward:
+    """What one forward pass gives PPO about the response tokens."""
+
+    logprobs: Tensor       # (B, T) log-probability of each response token, at the temperature
+    entropy: Tensor        # (B, T) entropy of each token's distribution, at the temperature
+    hidden: Tensor         # (B, T, H) trunk hidden states at the positions predicting them
+    dist: Tensor | None = None  # (B, T, V) log-softmax over the vocabulary, when asked for
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step: the global gradient norm before clipping, and whether the step was
+    applied (False: the loss or the norm was not finite, the gradients were dropped)."""
+
+    grad_norm: float
+    applied: bool
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and clipping, as the algorithm's config gives them."""
+
+    learning_rate: float
+    adam_eps: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+
+class Engine(ABC):
+    """How the Trainer's numbers are computed (see the module docstring).
+
+    Life cycle: ``setup`` once with the models; then per iteration ``rollout()`` (sampling and
+    the rollout's forward passes run inside it) and ``update()`` (the minibatch steps run inside
+    it: ``zero_grad``, ``backward`` per micro-batch, ``step``).
+    """
+
+    name: str = "engine"
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+
+    @abstractmethod
+    def setup(self, policy: Policy, value_head: ValueHead, reference: Policy,
+              optim: OptimizerSettings) -> None:
+        """Take the models (already on ``self.device``) and build the optimizer over the
+        trainable parameters of the policy and the value head."""
+
+    def rollout(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of one rollout: sampling and the forward passes over its batch."""
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def update(self) -> Iterator[None]:
+        """The context of one update; no gradient is kept after it (the rollout gets the
+        memory)."""
+        try:
+            yield
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def sampling_trunk(self, policy: Policy) -> StepTrunk | None:
+        """The trunk the sampler's decoding steps call (None: ``policy.trunk``)."""
+        return None
+
+    @abstractmethod
+    def forward_response(self, model: Policy, seqs: Sequences, temperature: float, *,
+                         entropy_grad: bool = False, full_dist: bool = False
+                         ) -> ResponseForward:
+        """Logprobs (and entropy, hidden states) of the response tokens under ``model``, the
+        logits divided by ``temperature`` as when sampling. The entropy carries a gradient only
+        with ``entropy_grad``; ``full_dist`` also returns the whole log-softmax.
+
+        Shapes: see ``Sequences``; returns (B, T) logprobs and entropy, (B, T, H) hidden."""
+
+    @abstractmethod
+    def forward_hidden(self, model: Policy, seqs: Sequences) -> Tensor:
+        """The trunk's hidden states at the positions predicting the response tokens (a
+        separate critic's). Shapes: -> (B, T, H)."""
+
+    def zero_grad(self) -> None:
+        """Before a minibatch's backward passes."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: Tensor) -> None:
+        """Add the gradient of ``loss`` (one micro-batch) to the parameters' gradients."""
+        loss.backward()
+
+    @abstractmethod
+    def step(self, loss_finite: bool = True) -> StepResult:
+        """Clip the gradients to the global norm and take an optimizer step; skip it (dropping
+        the gradients) when ``loss_finite`` is False or the norm is not finite."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs of the engine (the optimizer's state)."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``modules`` that require grad, each once, in module order."""
+    found = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}
+    return list(found.values())
+
+
+def response_slice(hidden: Tensor, response_len: int) -> Tensor:
+    """The states predicting the last ``response_len`` tokens: position i predicts token i + 1.
+    Shapes: (B, L, H) -> (B, T, H)."""
+    L = hidden.shape[1]
+    return hidden[:, L - response_len - 1: L - 1]
