@@ -25,7 +25,8 @@ def tiny_llama(vocab_size: int):
 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                      max_position_embeddings=64, tie_word_embeddings=False)
+                      max_position_embeddings=64, tie_word_embeddings=False,
+                      bos_token_id=2, eos_token_id=1, pad_token_id=0)   # char_tokenizer's ids
     return LlamaForCausalLM(cfg).eval()
 
 

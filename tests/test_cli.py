@@ -5,32 +5,96 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
+from ppolm import PPOConfig
 from ppolm.cli import main
 from ppolm.errors import ConfigError
 from ppolm.run import RunSpec
 
 
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ppolm.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=1800)
+def run_cli(*args: str, cwd=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m ppolm ARGS`` in a fresh process (the command sets process-wide malloc
+    options on CPU, which a test process should not take on)."""
+    return subprocess.run([sys.executable, "-m", "ppolm", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout)
 
 
-def test_default_run_completes_and_reward_rises(tmp_path):
-    out = run_cli("train", f"ppo.output_dir={tmp_path}/run", "ppo.progress=false")
+def ppolm_script() -> str:
+    """The ``ppolm`` console script installed next to this interpreter."""
+    script = Path(sys.executable).parent / "ppolm"
+    if not script.is_file():
+        pytest.skip("the ppolm console script is not installed (pip install -e .)")
+    return str(script)
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+SMALL = ["iterations=3", "batch_size=8", "minibatch_size=4", "progress=false"]
+
+
+def test_default_run_without_a_config_writes_to_runs_default(tmp_path):
+    out = subprocess.run([ppolm_script(), "train", *SMALL], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert f"metrics: {tmp_path}/run/metrics.jsonl" in out.stdout
-    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == RunSpec().ppo.iterations
+    assert "transformer policy on task=continue for 3 iterations" in out.stdout
+    assert "metrics: runs/default/metrics.jsonl" in out.stdout
+    run = tmp_path / "runs/default"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]       # nothing else written
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl", "run.yaml"]
+    assert [r["iteration"] for r in metrics(run)] == [1, 2, 3]
+    assert (run / "checkpoints/iter-0000003/COMPLETE").is_file()
+    saved = yaml.safe_load((run / "run.yaml").read_text())
+    demo = RunSpec.load(None, SMALL)
+    assert saved["ppo"]["output_dir"] == "runs/default" and saved["task"] == "continue"
+    assert saved["ppo"]["kl_coef"] == demo.ppo.kl_coef == 0.01         # the demo file's
+    assert saved["ppo"]["learning_rate"] == demo.ppo.learning_rate
+    assert saved["ppo"]["iterations"] == 3
+    # the command (not the library) turns on malloc keeping freed memory on a CPU
+    assert saved["ppo"]["keep_freed_memory"] is True and PPOConfig().keep_freed_memory is False
+
+
+@pytest.mark.slow
+def test_default_run_completes_and_reward_rises(tmp_path):
+    out = subprocess.run([ppolm_script(), "train", "ppo.progress=false"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=1800)
+    assert out.returncode == 0, out.stderr
+    rows = metrics(tmp_path / "runs/default")
+    assert len(rows) == RunSpec.load(None, []).ppo.iterations == 200
     first = sum(r["score_mean"] for r in rows[:10]) / 10
     last = sum(r["score_mean"] for r in rows[-10:]) / 10
     assert last > first + 0.5, (first, last)
-    assert (tmp_path / "run/checkpoints").is_dir()
+    assert (tmp_path / "runs/default/checkpoints/iter-0000200/COMPLETE").is_file()
 
 
-def test_yaml_config_with_overrides(tmp_path, capsys):
+def test_python_m_ppolm_train_writes_into_output_dir(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out_dir = tmp_path / "out"
+    out = run_cli("train", "iterations=2", "batch_size=8", "minibatch_size=4", "progress=false",
+                  f"output_dir={out_dir}", cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    assert f"metrics: {out_dir}/metrics.jsonl" in out.stdout
+    assert f"checkpoints: {out_dir}/checkpoints" in out.stdout
+    assert list(cwd.iterdir()) == []                                    # no runs/ here
+    assert [r["iteration"] for r in metrics(out_dir)] == [1, 2]
+    assert (out_dir / "checkpoints/iter-0000002/COMPLETE").is_file()
+    saved = yaml.safe_load((out_dir / "run.yaml").read_text())
+    assert saved["ppo"]["output_dir"] == str(out_dir) and saved["ppo"]["iterations"] == 2
+    # --resume continues the finished run (nothing left to do) instead of refusing it
+    again = run_cli("train", "iterations=2", "batch_size=8", "minibatch_size=4",
+                    "progress=false", f"output_dir={out_dir}", "--resume", cwd=cwd)
+    assert again.returncode == 0, again.stderr
+    assert "resumed at iteration 2" in again.stdout
+    assert len(metrics(out_dir)) == 2
+
+
+def test_yaml_config_with_overrides(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"""
 model: {{kind: lstm, hidden_size: 32}}
@@ -38,11 +102,39 @@ task: target_char
 env: {{max_new_tokens: 4}}
 ppo: {{iterations: 2, batch_size: 8, minibatch_size: 4, output_dir: {tmp_path}/out}}
 """)
-    assert main(["train", str(cfg), "learning_rate=1e-3", "ppo.progress=false"]) == 0
-    printed = capsys.readouterr().out
-    assert "lstm policy on task=target_char for 2 iterations" in printed
+    out = run_cli("train", str(cfg), "learning_rate=1e-3", "ppo.progress=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "lstm policy on task=target_char for 2 iterations" in out.stdout
     saved = (tmp_path / "out/run.yaml").read_text()
     assert "learning_rate: 0.001" in saved and "kind: lstm" in saved
+    assert len(metrics(tmp_path / "out")) == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_yaml_without_output_dir_writes_to_runs_and_its_stem(tmp_path):
+    (tmp_path / "my_experiment.yaml").write_text(
+        "model: {kind: lstm, hidden_size: 16, n_layers: 1}\ntask: target_char\n"
+        "env: {max_new_tokens: 3}\n"
+        "ppo: {run: {progress: false}, algorithm: {iterations: 1, batch_size: 4, "
+        "minibatch_size: 2}}\n")
+    out = run_cli("train", "my_experiment.yaml", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "runs/my_experiment"
+    assert "metrics: runs/my_experiment/metrics.jsonl" in out.stdout
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl", "run.yaml"]
+    assert len(metrics(run)) == 1 and (run / "checkpoints/iter-0000001/COMPLETE").is_file()
+    saved = yaml.safe_load((run / "run.yaml").read_text())
+    assert saved["ppo"]["output_dir"] == "runs/my_experiment"
+    # settings the file leaves open take PPOConfig's defaults, as from Python
+    assert saved["ppo"]["kl_coef"] == PPOConfig().kl_coef
+    assert saved["ppo"]["learning_rate"] == PPOConfig().learning_rate
+
+
+def test_show_config_prints_the_demo_run(capsys):
+    assert main(["show-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == RunSpec.load(None, []).to_dict()
+    assert shown["ppo"]["kl_coef"] == 0.01 and shown["ppo"]["iterations"] == 200
 
 
 def test_module_class_reward_and_prompts_file(tmp_path):
@@ -55,7 +147,7 @@ def test_module_class_reward_and_prompts_file(tmp_path):
         "        return [-self.scale * len(r) for r in responses]\n")
     (tmp_path / "prompts.txt").write_text("abc\nhij\n")
     out = subprocess.run(
-        [sys.executable, "-m", "ppolm.cli", "train", "prompts=prompts.txt",
+        [sys.executable, "-m", "ppolm", "train", "prompts=prompts.txt",
          "reward=myreward:Short", "reward_kwargs={scale: 2.0}", "ppo.iterations=1",
          "ppo.batch_size=4", "ppo.minibatch_size=2", "ppo.progress=false",
          f"ppo.output_dir={tmp_path}/o"],

@@ -1,10 +1,12 @@
 """Global-norm clipping inside the optimizer step: the norm against float64, and a step with a
 factor against torch's clip-then-step, for the fused AdamW (the factor as its grad_scale) and
-for optimizers that get the plain multiplication."""
+for optimizers that get the plain multiplication; the fast engine's step against the plain
+engine's."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -86,3 +88,48 @@ def test_step_with_factor_equals_clip_then_step(kind, factor):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     moved = [float((a - b).detach().abs().max()) for a, b in zip(runs[0], base, strict=True)]
     assert max(moved) > 1e-3                             # the steps did move the weights
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_fast_engine_step_equals_the_plain_engines(max_grad_norm):
+    """FastCPUEngine.step (the norm by dot products, the factor inside the fused AdamW) against
+    PlainEngine.step (clip_grad_norm_, then torch's AdamW): the same norm and, over three
+    steps, the same weights; a non-finite loss or norm drops the gradients and skips the step
+    on both."""
+    from ppolm import TransformerPolicy, ValueHead
+    from ppolm.engines import FastCPUEngine, OptimizerSettings, PlainEngine
+
+    torch.manual_seed(0)
+    base = TransformerPolicy(20, hidden_size=16, n_layers=1, n_heads=2, max_length=16)
+    base_head = ValueHead(16)
+    settings = OptimizerSettings(learning_rate=1e-2, max_grad_norm=max_grad_norm)
+    runs = []
+    for engine in (FastCPUEngine(), PlainEngine()):
+        policy, head = copy.deepcopy(base), copy.deepcopy(base_head)
+        engine.setup(policy, head, copy.deepcopy(base).requires_grad_(False), settings)
+        gen = torch.Generator().manual_seed(1)
+        norms = []
+        for _ in range(3):
+            engine.zero_grad()
+            for p in engine.params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            result = engine.step()
+            assert result.applied
+            norms.append(result.grad_norm)
+        before = [p.detach().clone() for p in engine.params]
+        for finite, bad in ((False, 0.0), (True, math.nan)):
+            engine.zero_grad()
+            for p in engine.params:
+                p.grad = torch.full_like(p, bad)
+            skipped = engine.step(loss_finite=finite)
+            assert not skipped.applied
+            assert all(p.grad is None for p in engine.params)
+            assert all(torch.equal(p, b) for p, b in zip(engine.params, before, strict=True))
+        assert math.isnan(skipped.grad_norm)
+        runs.append((norms, before))
+    (n0, w0), (n1, w1) = runs
+    assert n0 == pytest.approx(n1, rel=1e-6)
+    if max_grad_norm is not None:
+        assert min(n0) > max_grad_norm                   # every step clipped
+    for a, b in zip(w0, w1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -1,10 +1,9 @@
-"""PPOConfig.compile: the trunks' whole-sequence passes through torch.compile give the eager
-numbers (up to float rounding), forward and backward, and the Trainer's iteration with it the
-same update; decoding stays eager; clear errors where it cannot run."""
+"""PPOConfig.compile (the fast CPU engine): the trunks' whole-sequence passes through
+torch.compile give the eager numbers (up to float rounding), forward and backward, and the
+Trainer's iteration with it the same update; decoding, and the policy outside the engine, stay
+eager; clear errors where it cannot run."""
 
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 import torch
@@ -20,9 +19,15 @@ from ppolm import (
     TransformerPolicy,
     ValueHead,
 )
+from ppolm.engines.fast_cpu import engine as fast_engine
+from ppolm.engines.fast_cpu.engine import check_compile, supports_compile
+from ppolm.engines.fast_cpu.forward import forward_response, trunk_hidden
 from ppolm.errors import ConfigError
 from ppolm.policies.pretrained import freeze_lower_layers
-from ppolm.policies.base import compiled_trunks
+
+
+def unique_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 @pytest.fixture(autouse=True)
@@ -40,30 +45,38 @@ def test_compiled_trunk_gives_the_eager_hidden_states_and_gradients(tok, kind):
     torch.manual_seed(0)
     eager, compiled = make(), make()
     compiled.load_state_dict(eager.state_dict())
+    assert supports_compile(compiled)
+    on_embeds = torch.compile(fast_engine._on_embeds)     # what the engine compiles
     ids = torch.randint(0, len(tok), (3, 9))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0                                   # a left-padded row
     outs = []
     for policy in (eager, compiled):
-        with compiled_trunks(policy) if policy is compiled else contextlib.nullcontext():
-            hidden, _ = policy.trunk(ids, mask)
+        run = on_embeds if policy is compiled else None
+        hidden = trunk_hidden(policy, ids, mask, on_embeds=run)
         (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
         outs.append((hidden.detach(), {n: p.grad for n, p in policy.named_parameters()}))
     real = mask.bool()
     torch.testing.assert_close(outs[1][0][real], outs[0][0][real], rtol=1e-4, atol=1e-5)
     for name, grad in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
-    # the compiled path really ran: dynamo made a graph of the trunk; outside the block the
-    # policy is eager again (no new graph for a new shape)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs >= 1 and not compiled._compiled_trunk
+    # the compiled path really ran: dynamo made a graph of the trunk
+    graphs = unique_graphs()
+    assert graphs >= 1
+    # the response forward through it gives the eager logprobs (the same graph serves it)
+    want = forward_response(eager, ids, mask, 4, 0.7)
+    got = forward_response(compiled, ids, mask, 4, 0.7, on_embeds=on_embeds)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
+    assert unique_graphs() == graphs
+    # outside the engine's function the policy is eager: no new graph, even for a new shape
     compiled.trunk(ids[:, :5], mask[:, :5])
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    compiled(ids[:, :6], mask[:, :6], 2)
+    assert unique_graphs() == graphs
 
 
-def make_trainer(tok, tmp_path, compile, frozen=False, **overrides):
+def make_trainer(tok, compile, frozen=False, **overrides):
     cfg = dict(iterations=2, batch_size=8, minibatch_size=4, ppo_epochs=2, seed=0,
-               learning_rate=1e-3, progress=False, output_dir=str(tmp_path), device="cpu",
+               learning_rate=1e-3, progress=False, device="cpu", engine="fast_cpu",
                compile=compile)
     cfg.update(overrides)
     env = TextGenerationEnv(["a", "abc", "hij", "bbbb"], tok,
@@ -77,21 +90,27 @@ def make_trainer(tok, tmp_path, compile, frozen=False, **overrides):
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["separate-critic", "frozen-lower-layer"])
-def test_trainer_with_compile_makes_the_eager_update(tok, tmp_path, frozen):
+def test_trainer_with_compile_makes_the_eager_update(tok, frozen):
     runs = []
     for compile in (False, True):
-        trainer = make_trainer(tok, tmp_path / str(compile), compile, frozen)
-        assert trainer.depth == (1 if frozen else 0)
+        trainer = make_trainer(tok, compile, frozen)
+        assert trainer.engine.depth == (1 if frozen else 0)
+        assert (trainer.engine.on_embeds is not None) == compile
         episodes, rollout = trainer.collect()
-        rollout = trainer.compute_advantages(rollout)
-        stats = trainer.update(rollout)
+        advantages = trainer.compute_advantages(rollout)
+        stats = trainer.update(rollout, advantages)
         runs.append((rollout, stats, {n: p.detach().clone()
                                       for n, p in trainer.policy.named_parameters()},
                      trainer.value_head.linear.weight.detach().clone()))
         # the trunks' passes went through compiled graphs (or, eager, through none), and the
-        # policies are eager again outside the Trainer's blocks
-        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compile
-        assert not trainer.policy._compiled_trunk and not trainer.reference._compiled_trunk
+        # policies are eager outside the engine (no new graph for a new shape)
+        graphs = unique_graphs()
+        assert (graphs > 0) == compile
+        ids = rollout.input_ids[:2, :5]
+        for model in (trainer.policy, trainer.reference, trainer.value_head.critic):
+            if model is not None:
+                model.trunk(ids, torch.ones_like(ids))
+        assert unique_graphs() == graphs
     (r0, s0, w0, v0), (r1, s1, w1, v1) = runs
     # the same samples (decoding is eager), the compiled reference and critic give their numbers
     assert torch.equal(r0.input_ids, r1.input_ids)
@@ -103,20 +122,22 @@ def test_trainer_with_compile_makes_the_eager_update(tok, tmp_path, frozen):
         torch.testing.assert_close(w1[name], w, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-6)
     # ... and the update did move the weights, so the comparison above means something
-    start = make_trainer(tok, tmp_path / "start", False, frozen).policy
+    start = make_trainer(tok, False, frozen).policy
     assert max(float((w0[n] - p.detach()).abs().max()) for n, p in start.named_parameters()) > 1e-4
 
 
-def test_compile_refused_for_a_policy_without_it(tok, tmp_path):
+def test_compile_refused_for_a_policy_without_it(tok):
+    lstm = LSTMPolicy(len(tok), hidden_size=8)
+    assert not supports_compile(lstm)
     with pytest.raises(ConfigError, match="LSTMPolicy does not support torch.compile"):
-        with compiled_trunks(LSTMPolicy(len(tok), hidden_size=8)):
-            pass
+        check_compile(TransformerPolicy(len(tok), hidden_size=8), lstm)
+    check_compile(TransformerPolicy(len(tok), hidden_size=8), None)     # no error
     env = TextGenerationEnv(["a"], tok, CallableReward(lambda ps, rs: [0.0] * len(rs)),
                             max_new_tokens=2)
     with pytest.raises(ConfigError, match="LSTMPolicy does not support torch.compile"):
         Trainer(LSTMPolicy(len(tok), hidden_size=8), env,
                 PPOConfig(batch_size=2, minibatch_size=2, compile=True, progress=False,
-                          output_dir=str(tmp_path), device="cpu"))
+                          device="cpu", engine="fast_cpu"))
 
 
 def test_compile_on_cpu_refused_without_a_cpp_compiler(tok, tmp_path, monkeypatch):
@@ -127,4 +148,4 @@ def test_compile_on_cpu_refused_without_a_cpp_compiler(tok, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
         Trainer(HFPolicy(tiny_llama(len(tok))), env,
                 PPOConfig(batch_size=2, minibatch_size=2, compile=True, progress=False,
-                          output_dir=str(tmp_path), device="cpu"))
+                          device="cpu", engine="fast_cpu"))

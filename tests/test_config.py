@@ -1,9 +1,21 @@
+"""PPOConfig: validation, its three sections in YAML and overrides, and the same defaults
+from Python, from a YAML file and from the command line's run file."""
+
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import yaml
 
 from ppolm import PPOConfig
 from ppolm.errors import ConfigError, PPOLMError
+from ppolm.run import DEMO, RunSpec
+from ppolm.training.config import SECTIONS, AlgorithmConfig, RunConfig, SystemConfig
+
+
+def names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
 def test_defaults_and_derived_sizes():
@@ -11,6 +23,10 @@ def test_defaults_and_derived_sizes():
     assert c.num_minibatches == 4 and c.grad_accum_steps == 2
     assert PPOConfig().grad_accum_steps == 1
     assert PPOConfig(micro_batch_size=4).override(["minibatch_size=4"]).grad_accum_steps == 1
+    d = PPOConfig()
+    # from Python no file is written unless asked; the engine follows the device
+    assert d.output_dir is None and d.save_every == 0 and d.engine == "auto"
+    assert d.keep_freed_memory is False
 
 
 @pytest.mark.parametrize("kwargs,words", [
@@ -60,3 +76,104 @@ def test_bad_yaml_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         PPOConfig.from_yaml(tmp_path / "broken.yaml")
+
+
+def test_to_yaml_writes_the_three_sections(tmp_path):
+    c = PPOConfig(iterations=7, engine="plain", output_dir="out", kl_coef=0.2)
+    c.to_yaml(tmp_path / "c.yaml")
+    raw = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert list(raw) == ["algorithm", "system", "run"] == list(SECTIONS)
+    assert list(raw["algorithm"]) == names(AlgorithmConfig)
+    assert list(raw["system"]) == names(SystemConfig)
+    assert list(raw["run"]) == names(RunConfig)
+    assert raw["algorithm"]["iterations"] == 7 and raw["algorithm"]["kl_coef"] == 0.2
+    assert raw["system"]["engine"] == "plain" and "cpu_bf16" in raw["system"]
+    assert raw["run"]["output_dir"] == "out"
+    # every settable field once, in exactly one section; derived sizes are not written
+    flat = {k: v for section in raw.values() for k, v in section.items()}
+    assert sum(len(section) for section in raw.values()) == len(flat)
+    assert flat == c.to_dict() and "num_minibatches" not in flat
+    assert c.to_sections() == raw
+
+
+def test_from_yaml_reads_sections_and_flat_keys(tmp_path):
+    want = PPOConfig(kl_coef=0.2, engine="plain", output_dir="o", iterations=3)
+    (tmp_path / "sections.yaml").write_text(
+        "algorithm: {kl_coef: 0.2, iterations: 3}\nsystem: {engine: plain}\nrun: {output_dir: o}\n")
+    (tmp_path / "flat.yaml").write_text("kl_coef: 0.2\niterations: 3\nengine: plain\noutput_dir: o\n")
+    (tmp_path / "mixed.yaml").write_text("system: {engine: plain}\nkl_coef: 0.2\niterations: 3\n"
+                                         "output_dir: o\n")
+    for name in ("sections", "flat", "mixed"):
+        assert PPOConfig.from_yaml(tmp_path / f"{name}.yaml") == want, name
+
+
+@pytest.mark.parametrize("text,words", [
+    ("system: {kl_coef: 0.1}\n", "Unknown key 'kl_coef' in PPOConfig section 'system'"),
+    ("algorithm: {engine: plain}\n", "Unknown key 'engine' in PPOConfig section 'algorithm'"),
+    ("run: {learning_rate: 0.1}\n", "Unknown key 'learning_rate' in PPOConfig section 'run'"),
+])
+def test_a_key_in_the_wrong_section_is_refused(tmp_path, text, words):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        PPOConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_override_with_or_without_the_section():
+    c = PPOConfig()
+    assert c.override(["system.engine=plain"]).engine == "plain"
+    assert c.override(["engine=plain"]).engine == "plain"
+    both = c.override(["algorithm.kl_coef=0.3", "run.output_dir=x", "seed=4"])
+    assert (both.kl_coef, both.output_dir, both.seed) == (0.3, "x", 4)
+    with pytest.raises(ConfigError, match="Unknown key 'kl_coef' in section 'system'"):
+        c.override(["system.kl_coef=0.1"])
+    with pytest.raises(ConfigError, match="Unknown section 'sytem'"):
+        c.override(["sytem.engine=plain"])
+    with pytest.raises(ConfigError, match="engine='gpu'"):
+        c.override(["system.engine=gpu"])
+
+
+def test_the_same_defaults_from_python_yaml_and_the_command_line(tmp_path):
+    (tmp_path / "almost_empty.yaml").write_text("run: {progress: false}\n")
+    from_yaml = PPOConfig.from_yaml(tmp_path / "almost_empty.yaml")
+    (tmp_path / "run.yaml").write_text("task: continue\nppo: {iterations: 3, batch_size: 8, "
+                                       "minibatch_size: 4}\n")
+    from_cli = RunSpec.load(tmp_path / "run.yaml", []).ppo
+    assert PPOConfig().kl_coef == from_yaml.kl_coef == from_cli.kl_coef
+    # not only kl_coef: every field the files leave open takes PPOConfig's default
+    assert from_yaml == PPOConfig(progress=False)
+    assert from_cli == PPOConfig(iterations=3, batch_size=8, minibatch_size=4)
+    # a run file may give its ppo settings in sections too
+    (tmp_path / "sections.yaml").write_text("ppo: {algorithm: {iterations: 3, batch_size: 8, "
+                                            "minibatch_size: 4}}\n")
+    assert RunSpec.load(tmp_path / "sections.yaml", []).ppo == from_cli
+
+
+def test_the_demo_run_sets_its_kl_coef_explicitly():
+    raw = yaml.safe_load(DEMO.read_text())
+    assert raw["ppo"]["kl_coef"] == 0.01            # written in the file, not a hidden default
+    demo = RunSpec.load(None, [])
+    assert demo.ppo.kl_coef == 0.01 != PPOConfig().kl_coef
+    # and every ppo setting the file does not write is PPOConfig's default
+    defaults = PPOConfig().to_dict()
+    for key, value in demo.ppo.to_dict().items():
+        assert value == raw["ppo"].get(key, defaults[key]), key
+    assert RunSpec.load(None, ["kl_coef=0.5"]).ppo.kl_coef == 0.5
+    assert RunSpec.load(None, ["ppo.system.engine=plain"]).ppo.engine == "plain"
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"engine": "plain", "compile": True}, "compile set, but only engine='fast_cpu'"),
+    ({"engine": "plain", "cpu_bf16": True, "keep_freed_memory": True},
+     "cpu_bf16, keep_freed_memory set"),
+    ({"save_every": 2}, "save_every=2 needs an output_dir"),
+    ({"engine": "fast"}, "engine='fast'"),
+])
+def test_settings_that_would_be_ignored_are_refused(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        PPOConfig(**kwargs)
+
+
+def test_fast_settings_with_the_fast_or_auto_engine_and_save_every_with_an_output_dir():
+    assert PPOConfig(engine="fast_cpu", compile=True).compile
+    assert PPOConfig(engine="auto", keep_freed_memory=True).keep_freed_memory
+    assert PPOConfig(save_every=2, output_dir="out").save_every == 2

@@ -1,15 +1,16 @@
-"""The fused head + logprobs function against plain autograd, and forward_response's two paths."""
+"""The fused head + logprobs function against plain autograd, and the fast engine's
+forward_response: its two paths against each other and against the plain engine's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ppolm.engines.fast_cpu import grad_buffers
-from ppolm.engines.fast_cpu.grad_buffers import accumulate_into_grad
-from ppolm.policies import fused
-from ppolm.policies.base import forward_response
+from ppolm.engines import PlainEngine, Sequences
+from ppolm.engines.fast_cpu import fused, grad_buffers
+from ppolm.engines.fast_cpu.forward import forward_response
 from ppolm.engines.fast_cpu.fused import head_logprobs
+from ppolm.engines.fast_cpu.grad_buffers import accumulate_into_grad
 
 
 def reference(hidden, weight, bias, tokens, temperature):
@@ -80,14 +81,22 @@ def test_forward_response_fused_and_plain_paths_agree(layout):
     policy = TransformerPolicy(20, hidden_size=16, n_layers=1, n_heads=2, max_length=16)
     ids = torch.randint(1, 20, (3, 7))
     mask = torch.ones_like(ids)
-    fused = forward_response(policy, ids, mask, 4, 0.8)
+    fast = forward_response(policy, ids, mask, 4, 0.8)
     plain = forward_response(policy, ids, mask, 4, 0.8, entropy_grad=True)
-    assert torch.allclose(fused.logprobs, plain.logprobs, atol=1e-6)
-    assert torch.allclose(fused.entropy, plain.entropy, atol=1e-5)
-    assert plain.entropy.requires_grad and not fused.entropy.requires_grad
-    g_fused = torch.autograd.grad(fused.logprobs.sum(), policy.lm_head.weight)[0]
+    assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-6)
+    assert torch.allclose(fast.entropy, plain.entropy, atol=1e-5)
+    assert plain.entropy.requires_grad and not fast.entropy.requires_grad
+    g_fast = torch.autograd.grad(fast.logprobs.sum(), policy.lm_head.weight)[0]
     g_plain = torch.autograd.grad(plain.logprobs.sum(), policy.lm_head.weight)[0]
-    assert torch.allclose(g_fused, g_plain, atol=1e-6)
+    assert torch.allclose(g_fast, g_plain, atol=1e-6)
+    # ... and both give the reference implementation's numbers (PlainEngine: the policy's
+    # forward, logits then log-softmax)
+    ref = PlainEngine().forward_response(policy, Sequences(ids, mask, 4), 0.8)
+    assert ref.logprobs.shape == fast.logprobs.shape == (3, 4)
+    for fwd in (fast, plain):
+        torch.testing.assert_close(fwd.logprobs, ref.logprobs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(fwd.entropy, ref.entropy, rtol=0, atol=1e-5)
+        torch.testing.assert_close(fwd.hidden, ref.hidden, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -1,5 +1,6 @@
-"""ppolm.engines.fast_cpu.memory: with malloc keeping freed memory, a block freed and allocated again is reused
-(no page faults the second time), where glibc's default hands it back to the kernel."""
+"""ppolm.engines.fast_cpu.memory: with malloc keeping freed memory, a block freed and allocated
+again is reused (no page faults the second time), where glibc's default hands it back to the
+kernel; the fast engine patches linears for in-place gradients only without it."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def test_freed_memory_is_reused():
     assert faults_of_churn() < pages // 10                    # then no fresh pages
 
 
-def test_trainer_uses_linear_buffers_only_without_it(tmp_path):
+def test_engine_uses_linear_buffers_only_without_it():
     from test_grad_buffers import build
-    kept = build("hf", tmp_path, keep_freed_memory=True)
-    assert not kept.grad_buffers.linears and kept.grad_buffers.embeddings
-    assert build("hf", tmp_path, keep_freed_memory=False).grad_buffers.linears
+    kept = build("hf", keep_freed_memory=True).engine.buffers
+    assert not kept.linears and kept.embeddings
+    assert build("hf", keep_freed_memory=False).engine.buffers.linears

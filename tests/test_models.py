@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from ppolm import HFPolicy, PPOConfig, TextGenerationEnv, Trainer, char_tokenizer, models
+from ppolm import HFPolicy, PPOConfig, TextGenerationEnv, Trainer, char_tokenizer
 from ppolm.errors import CheckpointError, ConfigError, DataError
+from ppolm.policies import pretrained as models
 from ppolm.rollout.tasks import TargetCharReward
 
 
@@ -42,11 +43,12 @@ def test_freeze_lower_layers_trains_only_the_top_layers():
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     env = TextGenerationEnv(["abc", "bcd"], tok, TargetCharReward("a", 4), max_new_tokens=4)
     cfg = PPOConfig(iterations=1, batch_size=4, minibatch_size=2, learning_rate=1e-2,
-                    device="cpu", progress=False, save_every=1000)
+                    device="cpu", progress=False)
     trainer = Trainer(policy, env, cfg)
-    assert {id(p) for p in trainer.params} >= {id(p) for p in policy.parameters()
-                                                 if p.requires_grad}
-    trainer.update(trainer.compute_advantages(trainer.collect()[1]))
+    assert {id(p) for p in trainer.engine.params} >= {id(p) for p in policy.parameters()
+                                                        if p.requires_grad}
+    _, rollout = trainer.collect()
+    trainer.update(rollout, trainer.compute_advantages(rollout))
     for n, p in policy.named_parameters():
         changed = not torch.equal(before[n], p.detach())
         assert changed == (n in trainable), n

@@ -24,7 +24,7 @@ from ppolm import (
 )
 from ppolm.errors import TrainingError
 from ppolm.maths.losses import full_kl
-from ppolm.policies.base import forward_response
+from ppolm.engines import PlainEngine, Sequences
 
 # Prompts of different lengths, so rows carry left padding; an untrained policy emits EOS at
 # random times, so responses carry right padding too.
@@ -43,6 +43,11 @@ def make_policy(kind: str, vocab: int):
             "gpt2": lambda: HFPolicy(tiny_gpt2(vocab))}[kind]()
 
 
+def plain_forward(policy, ids, mask, T, temperature, **kw):
+    """The reference implementation's response forward (PlainEngine)."""
+    return PlainEngine().forward_response(policy, Sequences(ids, mask, T), temperature, **kw)
+
+
 def make_trainer(kind, tok, tmp_path, **overrides):
     cfg = dict(iterations=1, batch_size=16, minibatch_size=8, ppo_epochs=2, seed=0,
                progress=False, output_dir=str(tmp_path))
@@ -51,14 +56,15 @@ def make_trainer(kind, tok, tmp_path, **overrides):
     return Trainer(make_policy(kind, len(tok)), env, PPOConfig(**cfg))
 
 
+@pytest.mark.parametrize("engine", ["plain", "fast_cpu"])
 @pytest.mark.parametrize("kind", ["lstm", "transformer", "llama", "gpt2"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("source", ["forward", "sampler"])
-def test_first_minibatch_ratio_is_one(kind, temperature, source, tok, tmp_path):
+def test_first_minibatch_ratio_is_one(kind, temperature, source, engine, tok, tmp_path):
     """Exactly 1 when the rollout recomputes the logprobs with the update's forward; 1 up to
     float rounding when they come from the sampling pass (the KV cache sums in another order)."""
     trainer = make_trainer(kind, tok, tmp_path, temperature=temperature, micro_batch_size=4,
-                           rollout_logprobs=source)
+                           rollout_logprobs=source, engine=engine)
     episodes, rollout = trainer.collect()
     mask = rollout.response_mask
     assert (mask.sum(1) < mask.shape[1]).any(), "want some right padding after EOS"
@@ -66,9 +72,10 @@ def test_first_minibatch_ratio_is_one(kind, temperature, source, tok, tmp_path):
     tol = 0.0 if source == "forward" else 1e-5
     # KL to the reference is 0 before any update.
     assert (rollout.logprobs - rollout.ref_logprobs).abs().max() <= tol
-    rollout = trainer.compute_advantages(rollout)
-    first = rollout.select(torch.randperm(16)[:8])
-    _, stats = trainer.loss(first, first.response_mask.sum())
+    advantages = trainer.compute_advantages(rollout)
+    idx = torch.randperm(16)[:8]
+    first = rollout.select(idx)
+    _, stats = trainer.loss(first, advantages.select(idx), first.response_mask.sum())
     assert stats["ratio_max_dev"] <= max(tol, 1e-6)
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-7 + tol ** 2)
     history = trainer.train()
@@ -89,7 +96,7 @@ def test_the_sampler_records_what_a_forward_pass_computes(kind, tok, tmp_path):
     for name in ("logprobs", "ref_logprobs", "values"):
         a, b = getattr(ra, name), getattr(rb, name)
         assert torch.allclose(a[real], b[real], atol=1e-5), name
-    fwd = forward_response(slow.policy, rb.input_ids, rb.attention_mask, real.shape[1], 1.0)
+    fwd = plain_forward(slow.policy, rb.input_ids, rb.attention_mask, real.shape[1], 1.0)
     assert torch.allclose(ea.hidden[real], fwd.hidden[real], atol=1e-5)
 
 
@@ -110,20 +117,26 @@ def test_logprobs_at_rollout_match_the_sampling_distribution(tok, tmp_path):
         assert abs(freq - p) < 4 * math.sqrt(p * (1 - p) / 512) + 1e-3
 
 
+@pytest.mark.parametrize("engine", ["plain", "fast_cpu"])
 @pytest.mark.parametrize("kind", ["transformer", "llama"])
-def test_gradient_accumulation_equals_one_big_minibatch(kind, tok, tmp_path):
-    big = make_trainer(kind, tok, tmp_path, minibatch_size=8, micro_batch_size=8)
-    small = make_trainer(kind, tok, tmp_path, minibatch_size=8, micro_batch_size=4)
+def test_gradient_accumulation_equals_one_big_minibatch(kind, engine, tok, tmp_path):
+    big = make_trainer(kind, tok, tmp_path, minibatch_size=8, micro_batch_size=8, engine=engine)
+    small = make_trainer(kind, tok, tmp_path, minibatch_size=8, micro_batch_size=4,
+                         engine=engine)
     small.policy.load_state_dict(big.policy.state_dict())
     small.value_head.load_state_dict(big.value_head.state_dict())
     _, rollout = big.collect()
-    rollout = big.compute_advantages(rollout)
-    mb = rollout.select(torch.arange(8))
-    stats_big = big.accumulate_gradients(mb)
-    stats_small = small.accumulate_gradients(mb)
-    for a, b in zip(big.params, small.params, strict=True):
-        assert a.grad is not None
-        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+    adv = big.compute_advantages(rollout)
+    idx = torch.arange(8)
+    mb, mb_adv = rollout.select(idx), adv.select(idx)
+    with big.engine.update():
+        stats_big = big.accumulate_gradients(mb, mb_adv)
+        big.engine.step()
+    with small.engine.update():
+        stats_small = small.accumulate_gradients(mb, mb_adv)
+        small.engine.step()
+    for a, b in zip(big.engine.params, small.engine.params, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)      # the same step taken
     assert stats_big["loss"] == pytest.approx(stats_small["loss"], rel=1e-5)
 
 
@@ -149,7 +162,7 @@ def test_warmup_scales_the_first_adam_steps_then_the_schedule_runs(tok, tmp_path
     lr, n = 1e-3, 4
     trainer = make_trainer("transformer", tok, tmp_path, iterations=3, learning_rate=lr,
                            warmup_steps=n, lr_schedule="linear")
-    before = [p.detach().clone() for p in trainer.params]
+    before = [p.detach().clone() for p in trainer.engine.params]
     seen: list[float] = []
     moves: list[float] = []
 
@@ -159,10 +172,10 @@ def test_warmup_scales_the_first_adam_steps_then_the_schedule_runs(tok, tmp_path
     def record_first_move(optimizer, args, kwargs):
         if not moves:
             moves.append(max(float((p.detach() - b).abs().max())
-                             for p, b in zip(trainer.params, before, strict=True)))
+                             for p, b in zip(trainer.engine.params, before, strict=True)))
 
-    trainer.optimizer.register_step_pre_hook(record_lr)
-    trainer.optimizer.register_step_post_hook(record_first_move)
+    trainer.engine.optimizer.register_step_pre_hook(record_lr)
+    trainer.engine.optimizer.register_step_post_hook(record_first_move)
     trainer.train()
     assert moves[0] == pytest.approx(lr / n, rel=0.05)
     total = 3 * 2 * 2                           # iterations x epochs x minibatches
@@ -191,10 +204,10 @@ def test_rewards_carry_score_at_last_token_and_kl_on_every_token(tok, tmp_path):
     moved = type(rollout)(**{**rollout.__dict__,
                              "logprobs": rollout.ref_logprobs + 0.1 * rollout.response_mask})
     out = trainer.compute_advantages(moved)
-    mask = out.response_mask
+    mask = moved.response_mask
     last = mask.sum(1).long() - 1
     expect = -0.5 * 0.1 * mask
-    expect[torch.arange(16), last] += out.scores
+    expect[torch.arange(16), last] += moved.scores
     assert torch.allclose(out.rewards, expect, atol=1e-6)
     assert torch.allclose(out.advantages[mask == 1].mean(), torch.tensor(0.0), atol=1e-5)
 
@@ -242,10 +255,11 @@ def test_nan_reward_inside_a_rollout_skips_every_update(tok, tmp_path):
     _, rollout = trainer.collect()
     scores = rollout.scores.clone()
     scores[3] = float("nan")
-    rollout = trainer.compute_advantages(dataclasses.replace(rollout, scores=scores))
+    rollout = dataclasses.replace(rollout, scores=scores)
+    advantages = trainer.compute_advantages(rollout)
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # no "mean of empty slice" from the statistics
-        stats = trainer.update(rollout)
+        stats = trainer.update(rollout, advantages)
     assert stats["skipped_updates"] == 2 * trainer.config.num_minibatches
     assert math.isnan(stats["loss"])             # no applied step to average over
     after = trainer.policy.state_dict()
@@ -263,22 +277,22 @@ def test_exact_kl_in_the_loss(tok, tmp_path):
     tokens = rollout.input_ids[:, -T:]
     picked = rollout.ref_dist.gather(-1, tokens[..., None]).squeeze(-1) * mask
     assert torch.allclose(picked, rollout.ref_logprobs, atol=1e-5)
-    rollout = trainer.compute_advantages(rollout)
-    assert (rollout.rewards.sum(1) == rollout.scores).all()      # no KL in the rewards
+    adv = trainer.compute_advantages(rollout)
+    assert (adv.rewards.sum(1) == rollout.scores).all()      # no KL in the rewards
     n = mask.sum()
     # Policy == reference: the KL term is 0. After moving the policy, the loss is the loss
     # without the term plus beta * the exact KL of the new distributions, per token.
-    loss0, _ = trainer.loss(rollout, n)
+    loss0, _ = trainer.loss(rollout, adv, n)
     trainer.config.kl_mode = "reward"   # the same loss without the KL term
-    assert trainer.loss(rollout, n)[0].item() == pytest.approx(loss0.item(), abs=1e-6)
+    assert trainer.loss(rollout, adv, n)[0].item() == pytest.approx(loss0.item(), abs=1e-6)
     with torch.no_grad():
         for p in trainer.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    loss_plain, _ = trainer.loss(rollout, n)
+    loss_plain, _ = trainer.loss(rollout, adv, n)
     trainer.config.kl_mode = "loss"
-    loss_kl, _ = trainer.loss(rollout, n)
-    fwd = forward_response(trainer.policy, rollout.input_ids, rollout.attention_mask, T, 1.0,
-                           full_dist=True)
+    loss_kl, _ = trainer.loss(rollout, adv, n)
+    fwd = plain_forward(trainer.policy, rollout.input_ids, rollout.attention_mask, T, 1.0,
+                        full_dist=True)
     kl = (full_kl(fwd.dist, rollout.ref_dist) * mask).sum() / n
     assert kl.item() > 1e-3
     assert loss_kl.item() == pytest.approx(loss_plain.item() + 0.5 * kl.item(), rel=1e-4)
@@ -294,8 +308,8 @@ def test_exact_kl_holds_the_policy_closer_to_the_reference(tok, tmp_path):
         _, rollout = trainer.collect()
         T = rollout.response_mask.shape[1]
         with torch.no_grad():
-            fwd = forward_response(trainer.policy, rollout.input_ids, rollout.attention_mask,
-                                   T, 1.0, full_dist=True)
+            fwd = plain_forward(trainer.policy, rollout.input_ids, rollout.attention_mask,
+                                T, 1.0, full_dist=True)
         kl = full_kl(fwd.dist, rollout.ref_dist) * rollout.response_mask
         kls.append(float(kl.sum(1).mean()))
     # Measured 0.97 nats without the term and 0.24 with it.
@@ -365,27 +379,37 @@ def test_frozen_lower_layers_run_once_per_rollout_with_the_same_numbers(tok, tmp
                           rollout_logprobs=source)
     slow = frozen_trainer("llama", tok, tmp_path / "b", reuse=False, temperature=temperature,
                           rollout_logprobs="forward")
-    assert (fast.depth, fast.ref_shares_bottom) == (1, True)
-    assert slow.depth == 0
+    assert (fast.engine.depth, fast.engine.ref_shares_bottom) == (1, True)
+    assert slow.engine.depth == 0
     _, ra = fast.collect()
     _, rb = slow.collect()
     assert torch.equal(ra.input_ids, rb.input_ids) and (ra.attention_mask[:, 0] == 0).any()
-    assert rb.bottom is None and ra.bottom.shape == (*ra.input_ids.shape, 32)
+    kept = fast.engine._bottom
+    assert slow.engine._bottom is None and kept.shape == (*ra.input_ids.shape, 32)
     # Every position the sampler fed to the model (all but the last) holds trunk_bottom's output.
     bottom = fast.policy.trunk_bottom(ra.input_ids, ra.attention_mask, 1)
     real = ra.attention_mask[:, :-1].bool()
-    assert torch.allclose(ra.bottom[:, :-1][real], bottom[:, :-1][real], atol=1e-5)
+    assert torch.allclose(kept[:, :-1][real], bottom[:, :-1][real], atol=1e-5)
     tol = 1e-6 if source == "forward" else 1e-5
     for name in ("logprobs", "ref_logprobs", "values"):
         assert torch.allclose(getattr(ra, name), getattr(rb, name), atol=tol), name
     # No KL before any update (exactly 0 when the logprobs are recomputed).
     assert (ra.logprobs - ra.ref_logprobs).abs().max() <= (0.0 if source == "forward" else tol)
-    ra, rb = fast.compute_advantages(ra), slow.compute_advantages(rb)
-    mb_a, mb_b = ra.select(torch.arange(8)), rb.select(torch.arange(8))
-    _, stats = fast.loss(mb_a, mb_a.response_mask.sum())
+    aa, ab = fast.compute_advantages(ra), slow.compute_advantages(rb)
+    idx = torch.arange(8, 16)
+    mb_a, mb_b = ra.select(idx), rb.select(idx)
+    _, stats = fast.loss(mb_a, aa.select(idx), mb_a.response_mask.sum())
     assert stats["ratio_max_dev"] < tol                            # first ratio 1
-    fast.accumulate_gradients(mb_a)
-    slow.accumulate_gradients(mb_b)
+    with fast.engine.update(), slow.engine.update():
+        fast.accumulate_gradients(mb_a, aa.select(idx))
+        slow.accumulate_gradients(mb_b, ab.select(idx))
+        fast.engine.buffers.densify()
+        slow.engine.buffers.densify()
+        grads = check_same_grads(fast, slow, tol)
+    assert grads > 0
+
+
+def check_same_grads(fast, slow, tol):
     grads = 0
     for (name, a), b in zip(fast.policy.named_parameters(), slow.policy.parameters(),
                             strict=True):
@@ -394,22 +418,22 @@ def test_frozen_lower_layers_run_once_per_rollout_with_the_same_numbers(tok, tmp
             grads += 1
             assert torch.allclose(a.grad, b.grad, atol=tol, rtol=1e-4), name
         assert "layers.0." not in name or a.grad is None           # the frozen layer
-    assert grads > 0
+    return grads
 
 
 def test_frozen_split_is_refused_where_it_would_change_the_numbers(tok, tmp_path):
     # GPT-2 adds position embeddings to inputs_embeds: the probe sees trunk_top(trunk_bottom)
     # differ from the trunk, so the trainer runs the whole trunk.
     gpt2 = frozen_trainer("gpt2", tok, tmp_path / "g")
-    assert gpt2.policy.frozen_depth() == 1 and gpt2.depth == 0
+    assert gpt2.policy.frozen_depth() == 1 and gpt2.engine.depth == 0
     # A reference with other lower weights keeps its own whole forward.
     torch.manual_seed(1)
     other = HFPolicy(tiny_llama(len(tok)))
     trainer = frozen_trainer("llama", tok, tmp_path / "r", reference=other)
-    assert (trainer.depth, trainer.ref_shares_bottom) == (1, False)
+    assert (trainer.engine.depth, trainer.engine.ref_shares_bottom) == (1, False)
     _, rollout = trainer.collect()
-    ref = forward_response(other, rollout.input_ids, rollout.attention_mask,
-                           rollout.response_mask.shape[1], 1.0)
+    ref = plain_forward(other, rollout.input_ids, rollout.attention_mask,
+                        rollout.response_mask.shape[1], 1.0)
     assert torch.allclose(rollout.ref_logprobs, ref.logprobs * rollout.response_mask)
 
 
@@ -427,9 +451,9 @@ def test_a_policy_that_cannot_record_its_split_gets_it_from_one_forward(tok, tmp
     env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=8)
     trainer = Trainer(policy, env, PPOConfig(iterations=1, batch_size=16, minibatch_size=8,
                                              progress=False, output_dir=str(tmp_path)))
-    assert trainer.depth == 1
+    assert trainer.engine.depth == 1
     episodes, rollout = trainer.collect()
-    assert episodes.bottom is None and episodes.logprobs is not None
-    assert torch.equal(rollout.bottom,
+    assert episodes.logprobs is not None
+    assert torch.equal(trainer.engine._bottom,
                        policy.trunk_bottom(rollout.input_ids, rollout.attention_mask, 1))
     assert trainer.train()[0]["ratio_dev_first"] < 1e-5

@@ -181,8 +181,9 @@ def load_reward(name: str, kwargs: dict[str, Any]) -> Any:
         raise ConfigError(f"Cannot build reward {name!r} with {kwargs}: {e}") from None
 
 
-def build_run(spec: RunSpec) -> Any:
-    """Policy, tokenizer, environment and Trainer from a RunSpec; returns the Trainer."""
+def build_run(spec: RunSpec, reference: Any = None) -> Any:
+    """Policy, tokenizer, environment and Trainer from a RunSpec; returns the Trainer.
+    ``reference``: the frozen reference policy (default a copy of the policy as built)."""
     import torch
 
     from ppolm.policies import LSTMPolicy, TransformerPolicy, ValueHead
@@ -225,7 +226,7 @@ def build_run(spec: RunSpec) -> Any:
                             prefix_shaping=e.prefix_shaping,
                             add_special_tokens=not e.chat_template, seed=spec.ppo.seed)
     torch.manual_seed(spec.ppo.seed)
-    return Trainer(policy, env, spec.ppo, value_head=value_head)
+    return Trainer(policy, env, spec.ppo, value_head=value_head, reference=reference)
 
 
 def _load_pretrained(m: ModelSpec) -> tuple[Any, Any]:

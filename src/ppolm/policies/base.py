@@ -68,13 +68,13 @@ class Policy(nn.Module, ABC):
 
     # --- optional: the whole-sequence trunk from input embeddings (an engine may compile it:
     # the token lookup stays outside the graph) ------------------------------------------------
-    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def input_embeds(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The trunk's input embeddings. Shapes: (B, L), (B, L) -> (B, L, H)."""
         raise NotImplementedError(f"{type(self).__name__} has no separate embedding step.")
 
     def trunk_on_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        """``trunk`` over whole sequences (no cache) from ``embed``'s output:
-        ``trunk_on_embeds(embed(x)) == trunk(x)``. Shapes: (B, L, H), (B, L) -> (B, L, H)."""
+        """``trunk`` over whole sequences (no cache) from ``input_embeds``'s output:
+        ``trunk_on_embeds(input_embeds(x)) == trunk(x)``. Shapes: (B, L, H), (B, L) -> (B, L, H)."""
         raise NotImplementedError(f"{type(self).__name__} has no separate embedding step.")
 
     # --- optional: the trunk split at a depth (a forward pass in two parts) -----------------

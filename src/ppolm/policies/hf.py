@@ -109,7 +109,7 @@ class HFPolicy(Policy):
                 setattr(base, norm_name, norm)
 
     def trunk_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int) -> Tensor:
-        embeds = self.embed(input_ids, attention_mask)                            # (B, L, H)
+        embeds = self.input_embeds(input_ids, attention_mask)                            # (B, L, H)
         with self._only(slice(0, depth), final_norm=False):
             return self.trunk_on_embeds(embeds, attention_mask)
 
@@ -118,7 +118,7 @@ class HFPolicy(Policy):
         with self._only(slice(depth, None), final_norm=True):
             return (on_embeds or self.trunk_on_embeds)(bottom, attention_mask)
 
-    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def input_embeds(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         out: Tensor = self.model.get_input_embeddings()(input_ids)                # (B, L, H)
         return out
 

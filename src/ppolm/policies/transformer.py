@@ -77,7 +77,7 @@ class TransformerPolicy(TorchPolicy):
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache | None = None,
               use_cache: bool = False) -> tuple[Tensor, KVCache | None]:
-        x = self.embed(input_ids, attention_mask)                           # (B, Lq, H)
+        x = self.input_embeds(input_ids, attention_mask)                           # (B, Lq, H)
         allowed = _allowed(attention_mask, input_ids.shape[1])              # (B, 1, Lq, Lk)
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
@@ -85,7 +85,7 @@ class TransformerPolicy(TorchPolicy):
             new_cache.append(kv)
         return self.ln_f(x), (new_cache if use_cache else None)
 
-    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def input_embeds(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token plus position embeddings of the new tokens (the last Lq of the mask's columns).
         Shapes: (B, Lq), (B, Lk) -> (B, Lq, H)."""
         past = attention_mask.shape[1] - input_ids.shape[1]

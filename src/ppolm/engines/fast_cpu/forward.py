@@ -29,7 +29,7 @@ def trunk_hidden(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
         run = (lambda e, m: on_embeds(policy, e, m)) if on_embeds is not None else None
         return policy.trunk_top(bottom, input_ids, attention_mask, depth, on_embeds=run)
     if on_embeds is not None:
-        return on_embeds(policy, policy.embed(input_ids, attention_mask), attention_mask)
+        return on_embeds(policy, policy.input_embeds(input_ids, attention_mask), attention_mask)
     hidden, _ = policy.trunk(input_ids, attention_mask)
     return hidden
 

@@ -1,0 +1,86 @@
+"""The layout shows the architecture: layers import only from below, policies know no training,
+no import cycle, small files."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "ppolm"
+# From the bottom up; a module may import from its own layer and those before it.
+LAYERS = ["errors", "maths", "policies", "rollout", "engines", "training", "evaluation",
+          "run", "cli", "__main__", "__init__"]
+
+
+def modules() -> dict[str, Path]:
+    return {".".join(p.relative_to(SRC.parent).with_suffix("").parts): p
+            for p in SRC.rglob("*.py")}
+
+
+def imports(path: Path) -> set[str]:
+    """The ppolm modules a file imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ppolm"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("ppolm"))
+    return found & set(modules()) | {m for m in found if m in modules()}
+
+
+def layer(module: str) -> int:
+    part = module.split(".")[1] if module != "ppolm" else "__init__"
+    return LAYERS.index(part)
+
+
+def test_layers_import_only_from_below():
+    for name, path in modules().items():
+        if name == "ppolm" or name.endswith("__init__") and name.count(".") == 1:
+            continue                                  # the public API re-exports everything
+        for dep in imports(path):
+            if dep.endswith("__init__") or dep == "ppolm":
+                continue
+            assert layer(dep) <= layer(name), f"{name} imports {dep} (a higher layer)"
+
+
+def test_policies_import_nothing_of_engines_training_or_checkpoints():
+    for name, path in modules().items():
+        if name.startswith("ppolm.policies"):
+            bad = [d for d in imports(path) if d.split(".")[1] in
+                   ("engines", "training", "rollout", "evaluation", "run", "cli")]
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_checkpoint_code_imports_nothing_of_the_trainer():
+    deps = imports(SRC / "training" / "checkpoint.py")
+    assert not [d for d in deps if d != "ppolm.errors"], deps
+
+
+def test_no_import_cycle():
+    graph = {name: {d for d in imports(path) if not d.endswith("__init__")}
+             for name, path in modules().items()}
+    # packages' __init__ files re-export; a cycle through them is still a cycle
+    for name, path in modules().items():
+        if name.endswith("__init__"):
+            graph[name.removesuffix(".__init__")] = graph.pop(name)
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*trail, node, dep]))
+            if dep not in state:
+                visit(dep, [*trail, node])
+        state[node] = 2
+
+    for node in list(graph):
+        if node not in state:
+            visit(node, [])
+
+
+def test_no_source_file_over_400_lines():
+    long = {name: n for name, p in modules().items()
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

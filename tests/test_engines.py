@@ -1,0 +1,144 @@
+"""The engine seam: the plain engine (the reference) and the fast CPU engine give the same
+training step, and each keeps the engine contract (clipped step, skipped non-finite steps,
+state round trip, no gradient kept after an update)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from ppolm import (
+    CallableReward,
+    FastCPUEngine,
+    HFPolicy,
+    LSTMPolicy,
+    PlainEngine,
+    PPOConfig,
+    TextGenerationEnv,
+    Trainer,
+    TransformerPolicy,
+    ValueHead,
+)
+from ppolm.engines import OptimizerSettings, Sequences
+
+PROMPTS = ["a", "abcdefg", "cd", "hij", "bbbbbbbbb", "jihg", "e", "fgfgf"]
+
+
+def count_a(prompts, responses):
+    return [r.count("a") / 8 for r in responses]
+
+
+def make_policy(kind, vocab):
+    torch.manual_seed(0)
+    return {"lstm": lambda: LSTMPolicy(vocab, hidden_size=32),
+            "transformer": lambda: TransformerPolicy(vocab, hidden_size=32),
+            "llama": lambda: HFPolicy(tiny_llama(vocab))}[kind]()
+
+
+def trained(kind, engine, tok, separate=False, **overrides):
+    policy = make_policy(kind, len(tok))
+    value_head = ValueHead.separate(policy) if separate else None
+    env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=8)
+    cfg = dict(iterations=1, batch_size=16, minibatch_size=8, ppo_epochs=2, seed=0,
+               learning_rate=1e-3, progress=False, engine=engine)
+    trainer = Trainer(policy, env, PPOConfig(**{**cfg, **overrides}), value_head=value_head)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize(("kind", "separate", "source"), [
+    ("transformer", False, "sampler"), ("transformer", True, "forward"),
+    ("lstm", False, "sampler"), ("llama", False, "sampler"), ("llama", True, "forward")])
+def test_one_iteration_gives_the_same_weights_on_both_engines(kind, separate, source, tok):
+    """Same seed, one iteration (rollout, 2 epochs x 2 minibatches): every trained tensor of
+    the policy and the value head agrees within 1e-5 relative (its norm)."""
+    plain = trained(kind, "plain", tok, separate, rollout_logprobs=source)
+    fast = trained(kind, "fast_cpu", tok, separate, rollout_logprobs=source)
+    assert isinstance(plain.engine, PlainEngine) and isinstance(fast.engine, FastCPUEngine)
+    start = make_policy(kind, len(tok)).state_dict()
+    moved = 0
+    for module in ("policy", "value_head"):
+        a, b = getattr(plain, module).state_dict(), getattr(fast, module).state_dict()
+        assert a.keys() == b.keys()
+        for name in a:
+            rel = float((a[name] - b[name]).norm() / a[name].norm().clamp(min=1e-12))
+            assert rel <= 1e-5, f"{module}.{name}: {rel:.2e}"
+            if module == "policy" and not torch.equal(a[name], start[name]):
+                moved += 1
+    assert moved > 0                                   # the update did move the weights
+    for key in ("loss", "grad_norm", "approx_kl", "clipfrac"):
+        assert plain.history[0][key] == pytest.approx(fast.history[0][key], rel=1e-4,
+                                                      abs=1e-7), key
+    assert abs(plain.history[0]["kl"] - fast.history[0]["kl"]) < 1e-5     # both ~0
+
+
+@pytest.mark.parametrize("engine", ["plain", "fast_cpu"])
+def test_step_clips_to_the_global_norm_and_skips_non_finite(engine, tok):
+    """A step with max_grad_norm c moves the weights as an unclipped step on the gradients
+    scaled by c / norm (AdamW with a large eps, so its step depends on the gradient's scale);
+    a non-finite gradient norm or loss skips the step and drops the gradients."""
+    def setup(max_norm):
+        policy = make_policy("transformer", len(tok))
+        eng = (PlainEngine() if engine == "plain" else FastCPUEngine())
+        eng.setup(policy, ValueHead(policy.hidden_size), make_policy("transformer", len(tok)),
+                  OptimizerSettings(1e-2, adam_eps=1.0, max_grad_norm=max_norm))
+        return policy, eng
+
+    ids = torch.randint(4, len(tok), (4, 9))
+    mask = torch.ones_like(ids)
+    seqs = Sequences(ids, mask, 4)
+
+    def loss_of(policy, eng, scale=1.0):
+        return -eng.forward_response(policy, seqs, 1.0).logprobs.sum() * scale
+
+    clipped, eng_c = setup(0.5)
+    with eng_c.update():
+        eng_c.zero_grad()
+        eng_c.backward(loss_of(clipped, eng_c))
+        result = eng_c.step()
+    assert result.applied and result.grad_norm > 0.5
+    scaled, eng_s = setup(None)
+    with eng_s.update():
+        eng_s.zero_grad()
+        eng_s.backward(loss_of(scaled, eng_s, 0.5 / (result.grad_norm + 1e-6)))
+        assert eng_s.step().applied
+    unclipped, eng_u = setup(None)
+    with eng_u.update():
+        eng_u.zero_grad()
+        eng_u.backward(loss_of(unclipped, eng_u))
+        eng_u.step()
+    gap = max(float((a - b).abs().max()) for a, b in zip(clipped.parameters(),
+                                                         unclipped.parameters(), strict=True))
+    assert gap > 1e-4                                  # clipping changes this step
+    for a, b in zip(clipped.parameters(), scaled.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+    # non-finite: skipped, nothing moves, no gradient kept
+    before = [p.detach().clone() for p in clipped.parameters()]
+    with eng_c.update():
+        eng_c.zero_grad()
+        eng_c.backward(loss_of(clipped, eng_c, float("nan")))
+        skipped = eng_c.step()
+        eng_c.zero_grad()
+        eng_c.backward(loss_of(clipped, eng_c))
+        refused = eng_c.step(loss_finite=False)
+    assert not skipped.applied and math.isnan(skipped.grad_norm)
+    assert not refused.applied
+    assert all(torch.equal(a, b) for a, b in zip(clipped.parameters(), before, strict=True))
+    assert all(p.grad is None for p in clipped.parameters())   # none kept after the update
+
+
+@pytest.mark.parametrize("engine", ["plain", "fast_cpu"])
+def test_engine_state_round_trips(engine, tok):
+    """The engine's state_dict (its optimizer) restores the exact next step."""
+    a = trained("transformer", engine, tok, iterations=1)
+    b = trained("transformer", engine, tok, iterations=1, seed=5)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))   # (as through a file: no shared tensors)
+    a.config.iterations = b.config.iterations = 2
+    a.train()
+    b.train()
+    for p, q in zip(a.policy.parameters(), b.policy.parameters(), strict=True):
+        assert torch.equal(p, q)
