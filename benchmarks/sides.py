@@ -74,14 +74,18 @@ class PpolmSide:
         env = TextGenerationEnv(prompts, tok, reward, max_new_tokens=work.response_len,
                                 ignore_eos=True, seed=work.seed)
         self.out_dir = tempfile.mkdtemp(prefix="ppolm-bench-")
+        fast = work.engine == "fast_cpu" or (work.engine == "auto"
+                                             and not work.device.startswith("cuda"))
         config = PPOConfig(
             iterations=10**6, batch_size=work.batch_size, minibatch_size=work.minibatch_size,
             ppo_epochs=work.ppo_epochs, learning_rate=work.learning_rate,
             temperature=work.temperature, kl_coef=work.kl_coef, vf_coef=work.vf_coef,
             adam_eps=1e-8, max_grad_norm=None, lr_schedule="constant", ent_coef=0.0,
             seed=work.seed, device=work.device, bf16=work.bf16,
-            cpu_bf16=work.bf16 and not work.device.startswith("cuda"), compile=work.compile,
-            progress=False, output_dir=self.out_dir)
+            engine=work.engine, progress=False, output_dir=self.out_dir,
+            # the fast CPU engine's switches as `ppolm train` sets them (opt-in from Python)
+            **(dict(cpu_bf16=work.bf16, compile=work.compile, keep_freed_memory=True)
+               if fast else {}))
         self.trainer = Trainer(policy, env, config, value_head=value_head)
         self.n_params = {
             "policy": matmul_params(models["policy"]),
@@ -89,7 +93,8 @@ class PpolmSide:
             "reward": matmul_params(models["reward"]) if work.reward != "toy" else 0,
         }
         self.notes = {"bf16_autocast": bool(work.bf16), "compile": work.compile,
-                      "fused_adamw": bool(self.trainer.optimizer.defaults.get("fused")),
+                      "engine": self.trainer.engine.name,
+                      "fused_adamw": bool(self.trainer.engine.optimizer.defaults.get("fused")),
                       "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 
     def step(self) -> dict[str, float]:
@@ -100,10 +105,11 @@ class PpolmSide:
         t0 = time.perf_counter()
         episodes, rollout = tr.collect(timer)
         with timer("time_train"):
-            rollout = tr.compute_advantages(rollout)
-            stats = tr.update(rollout)
+            advantages = tr.compute_advantages(rollout)
+            stats = tr.update(rollout, advantages)
         tr.iteration += 1
-        row = tr.log(episodes, rollout, stats, timer)
+        row = tr.log(episodes, rollout, advantages, stats, timer)
+        tr.kl_ctl.update(row["kl"], self.work.batch_size)
         _sync(self.work.device)
         total = time.perf_counter() - t0
         sec = timer.seconds

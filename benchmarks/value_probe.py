@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from smollm2_samples import repeated_prompts_env
 
-from ppolm.policies.base import forward_response
 
 
 def main() -> None:
@@ -43,7 +42,7 @@ def main() -> None:
         ep = env.sample(policy, len(idx), 1.0, torch.device("cpu"), gen, indices=idx)
         T = ep.response_mask.shape[1]
         with torch.no_grad():
-            hidden = forward_response(policy, ep.input_ids, ep.attention_mask, T, 1.0).hidden
+            hidden = policy(ep.input_ids, ep.attention_mask, T, logits=False).hidden
         for row, i in enumerate(idx):
             valid = ep.response_mask[row].bool()
             feats.append(hidden[row][valid].numpy())                    # (t_i, H)

@@ -5,6 +5,7 @@
     python benchmarks/vs_trl.py --device cuda --sizes 135m --bf16   # on a GPU
     python benchmarks/vs_trl.py --quick --bf16   # both sides bf16 autocast on a CPU with AMX
     python benchmarks/vs_trl.py --quick --compile   # ppolm with PPOConfig.compile
+    python benchmarks/vs_trl.py --quick --engine plain   # ppolm's plain engine
 
 Each side runs in its own worker process; the parent alternates them one PPO iteration at a
 time (the side that goes first alternates too), so a change in machine load hits both alike.
@@ -138,7 +139,7 @@ def print_table(work: Work, summary: dict[str, dict[str, Any]], peak: float, dev
 def speed(args: argparse.Namespace, size: str, peak: float) -> dict[str, Any]:
     work = Work(size=size, device=args.device, bf16=args.bf16, threads=args.threads,
                 batch_size=args.batch_size, response_len=args.response_len, seed=args.seed,
-                compile=args.compile, compile_trl=args.compile_trl)
+                compile=args.compile, compile_trl=args.compile_trl, engine=args.engine)
     # --quick: the headline pair only (ppolm's default config is measured in a full run).
     sides = ["separate", "trl"] + ([] if args.no_shared or args.quick else ["shared"])
     warmup, iters = (1, 2) if args.quick else (args.warmup, args.iters)
@@ -175,7 +176,7 @@ def learning(args: argparse.Namespace) -> dict[str, Any]:
     for seed in seeds:
         work = Work(size="tiny", reward="toy", response_len=16, learning_rate=args.learn_lr,
                     device=args.device, bf16=args.bf16, threads=args.threads, seed=seed,
-                    compile=args.compile, compile_trl=args.compile_trl)
+                    compile=args.compile, compile_trl=args.compile_trl, engine=args.engine)
         raw = run_alternating(work, ["separate", "trl"], 0, iters, log=lambda *_: None)
         for s in curves:
             curves[s].append([r["score"] for r in raw[s]["iters"]])
@@ -208,7 +209,8 @@ def scaling(args: argparse.Namespace, peak: float) -> list[dict[str, Any]]:
     print("\n[scaling] ppolm (separate critic), tiny size; 1 warm-up + 2 measured iterations")
     for b, t in grid:
         work = Work(size="tiny", batch_size=b, response_len=t, device=args.device,
-                    bf16=args.bf16, threads=args.threads, seed=args.seed, compile=args.compile)
+                    bf16=args.bf16, threads=args.threads, seed=args.seed, compile=args.compile,
+                    engine=args.engine)
         raw = run_alternating(work, ["separate"], 1, 2, log=lambda *_: None)
         s = summarise(work, raw["separate"], peak)
         tokens = b * (work.prompt_len + t)
@@ -228,6 +230,8 @@ def main() -> None:
                         "(too short to be conclusive: the full run's check is 3 seeds x 20)")
     p.add_argument("--sizes", default=None, help="comma-separated: tiny,135m")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--engine", default="auto", choices=("auto", "plain", "fast_cpu"),
+                   help="ppolm's engine (auto: fast_cpu on CPU, plain on CUDA)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (on CPU: "
                    "ppolm's cpu_bf16, TRL's accelerate mixed precision; needs a CPU with bf16 "
                    "units)")

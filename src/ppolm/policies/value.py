@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
+import torch
 from torch import Tensor, nn
 
 from ppolm.policies.base import Policy
@@ -49,5 +51,9 @@ class ValueHead(nn.Module):
         Shapes: (B, T, H) -> (B, T)."""
         if self.detach:
             hidden = hidden.detach()
-        out: Tensor = self.linear(hidden.float()).squeeze(-1)
+        device = hidden.device.type
+        # float32 under autocast too: GAE and the value loss read these values.
+        with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") and \
+                torch.is_autocast_enabled(device) else contextlib.nullcontext():
+            out: Tensor = self.linear(hidden.float()).squeeze(-1)
         return out

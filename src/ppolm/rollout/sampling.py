@@ -45,10 +45,9 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     inside that block a token, so every token is drawn with its own probability (to float32
     rounding of ``probs``) and a zero-probability token never. The same token as one float64
     cumulative sum over the whole row would give for the same uniform draw (to float64
-    rounding), in about a third of its time (1.1 against 3.1 ms for 16 rows of 49,152 on two
-    CPU cores: a cumulative sum runs one element at a time, and here it covers 48 + 1024
-    elements of a row). The one-level draw was itself about 7x faster than
-    ``torch.multinomial`` on CPU for a 49k vocabulary, which draws an exponential per token.
+    rounding), faster: a cumulative sum runs one element at a time, and here it covers
+    V / 1024 + 1024 elements of a row. ``torch.multinomial`` on CPU draws an exponential per
+    token, slower still (figures in docs/performance.md).
 
     Shapes: (B, V) -> (B,) long.
     """

@@ -78,8 +78,8 @@ DATA_DIR = Path(__file__).parent.parent / "data"
 
 def movie_review_prompts(split: str = "train") -> list[str]:
     """Requests for a two-sentence review of a named movie, as plain user messages (wrap them
-    with ``ppolm.policies.pretrained.chat_prompts`` for a chat model). 'train': 294 prompts; 'eval': 64
-    held-out prompts about other movies."""
+    with ``ppolm.policies.pretrained.chat_prompts`` for a chat model). 'train': 294 prompts;
+    'eval': 64 held-out prompts about other movies."""
     from ppolm.errors import ConfigError
     from ppolm.rollout.env import read_prompts
 

@@ -64,8 +64,9 @@ class AlgorithmConfig:
     gradient's size; a warm-up keeps them small."""
     average_last: int = 0
     """End training with the uniform mean of the policy's trainable weights after each of the
-    last N iterations instead of the last iterate (tail averaging, see ppolm.training.averaging): when
-    the late iterates scatter around a fixed point, their noise, and the KL it costs, averages
+    last N iterations instead of the last iterate (tail averaging, see
+    ppolm.training.averaging): when the late iterates scatter around a fixed point, their noise,
+    and the KL it costs, averages
     out. 0 (default): the last iterate. At most ``iterations``."""
     adam_eps: float = 1e-5
     """Adam epsilon (1e-5 as in CleanRL and OpenAI baselines)."""

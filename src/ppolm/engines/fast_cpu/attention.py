@@ -17,10 +17,9 @@ def float32_attention() -> Iterator[None]:
 
     Under CPU autocast (``PPOConfig.cpu_bf16``) SDPA would run in bf16 (autocast casts its
     inputs, and the value projection hands it bf16), and PyTorch's CPU attention kernels are
-    slower in bf16 than in float32 (forward and backward of (4, 9, 42, 64): 5.4 against 1.1 ms
-    on the 2-core benchmark machine; the tiny benchmark's update spent 285 against 32 ms in
-    the attention's backward). Done through the ``AttentionInterface`` registry of
-    ``transformers`` (this block's own override, restored on exit)."""
+    slower in bf16 than in float32 (docs/performance.md). Done through the
+    ``AttentionInterface`` registry of ``transformers`` (this block's own override, restored on
+    exit)."""
     try:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]

@@ -17,20 +17,15 @@ dot product per row. Its gradient is not provided: ``forward_response`` uses the
 the entropy is part of the loss (``ent_coef > 0``).
 
 On CPU the logits are made transposed, ``W @ h.T`` of shape (V, R), and the softmax statistics
-are taken down the columns: BLAS makes the product of a 49k-row matrix with a few hundred
-vectors about twice as fast this way round (on the 2-core benchmark machine, 48 against 92 ms
-for R=128, H=256), and the backward products keep the layout. With the tiny benchmark's shapes
-one forward and backward of the head took 173 ms against 220 ms row-major, and a forward
-without gradient 80 against 140 ms (docs/benchmarks.md). Rechecked on the AVX-512 machine
-(2026-11-30; R=128): forward and backward about equal (H=256: 50-52 against 51-55 ms; H=576:
-99-107 against 105-106 ms), the forward without gradient faster at H=576 (42 against 52-55 ms),
-so the layout stays. On CUDA the row-major layout is kept.
+are taken down the columns: BLAS makes the product of a many-row matrix with a few hundred
+vectors faster this way round, and the backward products keep the layout (docs/performance.md).
+On CUDA the row-major layout is kept.
 
-Inside ``ppolm.engines.fast_cpu.grad_buffers.accumulate_into_grad`` (the Trainer's update), the backward pass
-adds the head's weight gradient in place into the weight's existing ``.grad``, a persistent
-buffer, instead of returning a fresh (V, H) tensor (113 MB for SmolLM2) for autograd to add
-there, and writes it over the buffer (beta 0) when the buffer's contents are stale, so the
-buffer needs no zeroing pass of its own (see ``ppolm.engines.fast_cpu.grad_buffers``).
+Inside ``ppolm.engines.fast_cpu.grad_buffers.accumulate_into_grad`` (the fast engine's update),
+the backward pass adds the head's weight gradient in place into the weight's existing ``.grad``,
+a persistent buffer, instead of returning a fresh (V, H) tensor for autograd to add there, and
+writes it over the buffer (beta 0) when the buffer's contents are stale, so the buffer needs no
+zeroing pass of its own (see ``ppolm.engines.fast_cpu.grad_buffers``).
 """
 
 from __future__ import annotations

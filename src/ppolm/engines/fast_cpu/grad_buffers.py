@@ -3,18 +3,18 @@ already there, instead of making fresh ones each minibatch.
 
 PyTorch's default is a fresh tensor for every weight's gradient in every minibatch (the
 optimizer's ``zero_grad`` drops the old ones). On a CPU each fresh tensor of a megabyte or more
-comes from the kernel page by page, page-faulted in and zeroed on first touch: a tiny-size update
-of the benchmark took about 450,000 page faults, and a weight-gradient product writing into
-fresh memory ran at half the speed of the same product into memory already mapped (142 against
-326 GFLOP/s, docs/benchmarks.md). Here, inside ``GradBuffers.active()`` (the Trainer's update):
+comes from the kernel page by page, page-faulted in and zeroed on first touch, and a product
+writing into fresh memory runs slower than into memory already mapped (docs/performance.md).
+Here, inside ``GradBuffers.active()`` (the fast engine's update):
 
 * every trained weight keeps its dense gradient from the first minibatch of an update as a
   buffer, zeroed (not reallocated) before each later minibatch, and released after the update
   (the rollout gets the memory back);
-* with ``linears=True`` (the Trainer's choice when malloc does not keep freed memory, see
-  ``ppolm.engines.fast_cpu.memory``: with it, fresh gradients cost no faults and these buffers cost more than they
-  save), every trained CPU ``nn.Linear`` computes its weight gradient as ``grad += g^T x``
-  straight into that buffer (``_LinearIntoGrad``; the same maths as ``nn.Linear``'s backward);
+* with ``linears=True`` (the engine's choice when malloc does not keep freed memory, see
+  ``ppolm.engines.fast_cpu.memory``: with it, fresh gradients cost no faults and these buffers
+  cost more than they save), every trained CPU ``nn.Linear`` computes its weight gradient
+  as ``grad += g^T x`` straight into that buffer (``_LinearIntoGrad``; the same maths as
+  ``nn.Linear``'s backward);
 * the LM head does the same (``ppolm.engines.fast_cpu.fused``);
 * token-table lookups give sparse gradients (the looked-up rows), which autograd adds in place
   into the buffer; for a table tied to the head that avoids autograd adding a dense and a sparse

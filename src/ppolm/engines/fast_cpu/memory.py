@@ -3,14 +3,15 @@
 A PPO update on CPU frees and reallocates the same tensors every minibatch (activations, input
 gradients, weight gradients). By default glibc gives large blocks back to the kernel as soon as
 they are freed (``munmap``, or a trim of the heap's top), so the next minibatch gets fresh pages
-that are page-faulted in and zeroed again: 1.3-1.6 million faults per update of the benchmark's
-SmolLM2-135M policy and critic. With no block given its own ``mmap`` (``M_MMAP_MAX`` 0), a
-large top pad (the heap grows in big steps) and a trim threshold that is never reached (the
+that are page-faulted in and zeroed again. With no block given its own ``mmap``
+(``M_MMAP_MAX`` 0), a large top pad (the heap grows in big steps) and a trim threshold that is
+never reached (the
 heap is not shrunk), freed blocks are reused: no faults after the first minibatch
-(docs/benchmarks.md has the timings). The price: the process keeps its peak memory
+(docs/performance.md has the figures). The price: the process keeps its peak memory
 after a big free, as most training processes do anyway.
 
-Process-wide; the Trainer applies it on CPU unless ``PPOConfig.keep_freed_memory`` is False.
+Process-wide and not undone, so opt-in: the fast CPU engine applies it only with
+``PPOConfig.keep_freed_memory=True`` (the ``ppolm train`` command's choice).
 The same through the environment, before Python starts: ``MALLOC_MMAP_MAX_=0
 MALLOC_TOP_PAD_=536870912 MALLOC_TRIM_THRESHOLD_=2147483647``. No-op outside Linux with
 glibc.

@@ -3,9 +3,8 @@
 A token table that only lookups write (a separate critic's input embeddings, or any policy's
 input embeddings not tied to its head) gets a gradient in the rows of the tokens of the
 minibatch only: a few hundred of 49k rows. AdamW still reads and writes the whole table and its
-two moment tensors every step, 7 passes over 12.6M floats on the tiny benchmark size (a third
-of the update's optimizer traffic there). For a row whose gradient and both moments are zero,
-AdamW without weight decay changes nothing:
+two moment tensors every step (7 passes over the table's size). For a row whose gradient
+and both moments are zero, AdamW without weight decay changes nothing:
 
     m' = b1 m + (1 - b1) g = 0,   v' = b2 v + (1 - b2) g^2 = 0,
     p' = p - lr m'_hat / (sqrt(v'_hat) + eps) = p
