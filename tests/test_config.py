@@ -98,9 +98,10 @@ def test_to_yaml_writes_the_three_sections(tmp_path):
 
 def test_from_yaml_reads_sections_and_flat_keys(tmp_path):
     want = PPOConfig(kl_coef=0.2, engine="plain", output_dir="o", iterations=3)
-    (tmp_path / "sections.yaml").write_text(
-        "algorithm: {kl_coef: 0.2, iterations: 3}\nsystem: {engine: plain}\nrun: {output_dir: o}\n")
-    (tmp_path / "flat.yaml").write_text("kl_coef: 0.2\niterations: 3\nengine: plain\noutput_dir: o\n")
+    (tmp_path / "sections.yaml").write_text("algorithm: {kl_coef: 0.2, iterations: 3}\n"
+                                            "system: {engine: plain}\nrun: {output_dir: o}\n")
+    (tmp_path / "flat.yaml").write_text("kl_coef: 0.2\niterations: 3\nengine: plain\n"
+                                        "output_dir: o\n")
     (tmp_path / "mixed.yaml").write_text("system: {engine: plain}\nkl_coef: 0.2\niterations: 3\n"
                                          "output_dir: o\n")
     for name in ("sections", "flat", "mixed"):

@@ -131,6 +131,29 @@ def test_step_clips_to_the_global_norm_and_skips_non_finite(engine, tok):
     assert all(p.grad is None for p in clipped.parameters())   # none kept after the update
 
 
+def test_the_plain_engine_calls_models_through_their_forward(tok, monkeypatch):
+    """User hooks (and DDP/FSDP/PEFT wrappers, which work the same way) see every training
+    forward of the plain engine; 'auto' picks it for several processes."""
+    from ppolm.training.engines import make_engine
+
+    policy = make_policy("transformer", len(tok))
+    calls = []
+    policy.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=8)
+    trainer = Trainer(policy, env, PPOConfig(iterations=1, batch_size=16, minibatch_size=8,
+                                             ppo_epochs=2, engine="plain", progress=False,
+                                             rollout_logprobs="forward"))
+    trainer.train()
+    # the rollout's forwards of the policy and of the reference (a copy, hook included),
+    # then 2 epochs x 2 minibatches
+    assert len(calls) == 2 + 2 * 2
+    assert all(shape[0] in (16, 8) for shape in calls)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert isinstance(make_engine(PPOConfig(), torch.device("cpu")), PlainEngine)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert isinstance(make_engine(PPOConfig(), torch.device("cpu")), FastCPUEngine)
+
+
 @pytest.mark.parametrize("engine", ["plain", "fast_cpu"])
 def test_engine_state_round_trips(engine, tok):
     """The engine's state_dict (its optimizer) restores the exact next step."""

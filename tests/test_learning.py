@@ -1,6 +1,8 @@
 """End to end: both built-in policies learn two toy tasks with a known optimum (1.0) to at
-least 90% of it, with a fixed seed, in about a minute of CPU or less each (on an idle 2-core
-machine)."""
+least 85% of it, with a fixed seed, through both engines (plain: torch as users know it;
+fast_cpu: the single-process CPU engine). Every policy x engine pair is in the default suite on
+target_char (seconds each) and lstm on continue; the transformer on continue (200 iterations,
+about 3 minutes per engine on a 2-core CPU) is marked slow."""
 
 from __future__ import annotations
 
@@ -26,16 +28,24 @@ from ppolm.rollout.tasks import make_task
 # 0.874-0.995: about half the runs settle on a plateau near 0.875 (a local optimum), so the bar
 # is 85%.
 REACH = 0.85
+# With engine plain / fast_cpu (seed 0), best 5-iteration mean: transformer/target_char
+# 1.00 / 0.97, lstm/target_char 1.00 / 1.00, lstm/continue 1.00 / 1.00, transformer/continue
+# 0.87 / 0.98 (the plain run settles on the plateau near 0.875).
 SETTINGS = {
     ("transformer", "target_char"): (40, 32, 1e-3, "constant", 0.0),
     ("lstm", "target_char"): (40, 32, 3e-3, "constant", 0.0),
     ("transformer", "continue"): (200, 64, 1e-3, "linear", 0.01),
     ("lstm", "continue"): (80, 64, 3e-3, "constant", 0.0),
 }
+SLOW = {("transformer", "continue")}
+ENGINES = ["plain", "fast_cpu"]
+CASES = [pytest.param(kind, task_name, engine, id=f"{kind}-{task_name}-{engine}",
+                      marks=[pytest.mark.slow] if (kind, task_name) in SLOW else [])
+         for kind, task_name in SETTINGS for engine in ENGINES]
 
 
-@pytest.mark.parametrize("kind,task_name", list(SETTINGS))
-def test_policy_learns_toy_task(kind, task_name, tmp_path):
+@pytest.mark.parametrize("kind,task_name,engine", CASES)
+def test_policy_learns_toy_task(kind, task_name, engine):
     iterations, batch, lr, schedule, ent_coef = SETTINGS[(kind, task_name)]
     torch.manual_seed(0)
     task = make_task(task_name)
@@ -45,9 +55,10 @@ def test_policy_learns_toy_task(kind, task_name, tmp_path):
     env = TextGenerationEnv(task.prompts, tok, task.reward, max_new_tokens=task.max_new_tokens)
     config = PPOConfig(iterations=iterations, batch_size=batch, minibatch_size=batch // 4,
                        learning_rate=lr, lr_schedule=schedule, ent_coef=ent_coef,
-                       kl_coef=0.01, seed=0, progress=False,
-                       output_dir=str(tmp_path))
-    history = Trainer(policy, env, config).train()
+                       kl_coef=0.01, seed=0, progress=False, engine=engine, device="cpu")
+    trainer = Trainer(policy, env, config)
+    assert trainer.engine.name == engine
+    history = trainer.train()
     scores = [r["score_mean"] for r in history]
     windows = [sum(scores[i: i + 5]) / 5 for i in range(len(scores) - 4)]   # 5-iteration means
     assert windows[0] < 0.3, windows[0]             # random play is far from the optimum

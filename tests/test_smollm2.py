@@ -67,7 +67,10 @@ def test_one_ppo_iteration_from_the_example_config(smol, tmp_path, monkeypatch):
         f"output_dir={tmp_path}"])
     trainer = build_run(spec)
     assert "<|im_start|>user" in trainer.env.prompts[0]
-    n_trainable = sum(p.numel() for p in trainer.params)
+    # the fast CPU engine runs the 20 frozen layers once per batch, for the reference too
+    assert trainer.engine.name == "fast_cpu"
+    assert trainer.engine.depth == 20 and trainer.engine.ref_shares_bottom
+    n_trainable = sum(p.numel() for p in trainer.engine.params)
     assert n_trainable < sum(p.numel() for p in trainer.policy.parameters()) / 2
     (row,) = trainer.train()
     for key in ("score_mean", "kl", "entropy", "approx_kl", "clipfrac", "policy_loss",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ppolm.engines.base import Engine
@@ -18,10 +20,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_engine(config: PPOConfig, device: torch.device) -> Engine:
-    """The engine ``config.engine`` names; 'auto': fast_cpu on a CPU, plain elsewhere."""
+    """The engine ``config.engine`` names; 'auto': fast_cpu for one process on a CPU, plain
+    elsewhere (CUDA, or several processes: WORLD_SIZE > 1 as torchrun sets it)."""
     name = config.engine
     if name == "auto":
-        name = "fast_cpu" if device.type == "cpu" else "plain"
+        one_process = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+        name = "fast_cpu" if device.type == "cpu" and one_process else "plain"
     if name == "fast_cpu":
         return FastCPUEngine(config.fast_cpu_settings(), device)
     set_fast = [n for n in FAST_CPU_FIELDS if getattr(config, n) != getattr(FastCPUSettings, n)]
