@@ -63,8 +63,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = RunSpec.load(CONFIG, [*args.overrides, "ppo.overwrite=true"])
-    spec.ppo = command_line_defaults(spec.ppo, "sentiment_smollm2")
+    spec = RunSpec.load(CONFIG, [*args.overrides, "ppo.overwrite=true"],
+                        fill=lambda ppo: command_line_defaults(ppo, "sentiment_smollm2"))
     reference = load_smollm2()[0].requires_grad_(False)      # the model before training
     trainer = build_run(spec, reference=reference)
     policy, tokenizer, reward = trainer.policy, trainer.env.tokenizer, trainer.env.reward_fn

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ppolm.errors import PPOLMError
-from ppolm.training.config import PPOConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +44,16 @@ def _train(args: list[str], resume: bool) -> int:
 
     config = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if config else args
-    spec = RunSpec.load(config, overrides)
-    spec.ppo = command_line_defaults(spec.ppo, Path(config).stem if config else "default")
+    name = Path(config).stem if config else "default"
+    spec = RunSpec.load(config, overrides, fill=lambda ppo: command_line_defaults(ppo, name))
     trainer = build_run(spec)
     out = Path(str(spec.ppo.output_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     if resume:
         print(f"resumed at iteration {trainer.resume()}")
+    else:
+        trainer.start_fresh()        # refuse an earlier run before writing anything here
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     what = f"task={spec.task}" if spec.task and not spec.prompts else f"prompts={spec.prompts}"
     print(f"ppolm: training a {spec.model.kind} policy on {what} for "
           f"{spec.ppo.iterations} iterations")
@@ -67,18 +69,17 @@ def _train(args: list[str], resume: bool) -> int:
     return 0
 
 
-def command_line_defaults(ppo: PPOConfig, name: str) -> PPOConfig:
-    """What the command sets where the config leaves it open: an output_dir (runs/NAME), and,
-    on the fast CPU engine, malloc keeping freed memory (process-wide, which a command may
-    decide for its process and a library may not)."""
+def command_line_defaults(ppo: dict[str, Any], name: str) -> dict[str, Any]:
+    """What the command sets where the config leaves it open (``ppo``: the PPOConfig values so
+    far): an output_dir (runs/NAME), and, on the fast CPU engine, malloc keeping freed memory
+    (process-wide, which a command may decide for its process and a library may not)."""
     from ppolm.training.engines import resolve_device
 
-    values = ppo.to_dict()
-    if ppo.output_dir is None:
-        values["output_dir"] = f"runs/{name}"
-    if ppo.engine != "plain" and resolve_device(ppo.device).type == "cpu":
-        values["keep_freed_memory"] = True
-    return PPOConfig(**values)
+    fill: dict[str, Any] = {"output_dir": f"runs/{name}"}
+    if ppo.get("engine", "auto") != "plain" and resolve_device(
+            str(ppo.get("device", "auto"))).type == "cpu":
+        fill["keep_freed_memory"] = True
+    return fill
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -123,17 +124,22 @@ class RunSpec:
         return out
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: list[str]) -> RunSpec:
+    def load(cls, path: str | Path | None, overrides: list[str],
+             fill: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> RunSpec:
         """The spec from a YAML file (without one: the built-in default run, ``DEMO``) with
         ``key=value`` overrides applied. Settings the file does not give take the defaults of
         ``ModelSpec``, ``EnvSpec`` and ``PPOConfig`` (the same as from Python).
 
         Override keys are dotted (``ppo.learning_rate=1e-4``, ``model.kind=lstm``); a bare
         PPOConfig field name (``learning_rate=1e-4``) means ``ppo.<name>``.
+
+        ``fill(ppo_values)`` gives PPOConfig values for the fields neither the file nor the
+        overrides set (a command's own defaults, e.g. an output_dir).
         """
         values = load_yaml_mapping(path if path is not None else DEMO)
         if isinstance(values.get("ppo"), dict):      # sections allowed, as PPOConfig writes
-            values["ppo"] = PPOConfig.from_dict(values["ppo"]).to_dict()
+            values["ppo"] = flatten_sections(values["ppo"])
+        given = set(values.get("ppo") or {})
         base = cls().to_dict()
         for key in ("model", "env", "ppo"):
             base[key].update(values.pop(key, None) or {})
@@ -151,6 +157,8 @@ class RunSpec:
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"Unknown key {name!r} in override {key}={value!r}.{hint}")
+            if section == "ppo":
+                given.add(name)
             if section:
                 if section not in ("model", "env", "ppo"):
                     raise ConfigError(f"Unknown section {section!r} in override {key!r}; use "
@@ -158,7 +166,22 @@ class RunSpec:
                 base[section][name] = value
             else:
                 base[name] = value
+        if fill is not None:
+            base["ppo"].update({k: v for k, v in fill(base["ppo"]).items() if k not in given})
         return cls.from_dict(base)
+
+
+def flatten_sections(ppo: dict[str, Any]) -> dict[str, Any]:
+    """A ``ppo:`` mapping with the sections ``algorithm``, ``system``, ``run`` (as PPOConfig
+    writes them) made flat; flat keys pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in ppo.items():
+        if key in SECTIONS and isinstance(value, dict):
+            check_keys(SECTIONS[key], value, where=f"ppo section {key!r}")
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
 
 
 def load_reward(name: str, kwargs: dict[str, Any]) -> Any:

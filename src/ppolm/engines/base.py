@@ -85,10 +85,10 @@ class Engine(ABC):
     params: list[nn.Parameter]
 
     @abstractmethod
-    def setup(self, policy: Policy, value_head: ValueHead, reference: Policy,
+    def setup(self, policy: Policy, value_head: ValueHead | None, reference: Policy,
               optim: OptimizerSettings) -> None:
         """Take the models (already on ``self.device``) and build the optimizer over the
-        trainable parameters of the policy and the value head."""
+        trainable parameters of the policy and the value head (None: a critic-free run)."""
 
     def rollout(self) -> contextlib.AbstractContextManager[Any]:
         """The context of one rollout: sampling and the forward passes over its batch."""
@@ -143,9 +143,10 @@ class Engine(ABC):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
-    """The parameters of ``modules`` that require grad, each once, in module order."""
-    found = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}
+def trainable_parameters(*modules: nn.Module | None) -> list[nn.Parameter]:
+    """The parameters of ``modules`` (None skipped) that require grad, each once, in order."""
+    found = {id(p): p for m in modules if m is not None for p in m.parameters()
+             if p.requires_grad}
     return list(found.values())
 
 

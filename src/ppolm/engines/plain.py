@@ -43,7 +43,7 @@ class PlainEngine(Engine):
         self.bf16 = bf16
         self.max_grad_norm: float | None = None
 
-    def setup(self, policy: Policy, value_head: ValueHead, reference: Policy,
+    def setup(self, policy: Policy, value_head: ValueHead | None, reference: Policy,
               optim: OptimizerSettings) -> None:
         self.params = trainable_parameters(policy, value_head)
         self.max_grad_norm = optim.max_grad_norm

@@ -7,6 +7,8 @@ accumulated gradients equal those of one big batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,8 @@ def _mean(x: Tensor, mask: Tensor, num_tokens: Tensor | float | None) -> Tensor:
 
 
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                clip_range: float = 0.2, num_tokens: Tensor | float | None = None
+                clip_range: float = 0.2, num_tokens: Tensor | float | None = None,
+                aggregate: Callable[[Tensor], Tensor] | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate objective (Schulman et al. 2017), as a loss to minimise.
 
@@ -29,13 +32,17 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     0 when ratio is 1), clipfrac = share of tokens where the clipped term is the one used,
     ratio_max_dev = max |ratio - 1|.
 
+    ``aggregate`` (per-token terms (B, T) -> the loss) replaces the token mean, e.g.
+    ``ppolm.maths.aggregation.aggregate_loss`` with another mode.
+
     Shapes: all inputs (B, T); returns a scalar loss.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = _mean(torch.maximum(unclipped, clipped), mask, num_tokens)
+    per_token = torch.maximum(unclipped, clipped)                      # (B, T)
+    loss = aggregate(per_token) if aggregate is not None else _mean(per_token, mask, num_tokens)
     with torch.no_grad():
         stats = {
             "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),

@@ -186,14 +186,22 @@ class TextGenerationEnv:
 
     def sample(self, policy: Policy, n: int, temperature: float, device: torch.device,
                generator: torch.Generator | None = None, indices: list[int] | None = None,
-               record: bool = False, trunk: StepTrunk | None = None) -> Episodes:
-        """Sample one response for each of the next ``n`` prompts and score them.
+               record: bool = False, trunk: StepTrunk | None = None,
+               samples_per_prompt: int = 1) -> Episodes:
+        """Sample ``n`` responses and score them: one for each of the next ``n`` prompts, or,
+        with ``samples_per_prompt`` = k, k for each of the next ``n / k`` prompts, a prompt's
+        k episodes side by side (a group).
 
-        With ``indices``, use those prompts instead (``n`` is then ignored and the prompt order
-        is left untouched), as an evaluation over a fixed set does. ``record``: also return the
-        sampler's logprobs and states; ``trunk``: the decoding steps' trunk (see
-        ``ppolm.rollout.sampling.generate``)."""
-        idx = list(indices) if indices is not None else self.next_indices(n)
+        With ``indices``, use those prompts instead (``n`` and ``samples_per_prompt`` are then
+        ignored and the prompt order is left untouched), as an evaluation over a fixed set does.
+        ``record``: also return the sampler's logprobs and states; ``trunk``: the decoding
+        steps' trunk (see ``ppolm.rollout.sampling.generate``)."""
+        k = samples_per_prompt
+        if k < 1 or n % k:
+            raise DataError(f"n={n} episodes is not a whole number of groups of "
+                            f"samples_per_prompt={k}.")
+        idx = (list(indices) if indices is not None else
+               [i for i in self.next_indices(n // k) for _ in range(k)])
         prompts = [self.prompts[i] for i in idx]
         enc = self.tokenizer.pad({"input_ids": [self.prompt_ids[i] for i in idx]},
                                  return_tensors="pt")

@@ -30,6 +30,20 @@ KLMode = Literal["reward", "loss"]
 KLEstimator = Literal["k1", "k2", "k3", "full"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 RolloutLogprobs = Literal["sampler", "forward"]
+AdvantageEstimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                             "reinforce_pp_baseline"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                          "seq-mean-token-sum-norm"]
+#: The estimators that need no value function: no value head is built or run.
+CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+#: Those that compare the responses of a group (samples_per_prompt >= 2).
+GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+#: Each estimator's loss aggregation when ``loss_aggregation`` is None: token-mean for GAE (as
+#: before) and REINFORCE++ (OpenRLHF), the per-sequence mean of GRPO (Shao et al. 2024, eq. 3),
+#: the constant normaliser of Dr. GRPO (Liu et al. 2025).
+DEFAULT_AGGREGATION = {"gae": "token-mean", "grpo": "seq-mean-token-mean",
+                       "dr_grpo": "seq-mean-token-sum-norm", "rloo": "token-mean",
+                       "reinforce_pp": "token-mean", "reinforce_pp_baseline": "token-mean"}
 EngineName = Literal["auto", "plain", "fast_cpu"]
 
 
@@ -86,6 +100,25 @@ class AlgorithmConfig:
     """Whiten the scores over the batch before adding the KL penalty."""
     whiten_advantages: bool = True
     """Whiten advantages over the valid tokens of the batch (masked mean and variance)."""
+
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (group sampling): each prompt of a batch is sampled k
+    times, its responses side by side; ``batch_size`` counts episodes and must be a multiple
+    of k. The grouped estimators compare the responses of a group."""
+    advantage_estimator: AdvantageEstimator = "gae"
+    """'gae' (PPO with a value function: GAE(gamma, lam) on the per-token rewards), or a
+    critic-free one (no value head is built or run): 'grpo' ((r - group mean) / group std),
+    'dr_grpo' (r - group mean), 'rloo' (r - mean of the other k - 1), 'reinforce_pp' (returns
+    of the score and the per-token KL penalty, whitened over the batch),
+    'reinforce_pp_baseline' (the group mean subtracted first). Formulas and references:
+    docs/maths.md. grpo, dr_grpo and rloo take the KL in the loss (kl_mode='loss')."""
+    loss_aggregation: LossAggregation | None = None
+    """How the per-token policy-loss terms (and the entropy bonus and the KL in the loss) of a
+    minibatch become one number: 'token-mean' (over all its tokens), 'seq-mean-token-mean'
+    (each sequence's mean, averaged), 'seq-mean-token-sum' (each sequence's sum, averaged),
+    'seq-mean-token-sum-norm' (the sum over max_new_tokens x sequences, a constant: Dr. GRPO).
+    None: the estimator's usual choice (gae, rloo, reinforce_pp*: token-mean; grpo:
+    seq-mean-token-mean; dr_grpo: seq-mean-token-sum-norm). The value loss is a token mean."""
 
     # --- losses -----------------------------------------------------------------------------
     clip_range: float = 0.2
@@ -248,8 +281,36 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
                                   "ignore it. Use engine='fast_cpu' (or 'auto' on one CPU).")
         if self.save_every and self.output_dir is None:
             raise ConfigError(f"save_every={self.save_every} needs an output_dir to save into.")
+        self.check_estimator()
         self.num_minibatches = self.batch_size // self.minibatch_size
         self.grad_accum_steps = self.minibatch_size // micro
+
+    def check_estimator(self) -> None:
+        """Group sampling and the advantage estimator's needs."""
+        k, est = self.samples_per_prompt, self.advantage_estimator
+        if k < 1:
+            raise ConfigError(f"samples_per_prompt={k} must be >= 1.")
+        if self.batch_size % k:
+            raise ConfigError(f"batch_size={self.batch_size} is not a multiple of "
+                              f"samples_per_prompt={k}: batch_size counts episodes, k per "
+                              "prompt.")
+        if est in GROUPED and k < 2:
+            raise ConfigError(f"advantage_estimator={est!r} compares the responses to one "
+                              "prompt: set samples_per_prompt >= 2 (e.g. 4).")
+        if est in ("grpo", "dr_grpo", "rloo") and self.kl_mode == "reward" and self.kl_coef:
+            raise ConfigError(f"advantage_estimator={est!r} takes its advantages from the "
+                              "scores alone, so a KL in the reward would be ignored: set "
+                              "kl_mode=loss (GRPO uses kl_estimator=k3), or kl_coef=0.")
+
+    @property
+    def aggregation(self) -> str:
+        """The loss aggregation in use (``loss_aggregation`` or the estimator's default)."""
+        return self.loss_aggregation or DEFAULT_AGGREGATION[self.advantage_estimator]
+
+    @property
+    def critic_free(self) -> bool:
+        """Whether the estimator needs no value function."""
+        return self.advantage_estimator in CRITIC_FREE
 
     def fast_cpu_settings(self) -> FastCPUSettings:
         """The fast CPU engine's switches."""

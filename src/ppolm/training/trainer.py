@@ -16,9 +16,9 @@ from torch import Tensor
 
 from ppolm.engines.base import Engine, OptimizerSettings, Sequences
 from ppolm.errors import CheckpointError, ConfigError, TrainingError
-from ppolm.maths.advantages import compute_gae, explained_variance, masked_sum, whiten
-from ppolm.maths.losses import full_kl, kl_penalty, policy_loss, value_loss
-from ppolm.maths.rewards import token_rewards
+from ppolm.maths.advantages import explained_variance
+from ppolm.maths.estimators import zero_signal_share
+from ppolm.maths.losses import kl_penalty
 from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
 from ppolm.rollout.env import TextGenerationEnv
@@ -29,6 +29,7 @@ from ppolm.training.config import PPOConfig
 from ppolm.training.engines import make_engine, resolve_device
 from ppolm.training.kl_control import KLController
 from ppolm.training.metrics import MetricsWriter
+from ppolm.training.objective import estimate_advantages, ppo_loss
 from ppolm.training.progress import Timer, progress_bar
 from ppolm.training.schedule import lr_factor
 from ppolm.training.seeding import rng_state, set_rng_state
@@ -41,7 +42,8 @@ class Trainer:
         policy: the policy to train (any ``Policy``).
         env: the TextGenerationEnv giving prompts and rewards.
         config: the PPOConfig.
-        value_head: a ValueHead; default a head on the policy's shared trunk.
+        value_head: a ValueHead; default a head on the policy's shared trunk. None with a
+            critic-free ``advantage_estimator`` (no value function is built or run).
         reference: the frozen reference policy for the KL penalty; default a frozen copy of
             ``policy`` as it is now.
         engine: how the numbers are computed; default the one ``config.engine`` names.
@@ -56,7 +58,11 @@ class Trainer:
         env.check_policy(policy)
         # Dropout off everywhere: it makes logprobs noisy and the PPO ratio wrong.
         self.policy = policy.to(self.device).eval()
-        self.value_head = (value_head or ValueHead(policy.hidden_size)).to(self.device).eval()
+        if config.critic_free and value_head is not None:
+            raise ConfigError(f"advantage_estimator={config.advantage_estimator!r} uses no "
+                              "value function; pass no value_head (or use 'gae').")
+        self.value_head = (None if config.critic_free else
+                           (value_head or ValueHead(policy.hidden_size)).to(self.device).eval())
         self.reference = (reference or copy.deepcopy(policy)).to(self.device).eval()
         self.reference.requires_grad_(False)
         self.engine.setup(self.policy, self.value_head, self.reference, OptimizerSettings(
@@ -83,7 +89,7 @@ class Trainer:
         """Run the remaining iterations; returns one metrics dict per iteration run."""
         cfg = self.config
         if self.iteration == 0:
-            self._start_fresh()
+            self.start_fresh()
         with progress_bar(cfg.progress, cfg.iterations, self.iteration) as bar:
             while self.iteration < cfg.iterations:
                 timer = Timer()
@@ -117,7 +123,8 @@ class Trainer:
             with timer("time_generate"):
                 episodes = self.env.sample(self.policy, cfg.batch_size, cfg.temperature,
                                            self.device, self.sample_gen, record=from_sampler,
-                                           trunk=self.engine.sampling_trunk(self.policy))
+                                           trunk=self.engine.sampling_trunk(self.policy),
+                                           samples_per_prompt=cfg.samples_per_prompt)
             timer.add("time_reward", episodes.reward_seconds)
             timer.add("time_generate", -episodes.reward_seconds)
             seqs = Sequences(episodes.input_ids, episodes.attention_mask,
@@ -144,27 +151,19 @@ class Trainer:
 
     def values(self, seqs: Sequences, policy_hidden: Tensor) -> Tensor:
         """V(s) at the positions predicting the response tokens: the value head on the
-        policy's states, or on a separate critic's. Shapes: -> (B, T) float32."""
+        policy's states, or on a separate critic's; zeros without a value head (critic-free).
+        Shapes: -> (B, T) float32."""
+        if self.value_head is None:
+            return policy_hidden.new_zeros(policy_hidden.shape[:2], dtype=torch.float32)
         critic = self.value_head.critic
         hidden = self.engine.forward_hidden(critic, seqs) if critic is not None else policy_hidden
         values: Tensor = self.value_head(hidden)
         return values
 
     def compute_advantages(self, rollout: Rollout) -> Advantages:
-        """Per-token rewards (``ppolm.maths.rewards.token_rewards``: the score, or its
-        increments with prefix shaping; -beta * KL on every token when the KL is in the
-        reward), then GAE and advantage whitening."""
-        cfg, mask = self.config, rollout.response_mask
-        in_reward = cfg.kl_mode == "reward"
-        rewards = token_rewards(rollout.scores, mask, token_scores=rollout.token_scores,
-                                logprobs=rollout.logprobs if in_reward else None,
-                                ref_logprobs=rollout.ref_logprobs if in_reward else None,
-                                kl_coef=self.kl_ctl.value, kl_estimator=cfg.kl_estimator,
-                                whiten_rewards=cfg.whiten_rewards)
-        advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
-        return Advantages(rewards, advantages, returns)
+        """Per-token rewards, then the advantages of ``config.advantage_estimator`` (GAE and
+        whitening by default; see ``ppolm.training.objective.estimate_advantages``)."""
+        return estimate_advantages(self.config, rollout, self.kl_ctl.value)
 
     def update(self, rollout: Rollout, advantages: Advantages) -> dict[str, float]:
         """K epochs over shuffled minibatches; one optimizer step per minibatch."""
@@ -227,42 +226,26 @@ class Trainer:
         for start in range(0, n, size):
             idx = torch.arange(start, min(start + size, n), device=self.device)
             micro = minibatch.select(idx)
-            loss, parts = self.loss(micro, advantages.select(idx), num_tokens)
+            loss, parts = self.loss(micro, advantages.select(idx), num_tokens, n)
             self.engine.backward(loss)
             share = float(micro.response_mask.sum() / num_tokens)
             for k, v in parts.items():
                 totals[k] = max(totals[k], v) if k == "ratio_max_dev" else totals[k] + share * v
         return dict(totals)
 
-    def loss(self, micro: Rollout, adv: Advantages, num_tokens: Tensor
+    def loss(self, micro: Rollout, adv: Advantages, num_tokens: Tensor, num_seqs: int = 0
              ) -> tuple[Tensor, dict[str, float]]:
-        """The PPO loss of one micro-batch: clipped surrogate + vf_coef * clipped value loss
-        - ent_coef * entropy (+ beta * KL when the KL is in the loss)."""
+        """The PPO loss of one micro-batch (``ppolm.training.objective.ppo_loss``): the
+        clipped surrogate + vf_coef * clipped value loss - ent_coef * entropy (+ beta * KL when
+        the KL is in the loss); ``num_tokens`` / ``num_seqs``: the minibatch's counts."""
         cfg, mask = self.config, micro.response_mask
-        exact_kl = cfg.kl_estimator == "full"      # (config: only with kl_mode='loss')
         seqs = Sequences(micro.input_ids, micro.attention_mask, mask.shape[1], micro.index)
         fwd = self.engine.forward_response(self.policy, seqs, cfg.temperature,
-                                           entropy_grad=cfg.ent_coef > 0, full_dist=exact_kl)
-        values = self.values(seqs, fwd.hidden)
-        pg, pg_stats = policy_loss(fwd.logprobs, micro.logprobs, adv.advantages, mask,
-                                   cfg.clip_range, num_tokens)
-        vf, vf_stats = value_loss(values, micro.values, adv.returns, mask,
-                                  cfg.clip_range_value, num_tokens)
-        ent = masked_sum(fwd.entropy, mask) / num_tokens
-        loss = pg + cfg.vf_coef * vf - cfg.ent_coef * ent
-        if cfg.kl_mode == "loss":
-            if exact_kl:
-                assert fwd.dist is not None and micro.ref_dist is not None
-                kl = full_kl(fwd.dist, micro.ref_dist)                        # (b, T)
-            else:
-                kl = kl_penalty(fwd.logprobs, micro.ref_logprobs, cfg.kl_estimator)
-            loss = loss + self.kl_ctl.value * (kl * mask).sum() / num_tokens
-        # The shares of a mean over the minibatch: the caller adds them up.
-        scale = float(num_tokens / mask.sum().clamp(min=1))
-        stats = {"loss": float(loss.detach()) * scale, "policy_loss": float(pg.detach()) * scale,
-                 "value_loss": float(vf.detach()) * scale, "entropy": float(ent.detach()) * scale,
-                 **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
-        return loss, stats
+                                           entropy_grad=cfg.ent_coef > 0,
+                                           full_dist=cfg.kl_estimator == "full")
+        values = self.values(seqs, fwd.hidden) if self.value_head is not None else None
+        return ppo_loss(cfg, fwd, values, micro, adv, num_tokens, num_seqs or mask.shape[0],
+                        self.env.max_new_tokens, self.kl_ctl.value)
 
     def average_weights(self) -> None:
         """Tail averaging (config.average_last = N): add the policy's weights to the running
@@ -292,7 +275,6 @@ class Trainer:
             "score_mean": float(rollout.scores.mean()),
             "score_std": float(rollout.scores.std()),
             "kl": float(kl_seq.mean()), "kl_coef": self.kl_ctl.value,
-            "explained_variance": explained_variance(rollout.values, advantages.returns, mask),
             "lr": self.scheduler.get_last_lr()[0],
             "response_length": float(mask.sum(1).mean()),
             "eos_fraction": float(episodes.ended.float().mean()),
@@ -300,6 +282,11 @@ class Trainer:
             **stats, **timer.seconds, "time_total": total,
             **{f"reward/{k}": v for k, v in episodes.reward_parts.items()},
         }
+        if self.value_head is not None:
+            row["explained_variance"] = explained_variance(rollout.values, advantages.returns,
+                                                           mask)
+        if cfg.samples_per_prompt > 1:
+            row["zero_signal_groups"] = zero_signal_share(rollout.scores, cfg.samples_per_prompt)
         self.history.append(row)
         self.metrics.write(row)
         return row
@@ -311,7 +298,8 @@ class Trainer:
         generator and the counters."""
         return {
             "iteration": self.iteration, "bad_updates": self.bad_updates,
-            "policy": self.policy.state_dict(), "value_head": self.value_head.state_dict(),
+            "policy": self.policy.state_dict(),
+            "value_head": self.value_head.state_dict() if self.value_head is not None else {},
             "engine": self.engine.state_dict(), "scheduler": self.scheduler.state_dict(),
             "kl": self.kl_ctl.state_dict(), "env": self.env.state_dict(),
             "average": self.average.state_dict(),
@@ -320,11 +308,14 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (``policy`` may be left out when the policy's
-        weights were loaded another way)."""
+        weights were loaded another way). The state is copied: this Trainer shares no tensor
+        with the one that gave it."""
+        state = copy.deepcopy(state)
         try:
             if "policy" in state:
                 self.policy.load_state_dict(state["policy"])
-            self.value_head.load_state_dict(state["value_head"])
+            if self.value_head is not None:
+                self.value_head.load_state_dict(state["value_head"])
             self.engine.load_state_dict(state["engine"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.kl_ctl.load_state_dict(state["kl"])
@@ -379,7 +370,7 @@ class Trainer:
     def _checkpoints(self) -> Path:
         return (self.output_dir or Path(".")) / "checkpoints"
 
-    def _start_fresh(self) -> None:
+    def start_fresh(self) -> None:
         """Before a new run's first iteration: refuse to mix it with an earlier run found in
         output_dir (its checkpoints would be resumed, its metrics read as this run's), unless
         ``config.overwrite``, which deletes them."""

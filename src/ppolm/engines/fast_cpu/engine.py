@@ -85,16 +85,18 @@ class FastCPUEngine(Engine):
         self._bottom: Tensor | None = None          # (B, L, H) of the last batch seen whole
         self._bottom_of: Tensor | None = None       # that batch's input_ids
 
-    def setup(self, policy: Policy, value_head: ValueHead, reference: Policy,
+    def setup(self, policy: Policy, value_head: ValueHead | None, reference: Policy,
               optim: OptimizerSettings) -> None:
         s = self.settings
-        self.policy, self.reference, self.critic = policy, reference, value_head.critic
+        self.critic = value_head.critic if value_head is not None else None
+        self.policy, self.reference = policy, reference
         if s.compile:
-            check_compile(policy, reference, value_head.critic)
+            check_compile(policy, reference, self.critic)
             self.on_embeds = torch.compile(_on_embeds)
         kept = s.keep_freed_memory and keep_freed_memory()
         head = policy.head_params()
-        self.buffers = GradBuffers(policy, value_head, heads=[head[0]] if head else [],
+        modules = [m for m in (policy, value_head) if m is not None]
+        self.buffers = GradBuffers(*modules, heads=[head[0]] if head else [],
                                    linears=not kept and not s.compile)
         self.params = trainable_parameters(policy, value_head)
         self.max_grad_norm = optim.max_grad_norm
