@@ -24,7 +24,6 @@ import torch
 from smollm2_samples import repeated_prompts_env
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=24)

@@ -1,8 +1,8 @@
 """Fit a KL budget to a policy trained by examples/sentiment_smollm2.py, after the fact.
 
 Loads the policy of a checkpoint, moves its weights toward SmolLM2's until the KL on training
-prompts is at most the budget (``ppolm.evaluation.kl_budget.fit_kl_budget``, the same step and settings as
-the training script's ``--kl-budget``), then evaluates it on the held-out prompts.
+prompts is at most the budget (``ppolm.evaluation.kl_budget.fit_kl_budget``, the same step and
+settings as the training script's ``--kl-budget``), then evaluates it on the held-out prompts.
 
     python examples/kl_budget.py runs/sentiment_smollm2/checkpoints/iter-0000048 --budget 5
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from conftest import toy_trainer
 from ppolm import PPOConfig, Trainer
-from ppolm.training.averaging import TailAverage, swap_weights, trainable_weights
 from ppolm.errors import ConfigError
+from ppolm.training.averaging import TailAverage, swap_weights, trainable_weights
 
 
 def build(out: Path, average_last: int, iterations: int = 5) -> Trainer:

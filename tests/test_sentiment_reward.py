@@ -8,8 +8,8 @@ import pytest
 
 from ppolm import SentimentReward
 from ppolm.errors import RewardError
-from ppolm.run import RunSpec, load_reward
 from ppolm.rollout.tasks import movie_review_prompts
+from ppolm.run import RunSpec, load_reward
 
 needs_vader = pytest.mark.skipif(importlib.util.find_spec("vaderSentiment") is None,
                                  reason="needs: pip install vaderSentiment")

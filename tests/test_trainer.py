@@ -22,9 +22,9 @@ from ppolm import (
     Trainer,
     TransformerPolicy,
 )
+from ppolm.engines import PlainEngine, Sequences
 from ppolm.errors import TrainingError
 from ppolm.maths.losses import full_kl
-from ppolm.engines import PlainEngine, Sequences
 
 # Prompts of different lengths, so rows carry left padding; an untrained policy emits EOS at
 # random times, so responses carry right padding too.
@@ -440,8 +440,8 @@ def test_frozen_split_is_refused_where_it_would_change_the_numbers(tok, tmp_path
 def test_a_policy_that_cannot_record_its_split_gets_it_from_one_forward(tok, tmp_path):
     """A custom policy with trunk_bottom/trunk_top but no trunk_and_bottom still reuses its
     frozen layers with the sampler's logprobs: the rollout runs the lower layers once."""
-    from ppolm.policies.pretrained import freeze_lower_layers
     from ppolm.policies.base import Policy
+    from ppolm.policies.pretrained import freeze_lower_layers
 
     class NoRecord(HFPolicy):
         trunk_and_bottom = Policy.trunk_and_bottom

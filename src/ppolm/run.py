@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ppolm.errors import ConfigError
-from ppolm.training.config import SECTIONS, PPOConfig
+from ppolm.training.config import SECTIONS, PPOConfig, flatten_sections
 from ppolm.training.config_io import check_keys, check_types, load_yaml_mapping, parse_overrides
 
 #: The built-in default run (``ppolm train`` without a config file).
@@ -169,19 +169,6 @@ class RunSpec:
         if fill is not None:
             base["ppo"].update({k: v for k, v in fill(base["ppo"]).items() if k not in given})
         return cls.from_dict(base)
-
-
-def flatten_sections(ppo: dict[str, Any]) -> dict[str, Any]:
-    """A ``ppo:`` mapping with the sections ``algorithm``, ``system``, ``run`` (as PPOConfig
-    writes them) made flat; flat keys pass through."""
-    flat: dict[str, Any] = {}
-    for key, value in ppo.items():
-        if key in SECTIONS and isinstance(value, dict):
-            check_keys(SECTIONS[key], value, where=f"ppo section {key!r}")
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
 
 
 def load_reward(name: str, kwargs: dict[str, Any]) -> Any:

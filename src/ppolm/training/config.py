@@ -206,6 +206,21 @@ SECTIONS: dict[str, type] = {"algorithm": AlgorithmConfig, "system": SystemConfi
 FAST_CPU_FIELDS = tuple(f.name for f in dataclasses.fields(FastCPUSettings))
 
 
+def flatten_sections(values: dict[str, Any]) -> dict[str, Any]:
+    """PPOConfig values with the sections ``algorithm``, ``system``, ``run`` (as ``to_yaml``
+    writes them) made flat; flat keys pass through. A key in the wrong section is refused."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"PPOConfig must be a mapping of names to values, got {values!r}.")
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            check_keys(SECTIONS[key], value, where=f"PPOConfig section {key!r}")
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
 def _names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
@@ -322,15 +337,7 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
         """Build from a plain dict: flat field names, or the sections ``algorithm``, ``system``
         and ``run`` as mappings (as ``to_yaml`` writes them), refusing unknown keys (with the
         closest known name)."""
-        if not isinstance(values, dict):
-            raise ConfigError(f"PPOConfig must be a mapping of names to values, got {values!r}.")
-        flat: dict[str, Any] = {}
-        for key, value in values.items():
-            if key in SECTIONS and isinstance(value, dict):
-                check_keys(SECTIONS[key], value, where=f"PPOConfig section {key!r}")
-                flat.update(value)
-            else:
-                flat[key] = value
+        flat = flatten_sections(values)
         check_keys(cls, flat, where="PPOConfig")
         return cls(**flat)
 
