@@ -1,8 +1,10 @@
-"""Toy tasks with a known optimum, for tests, the CLI default and quick experiments; and the
-movie-review prompts of the SmolLM2 sentiment example."""
+"""Toy tasks with a known optimum, for tests, the CLI default and quick experiments; the
+movie-review prompts of the SmolLM2 sentiment example; two-digit additions with a verifiable
+reward."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +95,47 @@ def movie_review_path(split: str) -> Path:
     return DATA_DIR / f"movie_reviews_{split}.txt"
 
 
+class ArithmeticReward(RewardFunction):
+    """A verifiable reward: 1.0 when the response's answer is the sum the prompt asks for
+    ("What is A + B?"), else 0.0. The answer is the first integer after the response's first
+    '=' when it writes one ("37 + 48 = 85"), else its first integer. The ground truth is read
+    from the prompt itself, so it works on chat-wrapped prompts too."""
+
+    QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
+    NUMBER = re.compile(r"-?\d[\d,]*")
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for p, r in zip(prompts, responses, strict=True):
+            asked = self.QUESTION.findall(p)
+            if not asked:
+                raise ValueError(f"no 'What is A + B?' question in the prompt {p[-80:]!r}")
+            a, b = asked[-1]
+            found = self.NUMBER.search(r, r.index("=") + 1 if "=" in r else 0)
+            answer = int(found.group(0).replace(",", "")) if found else None
+            out.append(1.0 if answer == int(a) + int(b) else 0.0)
+        return out
+
+
+def arithmetic_prompts(split: str = "train", n: int = 256, low: int = 1, high: int = 12
+                       ) -> list[str]:
+    """Additions of two integers in [low, high], "What is A + B? Reply with the number only."
+    'train' and 'eval' are drawn from disjoint halves of a fixed shuffle of all pairs: the same
+    lists on every call, no held-out question seen in training."""
+    import random
+
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
+    random.Random(0).shuffle(pairs)
+    half = pairs[: len(pairs) // 2] if split == "train" else pairs[len(pairs) // 2:]
+    return [f"What is {a} + {b}? Reply with the number only." for a, b in half[:n]]
+
+
 #: Reward classes the CLI knows by name.
 BUILTIN_REWARDS: dict[str, type[RewardFunction]] = {
     "target_char": TargetCharReward,
     "continue": ContinueSequenceReward,
     "sentiment": SentimentReward,
+    "arithmetic": ArithmeticReward,
 }
