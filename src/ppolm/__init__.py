@@ -25,20 +25,22 @@ from ppolm.rollout.rewards import (
 )
 from ppolm.rollout.tokenization import char_tokenizer
 from ppolm.rollout.types import Advantages, Episodes, Rollout
+from ppolm.training.callbacks import Callback
 from ppolm.training.config import PPOConfig
+from ppolm.training.health import HealthMonitor, PPOHealthWarning
 from ppolm.training.kl_control import KLController
 from ppolm.training.trainer import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Advantages", "BudgetFit", "CallableReward", "CheckpointError", "ConfigError", "DataError",
-    "Engine", "Episodes", "EvalResult", "FastCPUEngine", "HFPolicy", "KLController",
-    "LSTMPolicy", "PPOConfig", "PPOLMError", "PlainEngine", "Policy", "RewardError",
-    "RewardFunction", "Rollout", "SentimentReward", "SequenceClassifierReward",
-    "TextGenerationEnv", "Trainer", "TrainingError", "TransformerPolicy", "ValueHead",
-    "WeightPath", "WeightedReward", "char_tokenizer", "chat_prompts", "compute_gae",
-    "distinct_n", "entropy", "evaluate", "fit_kl_budget", "freeze_lower_layers", "kl_penalty",
-    "load_gguf", "load_smollm2", "masked_mean", "masked_var", "policy_loss", "read_prompts",
-    "value_loss", "whiten",
+    "Advantages", "BudgetFit", "CallableReward", "Callback", "CheckpointError", "ConfigError",
+    "DataError", "Engine", "Episodes", "EvalResult", "FastCPUEngine", "HFPolicy",
+    "HealthMonitor", "KLController", "LSTMPolicy", "PPOConfig", "PPOHealthWarning",
+    "PPOLMError", "PlainEngine", "Policy", "RewardError", "RewardFunction", "Rollout",
+    "SentimentReward", "SequenceClassifierReward", "TextGenerationEnv", "Trainer",
+    "TrainingError", "TransformerPolicy", "ValueHead", "WeightPath", "WeightedReward",
+    "char_tokenizer", "chat_prompts", "compute_gae", "distinct_n", "entropy", "evaluate",
+    "fit_kl_budget", "freeze_lower_layers", "kl_penalty", "load_gguf", "load_smollm2",
+    "masked_mean", "masked_var", "policy_loss", "read_prompts", "value_loss", "whiten",
 ]

@@ -25,6 +25,7 @@ from ppolm.rollout.env import TextGenerationEnv
 from ppolm.rollout.types import Advantages, Episodes, Rollout
 from ppolm.training import checkpoint
 from ppolm.training.averaging import TailAverage
+from ppolm.training.callbacks import Callback, CallbackList
 from ppolm.training.config import PPOConfig
 from ppolm.training.engines import make_engine, resolve_device
 from ppolm.training.kl_control import KLController
@@ -47,12 +48,15 @@ class Trainer:
         reference: the frozen reference policy for the KL penalty; default a frozen copy of
             ``policy`` as it is now.
         engine: how the numbers are computed; default the one ``config.engine`` names.
+        callbacks: ``ppolm.Callback`` instances called at fixed points of the loop.
     """
 
     def __init__(self, policy: Policy, env: TextGenerationEnv, config: PPOConfig,
                  value_head: ValueHead | None = None, reference: Policy | None = None,
-                 engine: Engine | None = None) -> None:
+                 engine: Engine | None = None, callbacks: list[Callback] | None = None
+                 ) -> None:
         self.config, self.env = config, env
+        self.callbacks = CallbackList(callbacks)
         self.device = resolve_device(config.device)
         self.engine = engine or make_engine(config, self.device)
         env.check_policy(policy)
@@ -90,8 +94,10 @@ class Trainer:
         cfg = self.config
         if self.iteration == 0:
             self.start_fresh()
+        self.callbacks.on_train_begin(self)
+        first, stop = len(self.history), False
         with progress_bar(cfg.progress, cfg.iterations, self.iteration) as bar:
-            while self.iteration < cfg.iterations:
+            while self.iteration < cfg.iterations and not stop:
                 timer = Timer()
                 episodes, rollout = self.collect(timer)
                 with timer("time_advantages"):
@@ -103,10 +109,12 @@ class Trainer:
                 row = self.log(episodes, rollout, advantages, stats, timer)
                 self.kl_ctl.update(row["kl"], cfg.batch_size)
                 bar.update(row)
+                stop = bool(self.callbacks.on_iteration_end(self, row))
                 if cfg.save_every and self.iteration % cfg.save_every == 0:
                     self.save()
         if self.output_dir is not None and (not cfg.save_every or self.iteration % cfg.save_every):
             self.save()
+        self.callbacks.on_train_end(self, self.history[first:])
         return self.history
 
     # --- phases ------------------------------------------------------------------------------
@@ -346,6 +354,7 @@ class Trainer:
         checkpoint.write_atomic(final, write, str(self.iteration))
         if path is None:
             checkpoint.prune(folder, self.config.keep_checkpoints)
+        self.callbacks.on_save(self, final)
         return final
 
     def resume(self, path: str | Path | None = None) -> int:

@@ -1,0 +1,63 @@
+"""Callbacks: user code at fixed points of the loop (modelled on ``transformers.TrainerCallback``).
+
+Subclass ``Callback`` and override what you need; pass instances as
+``Trainer(..., callbacks=[...])``. They are called in order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ppolm.errors import ConfigError
+
+# The Trainer calling the hooks (``ppolm.Trainer``); typed loosely so that this module, which
+# the Trainer imports, imports nothing of it.
+Trainer = Any
+
+
+class Callback:
+    """Hooks of the training loop; each does nothing unless overridden."""
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """Before the first iteration of a ``train()`` call (also after a resume)."""
+
+    def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> bool | None:
+        """After an iteration's metrics are logged and the KL coefficient adapted. Return True
+        to stop training after this iteration (a checkpoint is written when the run has an
+        output_dir)."""
+        return None
+
+    def on_save(self, trainer: Trainer, path: Path) -> None:
+        """After a checkpoint is complete at ``path``."""
+
+    def on_train_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
+        """After the last iteration of a ``train()`` call (``history``: its metric rows)."""
+
+
+class CallbackList(Callback):
+    """Several callbacks called in order; stop when any of them asks to."""
+
+    def __init__(self, callbacks: list[Callback] | None = None) -> None:
+        self.callbacks = list(callbacks or [])
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise ConfigError(f"callbacks must be ppolm.Callback instances, got {cb!r}.")
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        for cb in self.callbacks:
+            cb.on_train_begin(trainer)
+
+    def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> bool | None:
+        stop = False
+        for cb in self.callbacks:
+            stop = bool(cb.on_iteration_end(trainer, metrics)) or stop
+        return stop
+
+    def on_save(self, trainer: Trainer, path: Path) -> None:
+        for cb in self.callbacks:
+            cb.on_save(trainer, path)
+
+    def on_train_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
+        for cb in self.callbacks:
+            cb.on_train_end(trainer, history)

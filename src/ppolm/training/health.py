@@ -1,0 +1,263 @@
+"""HealthMonitor: a callback that reads each iteration's metrics and warns, in plain words, when
+a run shows a known failure sign, with the numbers and the usual fix.
+
+A condition warns once per episode of trouble: while it stays true it is silent; once it has
+cleared, it warns again if it comes back. A metric that is missing or not finite (e.g.
+``explained_variance`` in a critic-free run, or every statistic of an iteration whose updates
+were all skipped) leaves that condition as it was. The monitor never stops training.
+
+Warnings go through ``warnings.warn`` with the category ``PPOHealthWarning`` (silence them with
+``warnings.filterwarnings("ignore", category=PPOHealthWarning)``) and are kept in
+``monitor.warnings`` so a report can list them.
+
+Not checked: reward hacking (the training reward rising while an evaluation score falls), which
+needs evaluation during training, which the Trainer does not run.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from ppolm.errors import ConfigError
+from ppolm.training.callbacks import Callback, Trainer
+
+#: The conditions checked, by the name each warning carries.
+CONDITIONS = ("kl_high", "kl_rising", "kl_negative", "entropy_collapse", "clipfrac_high",
+              "approx_kl_high", "value_not_learning", "truncated", "skipped_updates")
+
+
+class PPOHealthWarning(UserWarning):
+    """A training run shows a known sign of trouble (see ``HealthMonitor``)."""
+
+
+def _value(metrics: dict[str, Any], name: str) -> float | None:
+    """The metric as a float, or None when it is missing or not finite."""
+    v = metrics.get(name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+class HealthMonitor(Callback):
+    """Warns once per episode of trouble when the metrics show a known failure sign.
+
+    Args:
+        kl_factor: warn when the KL to the reference (metric ``kl``, nats per response) is over
+            this multiple of its target. Default 2.0.
+        kl_limit: the target for that check when the run does not adapt its KL coefficient
+            (``adaptive_kl=False``); with ``adaptive_kl`` it is ``config.kl_target``. Default
+            10.0 nats (so a fixed-coefficient run warns over 20 nats by default).
+        kl_rising_iterations: warn when the KL has risen this many iterations in a row. Default 5.
+        kl_rising_floor: ... counting only rises to a KL over this fraction of the target, so the
+            usual climb from 0 at the start of a run does not warn. Default 0.5; 0 counts every
+            rise.
+        negative_kl: warn when the mean KL is below this (nats). On the sampled tokens the k1
+            estimate averages to the (non-negative) KL only if the tokens were drawn from the
+            policy it scores; clearly negative, sampling and training disagree (a temperature
+            or logprob mismatch). Default -0.1.
+        entropy_fraction: warn when the entropy (nats per token) falls below this fraction of
+            its value at the first iteration the monitor sees (entropy collapse). Default 0.1.
+        clipfrac_limit: warn when the fraction of clipped ratios is over this. Default 0.3.
+        approx_kl_limit: warn when ``approx_kl`` (the KL between the sampling policy and the
+            updated one) is over this. Default 0.1.
+        value_iterations: warn when the explained variance of the value function has been below
+            0 this many iterations in a row (runs with a value function only). Default 5.
+        truncated_fraction: warn when more than this fraction of the batch hit the length
+            limit without an end token (``eos_fraction`` below 1 minus it). Default 0.8.
+
+    Any skipped non-finite update (``skipped_updates`` > 0) also warns.
+    """
+
+    def __init__(self, kl_factor: float = 2.0, kl_limit: float = 10.0,
+                 kl_rising_iterations: int = 5, kl_rising_floor: float = 0.5,
+                 negative_kl: float = -0.1, entropy_fraction: float = 0.1,
+                 clipfrac_limit: float = 0.3, approx_kl_limit: float = 0.1,
+                 value_iterations: int = 5, truncated_fraction: float = 0.8) -> None:
+        for name, value in (("kl_factor", kl_factor), ("kl_limit", kl_limit),
+                            ("approx_kl_limit", approx_kl_limit)):
+            if not value > 0:
+                raise ConfigError(f"HealthMonitor {name}={value} must be > 0.")
+        for name, count in (("kl_rising_iterations", kl_rising_iterations),
+                            ("value_iterations", value_iterations)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigError(f"HealthMonitor {name}={count!r} must be an integer >= 1.")
+        for name, value in (("kl_rising_floor", kl_rising_floor),
+                            ("entropy_fraction", entropy_fraction),
+                            ("clipfrac_limit", clipfrac_limit),
+                            ("truncated_fraction", truncated_fraction)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"HealthMonitor {name}={value} must be in [0, 1].")
+        if not negative_kl <= 0:
+            raise ConfigError(f"HealthMonitor negative_kl={negative_kl} must be <= 0 "
+                              "(e.g. -0.1): a positive KL is normal.")
+        self.kl_factor, self.kl_limit = float(kl_factor), float(kl_limit)
+        self.kl_rising_iterations, self.kl_rising_floor = kl_rising_iterations, kl_rising_floor
+        self.negative_kl, self.entropy_fraction = float(negative_kl), float(entropy_fraction)
+        self.clipfrac_limit, self.approx_kl_limit = float(clipfrac_limit), float(approx_kl_limit)
+        self.value_iterations, self.truncated_fraction = value_iterations, truncated_fraction
+        #: Every warning given: dicts of ``iteration``, ``name`` (one of CONDITIONS), ``message``.
+        self.warnings: list[dict[str, Any]] = []
+        self.active: set[str] = set()         # conditions in an episode of trouble
+        self.first_entropy: float | None = None
+        self.last_kl: float | None = None
+        self.kl_rises = 0                      # iterations in a row the KL rose (over the floor)
+        self.value_bad = 0                     # iterations in a row explained variance < 0
+        self.seen = 0                          # iterations checked
+
+    # --- the hook ----------------------------------------------------------------------------
+    def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        """Check the iteration's metrics; warn for each condition that has just become true."""
+        config = trainer.config
+        self.seen += 1
+        it = metrics.get("iteration", self.seen)
+        checks = {
+            "kl_high": self._kl_high(config, metrics, it),
+            "kl_rising": self._kl_rising(config, metrics, it),
+            "kl_negative": self._kl_negative(config, metrics, it),
+            "entropy_collapse": self._entropy(config, metrics, it),
+            "clipfrac_high": self._clipfrac(config, metrics, it),
+            "approx_kl_high": self._approx_kl(config, metrics, it),
+            "value_not_learning": self._explained_variance(config, metrics, it),
+            "truncated": self._truncated(config, metrics, it),
+            "skipped_updates": self._skipped(config, metrics, it),
+        }
+        for name, result in checks.items():
+            if result is None:                  # unknown this iteration: no change
+                continue
+            if not isinstance(result, str):     # fine: the episode (if any) is over
+                self.active.discard(name)
+            elif name not in self.active:
+                self.active.add(name)
+                self.warn(it, name, result)
+        return None
+
+    def warn(self, iteration: Any, name: str, message: str) -> None:
+        """Record a warning and issue it as a PPOHealthWarning."""
+        self.warnings.append({"iteration": iteration, "name": name, "message": message})
+        warnings.warn(message, PPOHealthWarning, stacklevel=3)
+
+    # --- the conditions: None (unknown), False (fine) or the message -------------------------
+    def kl_target(self, config: Any) -> tuple[float, str]:
+        """The KL the run aims at, and its name in a message."""
+        if config.adaptive_kl:
+            return float(config.kl_target), "its target (kl_target)"
+        return self.kl_limit, "the limit (HealthMonitor kl_limit)"
+
+    def _kl_high(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
+        kl = _value(m, "kl")
+        if kl is None:
+            return None
+        target, what = self.kl_target(config)
+        if kl <= self.kl_factor * target:
+            return False
+        coef = _value(m, "kl_coef")
+        coef_s = f"{coef:.3g}" if coef is not None else "?"
+        fix = (f"the adaptive controller is not holding it (kl_coef now {coef_s}); lower "
+               "learning_rate or kl_horizon." if config.adaptive_kl else
+               f"the policy is drifting; raise kl_coef (now {coef_s}) or lower learning_rate.")
+        return (f"KL to the reference is {kl:.3g} nats at iteration {it}, over "
+                f"{self.kl_factor:g}x {what} of {target:g} nats: {fix}")
+
+    def _kl_rising(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
+        kl = _value(m, "kl")
+        if kl is None:
+            self.last_kl, self.kl_rises = None, 0
+            return None
+        target, _ = self.kl_target(config)
+        rose = self.last_kl is not None and kl > self.last_kl
+        self.kl_rises = self.kl_rises + 1 if rose and kl > self.kl_rising_floor * target else 0
+        self.last_kl = kl
+        if self.kl_rises < self.kl_rising_iterations:
+            return False
+        return (f"KL to the reference has risen {self.kl_rises} iterations in a row, to "
+                f"{kl:.3g} nats at iteration {it} (target {target:g} nats): the KL penalty is not "
+                "holding the policy; raise kl_coef or lower learning_rate.")
+
+    def _kl_negative(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
+        kl = _value(m, "kl")
+        if kl is None:
+            return None
+        if kl >= self.negative_kl:
+            return False
+        return (f"Mean KL to the reference is {kl:.3g} nats at iteration {it}, below "
+                f"{self.negative_kl:g}: the sampled tokens look likelier under the reference than "
+                "under the policy that drew them, so sampling and training disagree (usually a "
+                "temperature or logprob mismatch, e.g. a custom sampler). Try "
+                "rollout_logprobs='forward', which scores the tokens with the training forward.")
+
+    def _entropy(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
+        ent = _value(m, "entropy")
+        if ent is None:
+            return None
+        if self.first_entropy is None:
+            self.first_entropy = ent
+        floor = self.entropy_fraction * self.first_entropy
+        if ent >= floor or self.first_entropy <= 0:
+            return False
+        return (f"Entropy is {ent:.3g} nats per token at iteration {it}, under "
+                f"{self.entropy_fraction:.0%} of its first value ({self.first_entropy:.3g}): "
+                "the policy is collapsing onto a few responses; raise kl_coef or ent_coef, or "
+                "lower learning_rate.")
+
+    def _clipfrac(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
+        clip = _value(m, "clipfrac")
+        if clip is None:
+            return None
+        if clip <= self.clipfrac_limit:
+            return False
+        return (f"Clip fraction is {clip:.3g} at iteration {it}, over {self.clipfrac_limit:g}: "
+                f"updates move the policy too far for clip_range={config.clip_range:g}; lower "
+                "learning_rate or ppo_epochs, or set target_approx_kl.")
+
+    def _approx_kl(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
+        akl = _value(m, "approx_kl")
+        if akl is None:
+            return None
+        if akl <= self.approx_kl_limit:
+            return False
+        stop = ("lower target_approx_kl (now "
+                f"{config.target_approx_kl:g})" if config.target_approx_kl is not None else
+                "set target_approx_kl (e.g. 0.05) to stop an iteration's epochs early")
+        return (f"approx_kl is {akl:.3g} at iteration {it}, over {self.approx_kl_limit:g}: each "
+                "update moves the policy far from the one that sampled the batch; lower "
+                f"learning_rate or {stop}.")
+
+    def _explained_variance(self, config: Any, m: dict[str, Any], it: Any
+                            ) -> str | bool | None:
+        ev = _value(m, "explained_variance")
+        if ev is None:
+            self.value_bad = 0
+            return None
+        self.value_bad = self.value_bad + 1 if ev < 0 else 0
+        if self.value_bad < self.value_iterations:
+            return False
+        return (f"Explained variance has been below 0 for {self.value_bad} iterations "
+                f"({ev:.3g} at iteration {it}): the value function predicts the returns worse "
+                "than their mean; whiten_rewards=True or smaller rewards, a higher vf_coef or a "
+                "looser clip_range_value usually help.")
+
+    def _truncated(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
+        eos = _value(m, "eos_fraction")
+        if eos is None:
+            return None
+        cut = 1.0 - eos
+        if cut <= self.truncated_fraction:
+            return False
+        return (f"{cut:.0%} of the responses hit the length limit without an end token at "
+                f"iteration {it} (over {self.truncated_fraction:.0%}): the reward judges cut-off "
+                "text; raise max_new_tokens, or penalise such responses (missing_eos_penalty).")
+
+    def _skipped(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
+        skipped = _value(m, "skipped_updates")
+        if skipped is None:
+            return None
+        if skipped <= 0:
+            return False
+        epochs = _value(m, "epochs_done")
+        of = f" of {epochs * config.num_minibatches:g}" if epochs is not None else ""
+        return (f"{skipped:g}{of} updates at iteration {it} were skipped because the loss or the "
+                "gradient norm was not finite: check the rewards for NaN or inf and lower "
+                f"learning_rate (training stops after max_bad_updates={config.max_bad_updates} "
+                "in a row).")
