@@ -197,15 +197,21 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path):
     ref.train()
     out = tmp_path / "killed"
     # A random moment: after a random iteration k (1..iterations-2, so at least two remain)
-    # has logged, a random part of one iteration's time (measured in the killed run).
+    # has its checkpoint, a random part of one iteration's time (measured in the killed run).
     rng = random.Random()
     k = rng.randint(1, iterations - 2)
     share = rng.uniform(0.0, 1.0)
     proc = run_script(tmp_path, out, iterations, "fresh")
     deadline = time.time() + 300
-    while len(rows := metric_rows(out / "metrics.jsonl")) < k and proc.poll() is None:
+
+    def saved() -> int:
+        newest = latest_checkpoint(out / "checkpoints")
+        return int(newest.name.split("-")[1]) if newest is not None else 0
+
+    while saved() < k and proc.poll() is None:
         assert time.time() < deadline, "the run did not start"
         time.sleep(0.02)
+    rows = metric_rows(out / "metrics.jsonl")
     time.sleep(share * min(r["time_total"] for r in rows))
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
