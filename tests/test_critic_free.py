@@ -162,3 +162,18 @@ def test_grpo_learns_the_toy_task():
     best = max(sum(r["score_mean"] for r in history[i:i + 5]) / 5
                for i in range(len(history) - 4))
     assert best >= 0.85, best
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                       "reinforce_pp_baseline"])
+def test_the_first_ratio_is_one_for_every_estimator(tok, estimator):
+    kl = {} if estimator.startswith("reinforce") else KL_LOSS
+    trainer = make_trainer(tok, advantage_estimator=estimator, rollout_logprobs="forward", **kl)
+    _, rollout = trainer.collect()
+    adv = trainer.compute_advantages(rollout)
+    idx = torch.arange(8)
+    first = rollout.select(idx)
+    _, stats = trainer.loss(first, adv.select(idx), first.response_mask.sum(), 8)
+    # (1 up to float rounding: the rollout's head runs without gradient, in blocks)
+    assert stats["ratio_max_dev"] <= 1e-6
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-7)
