@@ -149,16 +149,23 @@ def test_bad_estimator_settings_are_refused(overrides, words):
         PPOConfig(batch_size=16, minibatch_size=8, **overrides)
 
 
-def test_grpo_learns_the_toy_task():
-    """GRPO (k3 KL in the loss, no value head) reaches 85% of the target_char optimum."""
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                       "reinforce_pp_baseline"])
+def test_each_critic_free_estimator_learns_the_toy_task(estimator):
+    """100 iterations of 64 episodes (16 prompts x 4) on target_char, no value head: the best
+    5-iteration mean score reaches 85% of the optimum (seed 0 measured: grpo 0.996, dr_grpo
+    0.907, rloo 0.936, reinforce_pp 1.0, reinforce_pp_baseline 0.987; a few seconds each)."""
     torch.manual_seed(0)
     task = make_task("target_char")
     tok = char_tokenizer(task.alphabet)
     env = TextGenerationEnv(task.prompts, tok, task.reward, max_new_tokens=task.max_new_tokens)
-    config = PPOConfig(iterations=40, batch_size=32, minibatch_size=8, learning_rate=1e-3,
-                       samples_per_prompt=4, advantage_estimator="grpo", kl_mode="loss",
-                       kl_estimator="k3", kl_coef=0.01, seed=0, progress=False)
-    history = Trainer(TransformerPolicy(len(tok), hidden_size=64), env, config).train()
+    kl = KL_LOSS if estimator in ("grpo", "dr_grpo", "rloo") else {}
+    config = PPOConfig(iterations=100, batch_size=64, minibatch_size=16, learning_rate=1e-3,
+                       samples_per_prompt=4, advantage_estimator=estimator, kl_coef=0.01,
+                       seed=0, progress=False, **kl)
+    trainer = Trainer(TransformerPolicy(len(tok), hidden_size=64), env, config)
+    assert trainer.value_head is None
+    history = trainer.train()
     best = max(sum(r["score_mean"] for r in history[i:i + 5]) / 5
                for i in range(len(history) - 4))
     assert best >= 0.85, best
