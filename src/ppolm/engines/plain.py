@@ -114,10 +114,3 @@ def response_from_logits(logits: Tensor | None, hidden: Tensor, seqs: Sequences,
         entropy = token_entropy(torch.log_softmax(z, dim=-1))
     return ResponseForward(logprobs, entropy, hidden)
 
-
-@torch.no_grad()
-def response_logprobs(model: Policy, seqs: Sequences, temperature: float) -> Tensor:
-    """The response tokens' logprobs under ``model`` without gradient (evaluation).
-    Shapes: -> (B, T)."""
-    out = model(seqs.input_ids, seqs.attention_mask, seqs.response_len)
-    return response_from_logits(out.logits, out.hidden, seqs, temperature).logprobs
