@@ -288,8 +288,7 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'.")
         if self.engine == "plain":
-            on = [n for n in FAST_CPU_FIELDS
-                  if getattr(self, n) != getattr(FastCPUSettings, n)]
+            on = self.fast_cpu_fields_set()
             if on:
                 raise ConfigError(f"{', '.join(on)} set, but only engine='fast_cpu' reads "
                                   f"{'it' if len(on) == 1 else 'them'}; engine='plain' would "
@@ -326,6 +325,10 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
     def critic_free(self) -> bool:
         """Whether the estimator needs no value function."""
         return self.advantage_estimator in CRITIC_FREE
+
+    def fast_cpu_fields_set(self) -> list[str]:
+        """The fast CPU engine's switches set away from their defaults."""
+        return [n for n in FAST_CPU_FIELDS if getattr(self, n) != getattr(FastCPUSettings, n)]
 
     def fast_cpu_settings(self) -> FastCPUSettings:
         """The fast CPU engine's switches."""

@@ -7,10 +7,10 @@ import os
 import torch
 
 from ppolm.engines.base import Engine
-from ppolm.engines.fast_cpu import FastCPUEngine, FastCPUSettings
+from ppolm.engines.fast_cpu import FastCPUEngine
 from ppolm.engines.plain import PlainEngine
 from ppolm.errors import ConfigError
-from ppolm.training.config import FAST_CPU_FIELDS, PPOConfig
+from ppolm.training.config import PPOConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,7 +28,7 @@ def make_engine(config: PPOConfig, device: torch.device) -> Engine:
         name = "fast_cpu" if device.type == "cpu" and one_process else "plain"
     if name == "fast_cpu":
         return FastCPUEngine(config.fast_cpu_settings(), device)
-    set_fast = [n for n in FAST_CPU_FIELDS if getattr(config, n) != getattr(FastCPUSettings, n)]
+    set_fast = config.fast_cpu_fields_set()
     if set_fast:
         raise ConfigError(f"{', '.join(set_fast)}: fast_cpu engine settings, but this run on "
                           f"{device} uses the plain engine; leave them at their defaults.")
