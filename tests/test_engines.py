@@ -131,7 +131,7 @@ def test_step_clips_to_the_global_norm_and_skips_non_finite(engine, tok):
     assert all(p.grad is None for p in clipped.parameters())   # none kept after the update
 
 
-def test_the_plain_engine_calls_models_through_their_forward(tok, monkeypatch):
+def test_the_plain_engine_calls_models_through_their_forward(tok):
     """User hooks (and DDP/FSDP/PEFT wrappers, which work the same way) see every training
     forward of the plain engine; 'auto' picks it for several processes."""
     from ppolm.training.engines import make_engine
@@ -148,10 +148,11 @@ def test_the_plain_engine_calls_models_through_their_forward(tok, monkeypatch):
     # then 2 epochs x 2 minibatches
     assert len(calls) == 2 + 2 * 2
     assert all(shape[0] in (16, 8) for shape in calls)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert isinstance(make_engine(PPOConfig(), torch.device("cpu")), PlainEngine)
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    # auto: the fast CPU engine in one CPU process, unless a switch only the plain one has is
+    # on (several processes: tests/test_distributed.py)
     assert isinstance(make_engine(PPOConfig(), torch.device("cpu")), FastCPUEngine)
+    assert isinstance(make_engine(PPOConfig(gradient_checkpointing=True), torch.device("cpu")),
+                      PlainEngine)
 
 
 @pytest.mark.parametrize("engine", ["plain", "fast_cpu"])

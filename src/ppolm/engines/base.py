@@ -122,6 +122,11 @@ class Engine(ABC):
         """The trunk's hidden states at the positions predicting the response tokens (a
         separate critic's). Shapes: -> (B, T, H)."""
 
+    def value(self, value_head: ValueHead, hidden: Tensor) -> Tensor:
+        """The value head on ``hidden`` (the policy's or a critic's states): (B, T, H) -> (B, T)."""
+        out: Tensor = value_head(hidden)
+        return out
+
     def zero_grad(self) -> None:
         """Before a minibatch's backward passes."""
         self.optimizer.zero_grad(set_to_none=True)

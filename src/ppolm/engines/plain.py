@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ppolm.engines.base import (
     Engine,
@@ -34,17 +35,23 @@ class PlainEngine(Engine):
         device: where the models run.
         bf16: bf16 autocast for the forward passes on CUDA (weights, gradients and optimizer
             state stay float32); ignored elsewhere.
+        gradient_checkpointing: keep only each decoder layer's input for backward and recompute
+            the layer there (less activation memory, one more forward of the trunk).
     """
 
     name = "plain"
 
-    def __init__(self, device: torch.device | str = "cpu", bf16: bool = True) -> None:
+    def __init__(self, device: torch.device | str = "cpu", bf16: bool = True,
+                 gradient_checkpointing: bool = False) -> None:
         self.device = torch.device(device)
         self.bf16 = bf16
+        self.gradient_checkpointing = gradient_checkpointing
         self.max_grad_norm: float | None = None
+        self._checkpointed: list[nn.Module] = []
 
     def setup(self, policy: Policy, value_head: ValueHead | None, reference: Policy,
               optim: OptimizerSettings) -> None:
+        self.enable_checkpointing(policy, value_head)
         self.params = trainable_parameters(policy, value_head)
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer = make_adamw(self.params, optim)
@@ -54,25 +61,56 @@ class PlainEngine(Engine):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def enable_checkpointing(self, policy: Policy, value_head: ValueHead | None) -> None:
+        """Turn on the trained models' gradient checkpointing (``gradient_checkpointing``)."""
+        if not self.gradient_checkpointing:
+            return
+        critic = value_head.critic if value_head is not None else None
+        for model in (policy, critic):
+            if model is not None:
+                self._checkpointed += model.enable_gradient_checkpointing()
+
     def rollout(self) -> contextlib.AbstractContextManager[Any]:
         return self.autocast()
+
+    @contextlib.contextmanager
+    def update(self) -> Iterator[None]:
+        # Checkpointed layers recompute only in training mode, and the Trainer keeps every
+        # module in eval mode (no dropout): the layers alone are put in training mode, their
+        # submodules (dropout, attention) stay in eval mode.
+        for layer in self._checkpointed:
+            layer.training = True
+        try:
+            with super().update():
+                yield
+        finally:
+            for layer in self._checkpointed:
+                layer.training = False
+
+    def _call(self, model: Policy, seqs: Sequences, logits: bool) -> Any:
+        with self.autocast():
+            return model(seqs.input_ids, seqs.attention_mask, seqs.response_len, logits=logits)
 
     def forward_response(self, model: Policy, seqs: Sequences, temperature: float, *,
                          entropy_grad: bool = False, full_dist: bool = False
                          ) -> ResponseForward:
-        with self.autocast():
-            out = model(seqs.input_ids, seqs.attention_mask, seqs.response_len)
+        out = self._call(model, seqs, logits=True)
         return response_from_logits(out.logits, out.hidden, seqs, temperature,
                                     entropy_grad=entropy_grad, full_dist=full_dist)
 
     def forward_hidden(self, model: Policy, seqs: Sequences) -> Tensor:
-        with self.autocast():
-            out = model(seqs.input_ids, seqs.attention_mask, seqs.response_len, logits=False)
-        return out.hidden
+        hidden: Tensor = self._call(model, seqs, logits=False).hidden
+        return hidden
+
+    def grad_norm(self) -> float:
+        """Clip the gradients to ``max_grad_norm``; returns their global norm before."""
+        limit = self.max_grad_norm if self.max_grad_norm is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        full = getattr(norm, "full_tensor", None)         # a DTensor when FSDP2 shards them
+        return float(full() if full is not None else norm)
 
     def step(self, loss_finite: bool = True) -> StepResult:
-        limit = self.max_grad_norm if self.max_grad_norm is not None else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        norm = self.grad_norm()
         if not (loss_finite and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(norm, applied=False)

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ppolm.errors import CheckpointError
+from ppolm.errors import CheckpointError, ConfigError
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -125,6 +125,17 @@ class Policy(nn.Module, ABC):
             L = input_ids.shape[1]
             hidden = hidden[:, L - response_len - 1: L - 1]            # (B, T, H)
         return PolicyOutput(hidden, self.head(hidden) if logits else None)
+
+    def layers(self) -> list[nn.Module]:
+        """The repeated blocks of the trunk (decoder layers), in order; a sharding wrapper
+        (FSDP2) gives each its own group. Empty when the policy has none."""
+        return []
+
+    def enable_gradient_checkpointing(self) -> list[nn.Module]:
+        """Recompute the trunk's layers in backward instead of keeping their activations;
+        returns the layers that do it when in training mode."""
+        raise ConfigError(f"{type(self).__name__} does not support gradient_checkpointing "
+                          "(a transformers model, HFPolicy, does).")
 
     @abstractmethod
     def save(self, path: str | Path) -> None:

@@ -152,6 +152,18 @@ class HFPolicy(Policy):
         head = self.model.get_output_embeddings()
         return (head.weight, head.bias) if isinstance(head, nn.Linear) else None
 
+    def layers(self) -> list[nn.Module]:
+        found = self._layers()
+        return list(found[1]) if found is not None else []
+
+    def enable_gradient_checkpointing(self) -> list[nn.Module]:
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            return super().enable_gradient_checkpointing()
+        # Non-reentrant: works with frozen inputs and with FSDP2.
+        self.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        return [m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False)]
+
     def save(self, path: str | Path) -> None:
         self.model.save_pretrained(str(path))
 

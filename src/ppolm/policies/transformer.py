@@ -100,6 +100,9 @@ class TransformerPolicy(TorchPolicy):
         out: Tensor = self.ln_f(x)
         return out
 
+    def layers(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def head(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 

@@ -32,6 +32,11 @@ def write_atomic(final: str | Path, write: Callable[[Path], None], marker: str =
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
+    return commit(tmp, final, marker)
+
+
+def commit(tmp: Path, final: Path, marker: str = "") -> Path:
+    """Mark the written folder ``tmp`` complete, fsync it and move it to ``final``."""
     (tmp / COMPLETE).write_text(marker)
     _fsync_tree(tmp)
     if final.exists():

@@ -134,6 +134,11 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
                 raise ConfigError(f"{', '.join(on)} set, but only engine='fast_cpu' reads "
                                   f"{'it' if len(on) == 1 else 'them'}; engine='plain' would "
                                   "ignore it. Use engine='fast_cpu' (or 'auto' on one CPU).")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"dist_timeout={self.dist_timeout} must be > 0 (seconds).")
+        if self.gradient_checkpointing and self.engine == "fast_cpu":
+            raise ConfigError("gradient_checkpointing needs engine='plain' (or 'auto' on a GPU "
+                              "or under torchrun); the fast_cpu engine keeps its own buffers.")
         if self.save_every and self.output_dir is None:
             raise ConfigError(f"save_every={self.save_every} needs an output_dir to save into.")
         self.check_estimator()

@@ -28,6 +28,7 @@ DEFAULT_AGGREGATION = {"gae": "token-mean", "grpo": "seq-mean-token-mean",
                        "dr_grpo": "seq-mean-token-sum-norm", "rloo": "token-mean",
                        "reinforce_pp": "token-mean", "reinforce_pp_baseline": "token-mean"}
 EngineName = Literal["auto", "plain", "fast_cpu"]
+Distributed = Literal["ddp", "fsdp"]
 
 
 @dataclass
@@ -153,7 +154,18 @@ class SystemConfig(FastCPUSettings):
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     bf16: bool = True
-    """bf16 autocast on CUDA (on CPU see ``cpu_bf16``, a fast_cpu setting)."""
+    """bf16 autocast on CUDA (on CPU see ``cpu_bf16``, a fast_cpu setting); with FSDP2, bf16
+    parameters in its mixed precision (gradients reduced in float32)."""
+    distributed: Distributed = "ddp"
+    """Under torchrun (WORLD_SIZE > 1): 'ddp' (every rank holds whole models; gradients
+    all-reduced) or 'fsdp' (FSDP2: parameters, gradients and AdamW state sharded over the
+    ranks, each decoder layer gathered while it runs). See docs/distributed.md."""
+    dist_timeout: float = 600.0
+    """Seconds a collective waits for a rank that stopped answering before it raises (no
+    rank hangs for ever)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer of the trained models in backward instead of keeping its
+    activations (transformers policies; the plain and distributed engines)."""
     seed: int = 0
     """Seed of every random generator of the run."""
     rollout_logprobs: RolloutLogprobs = "sampler"

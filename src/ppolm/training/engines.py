@@ -5,31 +5,47 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 from ppolm.engines.base import Engine
+from ppolm.engines.distributed import DistributedEngine
 from ppolm.engines.fast_cpu import FastCPUEngine
 from ppolm.engines.plain import PlainEngine
 from ppolm.errors import ConfigError
 from ppolm.training.config import PPOConfig
+from ppolm.training.distributed import launched_world_size
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``name`` means; under torchrun 'auto' and 'cuda' mean this rank's GPU
+    (``cuda:LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and launched_world_size() > 1:
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return torch.device(name)
 
 
 def make_engine(config: PPOConfig, device: torch.device) -> Engine:
     """The engine ``config.engine`` names; 'auto': fast_cpu for one process on a CPU, plain
-    elsewhere (CUDA, or several processes: WORLD_SIZE > 1 as torchrun sets it)."""
+    elsewhere (CUDA). Under a process group (torchrun, WORLD_SIZE > 1): the plain engine over
+    DDP or FSDP2 (``config.distributed``)."""
     name = config.engine
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if name == "auto":
-        one_process = int(os.environ.get("WORLD_SIZE", "1")) <= 1
-        name = "fast_cpu" if device.type == "cpu" and one_process else "plain"
+        name = "fast_cpu" if device.type == "cpu" and not several and not \
+            config.gradient_checkpointing else "plain"
     if name == "fast_cpu":
+        if several:
+            raise ConfigError("engine='fast_cpu' runs in one process; under torchrun use "
+                              "engine='plain' or 'auto' (DDP or FSDP2, see `distributed`).")
         return FastCPUEngine(config.fast_cpu_settings(), device)
     set_fast = config.fast_cpu_fields_set()
     if set_fast:
         raise ConfigError(f"{', '.join(set_fast)}: fast_cpu engine settings, but this run on "
                           f"{device} uses the plain engine; leave them at their defaults.")
-    return PlainEngine(device, bf16=config.bf16)
+    if several:
+        return DistributedEngine(device, config.distributed, bf16=config.bf16,
+                                 gradient_checkpointing=config.gradient_checkpointing)
+    return PlainEngine(device, bf16=config.bf16,
+                       gradient_checkpointing=config.gradient_checkpointing)

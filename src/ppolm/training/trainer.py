@@ -26,6 +26,7 @@ from ppolm.rollout.types import Advantages, Episodes, Rollout
 from ppolm.training.averaging import TailAverage
 from ppolm.training.callbacks import Callback, CallbackList
 from ppolm.training.config import PPOConfig
+from ppolm.training.distributed import World, init_process_group
 from ppolm.training.engines import make_engine, resolve_device
 from ppolm.training.kl_control import KLController
 from ppolm.training.metrics import MetricsWriter
@@ -57,6 +58,10 @@ class Trainer(TrainerState):
         self.config, self.env = config, env
         self.callbacks = CallbackList(callbacks)
         self.device = resolve_device(config.device)
+        init_process_group(self.device, config.dist_timeout)     # under torchrun only
+        self.world = World.current()
+        self.world.check_sizes(config.batch_size, config.minibatch_size,
+                               config.samples_per_prompt)
         self.engine = engine or make_engine(config, self.device)
         env.check_policy(policy)
         # Dropout off everywhere: it makes logprobs noisy and the PPO ratio wrong.
@@ -76,7 +81,9 @@ class Trainer(TrainerState):
                                                                      total, config.warmup_steps))
         self.kl_ctl = KLController(config.kl_coef, config.adaptive_kl, config.kl_target,
                                    config.kl_horizon)
-        self.sample_gen = torch.Generator(self.device).manual_seed(config.seed)
+        # Each rank draws its own episodes (rank 0 those of a one-process run).
+        self.sample_gen = torch.Generator(self.device).manual_seed(
+            config.seed + 7919 * self.world.rank)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.iteration = 0            # iterations completed
         self.bad_updates = 0          # non-finite updates in a row
@@ -85,7 +92,8 @@ class Trainer(TrainerState):
         self.last_iterate: dict[str, Tensor] | None = None   # set when the average replaced it
         self.output_dir = Path(config.output_dir) if config.output_dir is not None else None
         self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl"
-                                     if self.output_dir is not None else None)
+                                     if self.output_dir is not None and self.world.is_main
+                                     else None)
 
     # --- the loop --------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
@@ -95,20 +103,12 @@ class Trainer(TrainerState):
             self.start_fresh()
         self.callbacks.on_train_begin(self)
         first, stop = len(self.history), False
-        with progress_bar(cfg.progress, cfg.iterations, self.iteration) as bar:
+        with progress_bar(cfg.progress and self.world.is_main, cfg.iterations,
+                          self.iteration) as bar:
             while self.iteration < cfg.iterations and not stop:
-                timer = Timer()
-                episodes, rollout = self.collect(timer)
-                with timer("time_advantages"):
-                    advantages = self.compute_advantages(rollout)
-                with timer("time_train"):
-                    stats = self.update(rollout, advantages)
-                self.iteration += 1
-                self.average_weights()
-                row = self.log(episodes, rollout, advantages, stats, timer)
-                self.kl_ctl.update(row["kl"], cfg.batch_size)
+                row = self.iterate()
                 bar.update(row)
-                stop = bool(self.callbacks.on_iteration_end(self, row))
+                stop = self.world.any(bool(self.callbacks.on_iteration_end(self, row)))
                 if cfg.save_every and self.iteration % cfg.save_every == 0:
                     self.save()
         if self.output_dir is not None and (not cfg.save_every or self.iteration % cfg.save_every):
@@ -116,22 +116,41 @@ class Trainer(TrainerState):
         self.callbacks.on_train_end(self, self.history[first:])
         return self.history
 
+    def iterate(self, episodes: Episodes | None = None) -> dict[str, Any]:
+        """One iteration: collect (sample, or take the given ``episodes``), compute the
+        advantages (of the whole batch, over every rank), update, log, adapt the KL
+        coefficient. Returns the iteration's metrics."""
+        timer = Timer()
+        episodes, rollout = self.collect(timer, episodes)
+        with timer("time_advantages"):
+            batch = self.world.gather_rollout(rollout)       # every rank's episodes
+            advantages = self.compute_advantages(batch)
+        with timer("time_train"):
+            stats = self.update(rollout, self.world.own_rows(advantages, rollout))
+        self.iteration += 1
+        self.average_weights()
+        row = self.log(episodes, batch, advantages, stats, timer)
+        self.kl_ctl.update(row["kl"], self.config.batch_size)
+        return row
+
     # --- phases ------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, timer: Timer | None = None) -> tuple[Episodes, Rollout]:
+    def collect(self, timer: Timer | None = None, episodes: Episodes | None = None
+                ) -> tuple[Episodes, Rollout]:
         """Sample a batch, keeping the policy's logprobs and states from the sampling pass
         (or, with rollout_logprobs='forward', one more forward pass of the policy); the
         critic's values; one forward of the reference over the whole sequences, at the sampling
-        temperature (with kl_estimator='full', the reference's whole distribution too)."""
+        temperature (with kl_estimator='full', the reference's whole distribution too).
+        Under torchrun, this rank's share of the batch; ``episodes``: use these instead of
+        sampling (with rollout_logprobs='forward')."""
         timer = timer or Timer()
         cfg = self.config
         from_sampler = cfg.rollout_logprobs == "sampler"
         with self.engine.rollout():
             with timer("time_generate"):
-                episodes = self.env.sample(self.policy, cfg.batch_size, cfg.temperature,
-                                           self.device, self.sample_gen, record=from_sampler,
-                                           trunk=self.engine.sampling_trunk(self.policy),
-                                           samples_per_prompt=cfg.samples_per_prompt)
+                if episodes is None:
+                    episodes = self.world.together(lambda: self.sample(from_sampler),
+                                                   "sampling and scoring the rollout")
             timer.add("time_reward", episodes.reward_seconds)
             timer.add("time_generate", -episodes.reward_seconds)
             seqs = Sequences(episodes.input_ids, episodes.attention_mask,
@@ -151,10 +170,23 @@ class Trainer(TrainerState):
                           response_mask=rmask, logprobs=logprobs.float() * rmask,
                           ref_logprobs=ref.logprobs.float() * rmask, values=values * rmask,
                           scores=episodes.scores.float(),
-                          index=torch.arange(cfg.batch_size, device=self.device),
+                          index=torch.arange(len(episodes.prompts), device=self.device),
                           ref_dist=ref.dist.float() if ref.dist is not None else None,
                           token_scores=episodes.token_scores)
         return episodes, rollout
+
+    def sample(self, record: bool) -> Episodes:
+        """This rank's episodes: the batch, or under torchrun its share of the batch's prompt
+        groups (every rank walks the same prompt order and takes its own part of it)."""
+        cfg, k = self.config, self.config.samples_per_prompt
+        indices = None
+        if self.world.distributed:
+            groups = self.world.share(self.env.next_indices(cfg.batch_size // k))
+            indices = [i for i in groups for _ in range(k)]
+        return self.env.sample(self.policy, cfg.batch_size, cfg.temperature, self.device,
+                               self.sample_gen, indices=indices, record=record,
+                               trunk=self.engine.sampling_trunk(self.policy),
+                               samples_per_prompt=k)
 
     def values(self, seqs: Sequences, policy_hidden: Tensor) -> Tensor:
         """V(s) at the positions predicting the response tokens: the value head on the
@@ -164,8 +196,7 @@ class Trainer(TrainerState):
             return policy_hidden.new_zeros(policy_hidden.shape[:2], dtype=torch.float32)
         critic = self.value_head.critic
         hidden = self.engine.forward_hidden(critic, seqs) if critic is not None else policy_hidden
-        values: Tensor = self.value_head(hidden)
-        return values
+        return self.engine.value(self.value_head, hidden)
 
     def compute_advantages(self, rollout: Rollout) -> Advantages:
         """Per-token rewards, then the advantages of ``config.advantage_estimator`` (GAE and
@@ -177,12 +208,13 @@ class Trainer(TrainerState):
         cfg = self.config
         stats: dict[str, list[float]] = defaultdict(list)
         epochs_done = 0
+        n, size = rollout.input_ids.shape[0], cfg.minibatch_size // self.world.size
         with self.engine.update():
             for epoch in range(cfg.ppo_epochs):
-                perm = torch.randperm(cfg.batch_size, generator=self.shuffle_gen).to(self.device)
+                perm = torch.randperm(n, generator=self.shuffle_gen).to(self.device)
                 epoch_kl = []
-                for start in range(0, cfg.batch_size, cfg.minibatch_size):
-                    idx = perm[start: start + cfg.minibatch_size]
+                for start in range(0, n, size):
+                    idx = perm[start: start + size]
                     step = self.optimizer_step(rollout.select(idx), advantages.select(idx))
                     if epoch == 0 and start == 0:
                         stats["ratio_dev_first"].append(step["ratio_max_dev"])
@@ -226,19 +258,21 @@ class Trainer(TrainerState):
         pass over it. Returns the minibatch's loss statistics."""
         cfg = self.config
         self.engine.zero_grad()
-        num_tokens = minibatch.response_mask.sum().clamp(min=1)
-        totals: dict[str, float] = defaultdict(float)
+        # Normalisers of the whole minibatch, over every rank.
+        num_tokens = self.world.sum(minibatch.response_mask.sum()).clamp(min=1)
         n = minibatch.input_ids.shape[0]
+        totals: dict[str, float] = defaultdict(float)
         size = cfg.minibatch_size // cfg.grad_accum_steps      # = micro_batch_size
         for start in range(0, n, size):
             idx = torch.arange(start, min(start + size, n), device=self.device)
             micro = minibatch.select(idx)
-            loss, parts = self.loss(micro, advantages.select(idx), num_tokens, n)
+            loss, parts = self.loss(micro, advantages.select(idx), num_tokens,
+                                    n * self.world.size)
             self.engine.backward(loss)
             share = float(micro.response_mask.sum() / num_tokens)
             for k, v in parts.items():
                 totals[k] = max(totals[k], v) if k == "ratio_max_dev" else totals[k] + share * v
-        return dict(totals)
+        return self.world.reduce_stats(dict(totals), maxed=("ratio_max_dev",))
 
     def loss(self, micro: Rollout, adv: Advantages, num_tokens: Tensor, num_seqs: int = 0
              ) -> tuple[Tensor, dict[str, float]]:
@@ -284,10 +318,11 @@ class Trainer(TrainerState):
             "kl": float(kl_seq.mean()), "kl_coef": self.kl_ctl.value,
             "lr": self.scheduler.get_last_lr()[0],
             "response_length": float(mask.sum(1).mean()),
-            "eos_fraction": float(episodes.ended.float().mean()),
+            "eos_fraction": float(self.world.sum(episodes.ended.sum())) / cfg.batch_size,
             "tokens_per_s": n_tokens / total, "episodes_per_s": cfg.batch_size / total,
             **stats, **timer.seconds, "time_total": total,
-            **{f"reward/{k}": v for k, v in episodes.reward_parts.items()},
+            **{f"reward/{k}": v for k, v in self.world.reduce_stats(
+                {k: v / self.world.size for k, v in episodes.reward_parts.items()}).items()},
         }
         if self.value_head is not None:
             row["explained_variance"] = explained_variance(rollout.values, advantages.returns,

@@ -9,16 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ppolm.engines.base import Engine
 from ppolm.errors import CheckpointError, ConfigError
 from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
 from ppolm.rollout.env import TextGenerationEnv
-from ppolm.training import checkpoint
+from ppolm.training import checkpoint, dcp
 from ppolm.training.averaging import TailAverage
 from ppolm.training.callbacks import CallbackList
 from ppolm.training.config import PPOConfig
+from ppolm.training.distributed import World
 from ppolm.training.kl_control import KLController
 from ppolm.training.metrics import MetricsWriter
 from ppolm.training.seeding import rng_state, set_rng_state
@@ -43,6 +45,7 @@ class TrainerState:
     output_dir: Path | None
     metrics: MetricsWriter
     callbacks: CallbackList
+    world: World
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -50,10 +53,16 @@ class TrainerState:
         the schedule, the KL controller, the prompt order, the weight average, every random
         generator and the counters."""
         return {
-            "iteration": self.iteration, "bad_updates": self.bad_updates,
             "policy": self.policy.state_dict(),
             "value_head": self.value_head.state_dict() if self.value_head is not None else {},
-            "engine": self.engine.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "engine": self.engine.state_dict(), **self.state_dict_rest(),
+        }
+
+    def state_dict_rest(self) -> dict[str, Any]:
+        """``state_dict`` without the models and the engine's optimizer."""
+        return {
+            "iteration": self.iteration, "bad_updates": self.bad_updates,
+            "scheduler": self.scheduler.state_dict(),
             "kl": self.kl_ctl.state_dict(), "env": self.env.state_dict(),
             "average": self.average.state_dict(),
             "rng": rng_state(sample=self.sample_gen, shuffle=self.shuffle_gen),
@@ -70,14 +79,18 @@ class TrainerState:
             if self.value_head is not None:
                 self.value_head.load_state_dict(state["value_head"])
             self.engine.load_state_dict(state["engine"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.kl_ctl.load_state_dict(state["kl"])
-            self.env.load_state_dict(state["env"])
-            self.average.load_state_dict(state["average"], self.device)
-            set_rng_state(state["rng"], sample=self.sample_gen, shuffle=self.shuffle_gen)
-            self.iteration, self.bad_updates = state["iteration"], state["bad_updates"]
+            self._load_rest(state)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"The saved state does not fit this run: {e}") from None
+
+    def _load_rest(self, state: dict[str, Any]) -> None:
+        """The state beside the models and the optimizer."""
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl"])
+        self.env.load_state_dict(state["env"])
+        self.average.load_state_dict(state["average"], self.device)
+        set_rng_state(state["rng"], sample=self.sample_gen, shuffle=self.shuffle_gen)
+        self.iteration, self.bad_updates = state["iteration"], state["bad_updates"]
 
     # --- files -------------------------------------------------------------------------------
     def save(self, path: str | Path | None = None) -> Path:
@@ -87,6 +100,17 @@ class TrainerState:
         if path is None and self.output_dir is None:
             raise ConfigError("trainer.save() needs a path, or an output_dir in the config.")
         folder = self._checkpoints()
+        final = Path(path) if path else folder / f"iter-{self.iteration:07d}"
+        if self.world.distributed:
+            self._save_sharded(final)
+        else:
+            self._save_one(final)
+        if path is None and self.world.is_main:
+            checkpoint.prune(folder, self.config.keep_checkpoints)
+        self.callbacks.on_save(self, final)
+        return final
+
+    def _save_one(self, final: Path) -> None:
         state = self.state_dict()
         del state["policy"]                          # written as the policy's own files
 
@@ -95,12 +119,20 @@ class TrainerState:
             checkpoint.save_state(state, tmp)
             self.config.to_yaml(tmp / "config.yaml")
 
-        final = Path(path) if path else folder / f"iter-{self.iteration:07d}"
         checkpoint.write_atomic(final, write, str(self.iteration))
-        if path is None:
-            checkpoint.prune(folder, self.config.keep_checkpoints)
-        self.callbacks.on_save(self, final)
-        return final
+
+    def _trained(self) -> nn.Module:
+        return dcp.models(self.policy, self.value_head)
+
+    def _rest(self) -> dict[str, Any]:
+        state = self.state_dict_rest()
+        del state["rng"]
+        return state
+
+    def _save_sharded(self, final: Path) -> None:
+        dcp.save(final, self._trained(), self.engine.optimizer, self._rest(),
+                 rng_state(sample=self.sample_gen, shuffle=self.shuffle_gen),
+                 self.config.to_yaml, str(self.iteration))
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default: the newest complete one under output_dir/checkpoints)
@@ -113,10 +145,14 @@ class TrainerState:
                 raise CheckpointError(f"No complete checkpoint under "
                                       f"{str(self._checkpoints())!r} to resume from.")
             path = found
-        state = checkpoint.load_state(path)
-        self.policy.load(Path(path) / "policy")
-        self.policy.to(self.device)
-        self.load_state_dict(state)
+        if self.world.distributed:
+            state, rng = dcp.load(Path(path), self._trained(), self.engine.optimizer)
+            self._load_rest({**state, "rng": rng})
+        else:
+            state = checkpoint.load_state(path)
+            self.policy.load(Path(path) / "policy")
+            self.policy.to(self.device)
+            self.load_state_dict(state)
         if self.metrics.path is not None:
             checkpoint.truncate_metrics(self.metrics.path, self.iteration)
         return self.iteration
@@ -128,7 +164,10 @@ class TrainerState:
         """Before a new run's first iteration: refuse to mix it with an earlier run found in
         output_dir (its checkpoints would be resumed, its metrics read as this run's), unless
         ``config.overwrite``, which deletes them."""
-        if self.output_dir is None or self.metrics.path is None:
+        self.world.together(self._start_fresh, "checking output_dir")
+
+    def _start_fresh(self) -> None:
+        if self.output_dir is None or self.metrics.path is None:     # (ranks other than 0)
             return
         found = checkpoint.earlier_run(self._checkpoints(), self.metrics.path)
         if found is None:

@@ -1,0 +1,130 @@
+"""Runs under ``torchrun`` for tests/test_distributed.py (and, for the one-process side of a
+comparison, under plain ``python``). ``python worker.py MODE OUT``:
+
+* ``update``: for a shared value head and a separate critic, and for DDP and FSDP2 (one
+  process: no wrapper), one PPO update from FIXED episodes (the whole batch sampled from the
+  same generator on every rank; each rank keeps its share); rank 0 writes the trained weights
+  (gathered whole) and the iteration's metrics to OUT/NAME.pt.
+* ``bad_reward``: a run whose reward raises on rank 1 only.
+* ``train``: a short run with checkpoints in OUT (resumed when OUT has one), rank 0 writing the
+  final weights to OUT/final.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ppolm import PPOConfig, TextGenerationEnv, Trainer, ValueHead, char_tokenizer
+from ppolm.policies.hf import HFPolicy
+from ppolm.rollout.rewards import CallableReward
+from ppolm.rollout.types import Episodes
+
+PROMPTS = ["ab", "ba", "abc", "cab", "bca", "cc", "aab", "bba"]
+ALPHABET = "abc"
+
+
+def count_a(prompts: list[str], responses: list[str]) -> list[float]:
+    return [r.count("a") / 4 for r in responses]
+
+
+def tiny_llama(vocab: int) -> HFPolicy:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                      max_position_embeddings=64, tie_word_embeddings=False,
+                      bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    return HFPolicy(LlamaForCausalLM(cfg).eval())
+
+
+def rows(episodes: Episodes, part: slice) -> Episodes:
+    """The episodes of rows ``part``."""
+    cut = {}
+    for f in fields(episodes):
+        v = getattr(episodes, f.name)
+        if isinstance(v, (list, torch.Tensor)):
+            cut[f.name] = v[part]
+    return replace(episodes, **cut)
+
+
+def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ppolm.training.dcp import models
+
+    trained = models(trainer.policy, trainer.value_head)
+    if not dist.is_initialized():
+        return {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    return get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True,
+                                                                  cpu_offload=True))
+
+
+def update(out: Path) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    strategies = ["ddp", "fsdp"] if world > 1 else ["single"]
+    for head in ("shared", "separate"):
+        for strategy in strategies:
+            tok = char_tokenizer(ALPHABET)
+            policy = tiny_llama(len(tok))
+            value_head = ValueHead.separate(policy) if head == "separate" else None
+            env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=4,
+                                    seed=0)
+            whole = env.sample(policy, 8, 1.0, torch.device("cpu"),
+                               torch.Generator().manual_seed(123))
+            config = PPOConfig(iterations=1, batch_size=8, minibatch_size=8, ppo_epochs=1,
+                               learning_rate=1e-2, rollout_logprobs="forward", engine="plain",
+                               distributed="fsdp" if strategy == "fsdp" else "ddp",
+                               progress=False, kl_coef=0.1)
+            trainer = Trainer(policy, env, config, value_head=value_head)
+            n = 8 // world
+            row = trainer.iterate(episodes=rows(whole, slice(rank * n, (rank + 1) * n)))
+            state = full_state(trainer)
+            if rank == 0:
+                torch.save({"state": state, "metrics": row}, out / f"{strategy}-{head}.pt")
+            if dist.is_initialized():
+                dist.barrier()
+
+
+def bad_reward(out: Path) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+
+    def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        if rank == 1:
+            raise ValueError("this reward fails on rank 1")
+        return count_a(prompts, responses)
+
+    tok = char_tokenizer(ALPHABET)
+    env = TextGenerationEnv(PROMPTS, tok, CallableReward(reward), max_new_tokens=4)
+    trainer = Trainer(tiny_llama(len(tok)), env, PPOConfig(
+        iterations=2, batch_size=8, minibatch_size=4, progress=False, dist_timeout=60))
+    trainer.train()
+
+
+def train(out: Path) -> None:
+    tok = char_tokenizer(ALPHABET)
+    env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=4)
+    config = PPOConfig(iterations=int(os.environ.get("ITERATIONS", "4")), batch_size=8,
+                       minibatch_size=4, ppo_epochs=2, learning_rate=1e-2, progress=False,
+                       output_dir=str(out), save_every=1, keep_checkpoints=10,
+                       distributed=os.environ.get("STRATEGY", "ddp"))  # type: ignore[arg-type]
+    trainer = Trainer(tiny_llama(len(tok)), env, config,
+                      value_head=ValueHead.separate(tiny_llama(len(tok))))
+    if any((out / "checkpoints").glob("iter-*")):
+        trainer.resume()
+    trainer.train()
+    state = full_state(trainer)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(state, out / "final.pt")
+
+
+if __name__ == "__main__":
+    mode, folder = sys.argv[1], Path(sys.argv[2])
+    {"update": update, "bad_reward": bad_reward, "train": train}[mode](folder)
