@@ -47,25 +47,30 @@ def _train(args: list[str], resume: bool) -> int:
     name = Path(config).stem if config else "default"
     spec = RunSpec.load(config, overrides, fill=lambda ppo: command_line_defaults(ppo, name))
     trainer = build_run(spec)
+    main = trainer.world.is_main           # under torchrun, rank 0 alone writes and prints
+    say = print if main else (lambda *a, **k: None)
     out = Path(str(spec.ppo.output_dir))
     if resume:
-        print(f"resumed at iteration {trainer.resume()}")
+        say(f"resumed at iteration {trainer.resume()}")
     else:
         trainer.start_fresh()        # refuse an earlier run before writing anything here
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     what = f"task={spec.task}" if spec.task and not spec.prompts else f"prompts={spec.prompts}"
-    print(f"ppolm: training a {spec.model.kind} policy on {what} for "
-          f"{spec.ppo.iterations} iterations")
+    ranks = f" on {trainer.world.size} ranks ({spec.ppo.distributed})" if \
+        trainer.world.distributed else ""
+    say(f"ppolm: training a {spec.model.kind} policy on {what} for "
+        f"{spec.ppo.iterations} iterations{ranks}")
     history = trainer.train()
     if history:
         k = max(1, len(history) // 10)
         first = sum(r["score_mean"] for r in history[:k]) / k
         last = sum(r["score_mean"] for r in history[-k:]) / k
-        print(f"reward (score mean over {k} iterations): first {first:.3f} -> last {last:.3f}; "
-              f"final KL {history[-1]['kl']:.2f} nats")
-    print(f"metrics: {out / 'metrics.jsonl'}")
-    print(f"checkpoints: {out / 'checkpoints'}")
+        say(f"reward (score mean over {k} iterations): first {first:.3f} -> last {last:.3f}; "
+            f"final KL {history[-1]['kl']:.2f} nats")
+    say(f"metrics: {out / 'metrics.jsonl'}")
+    say(f"checkpoints: {out / 'checkpoints'}")
     return 0
 
 
@@ -73,10 +78,11 @@ def command_line_defaults(ppo: dict[str, Any], name: str) -> dict[str, Any]:
     """What the command sets where the config leaves it open (``ppo``: the PPOConfig values so
     far): an output_dir (runs/NAME), and, on the fast CPU engine, malloc keeping freed memory
     (process-wide, which a command may decide for its process and a library may not)."""
+    from ppolm.training.distributed import launched_world_size
     from ppolm.training.engines import resolve_device
 
     fill: dict[str, Any] = {"output_dir": f"runs/{name}"}
-    if ppo.get("engine", "auto") != "plain" and resolve_device(
+    if ppo.get("engine", "auto") != "plain" and launched_world_size() <= 1 and resolve_device(
             str(ppo.get("device", "auto"))).type == "cpu":
         fill["keep_freed_memory"] = True
     return fill

@@ -159,10 +159,14 @@ class HFPolicy(Policy):
     def enable_gradient_checkpointing(self) -> list[nn.Module]:
         if not getattr(self.model, "supports_gradient_checkpointing", False):
             return super().enable_gradient_checkpointing()
-        # Non-reentrant: works with frozen inputs and with FSDP2.
-        self.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-        return [m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False)]
+        # Non-reentrant: works with frozen inputs and with FSDP2. (transformers 5 renamed it.)
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # The decoder layers recompute themselves (only when in training mode).
+        return [m for m in self.layers() if getattr(m, "gradient_checkpointing", False)]
 
     def save(self, path: str | Path) -> None:
         self.model.save_pretrained(str(path))

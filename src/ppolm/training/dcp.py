@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ppolm.errors import CheckpointError
@@ -83,8 +84,17 @@ def load(folder: Path, trained: nn.Module, optimizer: torch.optim.Optimizer
         raise CheckpointError(f"{str(folder)!r} was written by {saved} ranks and this run has "
                               f"{world}: resume on {saved} (exact resume keeps the world size).")
     model_state, optim_state = get_state_dict(trained, optimizer)
-    # DCP loads in place into the tensors of these dicts.
-    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / MODELS))
+    saved_keys = dcp.FileSystemReader(str(folder / MODELS)).read_metadata().state_dict_metadata
+    missing = [k for k in model_state if f"model.{k}" not in saved_keys]
+    if missing:
+        raise CheckpointError(f"{str(folder)!r} lacks weights this run's models have "
+                              f"({', '.join(missing[:3])}...): it is another run's checkpoint.")
+    # DCP loads in place into the tensors of these dicts. get_state_dict gives AdamW state to
+    # every parameter, while a parameter that never had a gradient (a critic's unused LM head)
+    # has none in the checkpoint: partial loads are allowed for that (such a state is zero
+    # and AdamW skips parameters without gradients).
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / MODELS),
+             planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(trained, optimizer, model_state_dict=model_state,
                    optim_state_dict=optim_state)
     rng = torch.load(rng_file(folder, dist.get_rank()), weights_only=False)

@@ -1,0 +1,152 @@
+"""Several processes under torchrun (gloo on the CPU): the same update as one process, errors
+that stop every rank, exact resume from sharded checkpoints. Each test launches real processes
+(tests/distributed/worker.py) and compares what they wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).parent / "distributed" / "worker.py"
+# --standalone: a free port for each launch
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+
+
+def launch(mode: str, out: Path, nproc: int | None = 2, timeout: int = 300, **env: str
+           ) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node NPROC worker.py MODE OUT`` (plain python when nproc is
+    None)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = ([sys.executable, str(WORKER)] if nproc is None else
+           [*TORCHRUN, str(nproc), str(WORKER)])
+    return subprocess.run([*cmd, mode, str(out)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def updates(tmp_path_factory):
+    """One update from the same 8 episodes: in one process, and on 2 ranks x 4 episodes with
+    DDP and with FSDP2, for a shared value head and a separate critic."""
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    for out, nproc in ((one, None), (two, 2)):
+        done = launch("update", out, nproc)
+        assert done.returncode == 0, done.stderr[-6000:]
+    return one, two
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("head", ["shared", "separate"])
+def test_two_ranks_on_half_batches_make_the_update_of_one_process(updates, strategy, head):
+    one, two = updates
+    a = torch.load(one / f"single-{head}.pt", weights_only=False)
+    b = torch.load(two / f"{strategy}-{head}.pt", weights_only=False)
+    assert max_diff(a["state"], b["state"]) < 1e-5
+    # the logged statistics are those of the whole batch and minibatch
+    for name in ("reward_mean", "score_std", "kl", "policy_loss", "value_loss", "entropy",
+                 "grad_norm", "clipfrac", "approx_kl", "explained_variance", "eos_fraction",
+                 "response_length"):
+        assert b["metrics"][name] == pytest.approx(a["metrics"][name], rel=1e-4, abs=1e-6), name
+
+
+def test_the_update_moved_the_weights(updates):
+    """(So that the comparison above can fail: one Adam step of lr 1e-2 moves every weight.)"""
+    sys.path.insert(0, str(WORKER.parent))
+    import worker
+
+    one, _ = updates
+    a = torch.load(one / "single-shared.pt", weights_only=False)["state"]
+    start = worker.tiny_llama(len(worker.char_tokenizer(worker.ALPHABET))).state_dict()
+    moved = [float((a[f"policy.{k}"] - v).abs().max()) for k, v in start.items()]
+    assert min(moved) > 1e-3
+
+
+def test_a_failing_reward_on_one_rank_stops_every_rank_with_the_error(tmp_path):
+    t0 = time.perf_counter()
+    done = launch("bad_reward", tmp_path, timeout=120)
+    seconds = time.perf_counter() - t0
+    assert done.returncode != 0
+    # both ranks raise the reward's error, rank 0 naming rank 1
+    assert "RewardError" in done.stderr
+    assert "failed on rank 1" in done.stderr
+    assert "this reward fails on rank 1" in done.stderr
+    assert seconds < 60, seconds
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, strategy):
+    env = {"ITERATIONS": "5", "STRATEGY": strategy}
+    whole = launch("train", tmp_path / "whole", **env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").open()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]      # rank 0 alone writes
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    cmd = [*TORCHRUN, "2", str(WORKER), "train", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "iter-0000002" / "COMPLETE").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)         # the launcher and both ranks, mid-run
+    proc.wait()
+    assert not (out / "final.pt").exists()
+    resumed = launch("train", out, **env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=False)
+    b = torch.load(out / "final.pt", weights_only=False)
+    assert max_diff(a, b) == 0.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def torchrun_cli(out: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, str(nproc), "-m", "ppolm", "train",
+                           f"ppo.output_dir={out}", "ppo.progress=false", *overrides],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_the_command_line_under_torchrun_writes_one_metrics_line_per_iteration(tmp_path):
+    done = torchrun_cli(tmp_path / "run", "ppo.iterations=3", "ppo.distributed=fsdp")
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert done.stdout.count("ppolm: training") == 1             # rank 0 alone prints
+    assert "on 2 ranks (fsdp)" in done.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert (tmp_path / "run" / "checkpoints" / "iter-0000003" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_the_default_toy_task_learns_on_two_ranks_as_in_one_process(tmp_path):
+    two = torchrun_cli(tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-6000:]
+    one = subprocess.run([sys.executable, "-m", "ppolm", "train", "ppo.engine=plain",
+                          f"ppo.output_dir={tmp_path / 'one'}", "ppo.progress=false"],
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-6000:]
+
+    def last_scores(folder: Path) -> float:
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+        assert [r["iteration"] for r in rows] == list(range(1, 201))
+        return sum(r["score_mean"] for r in rows[-20:]) / 20
+
+    first = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").open()][0]
+    assert first["score_mean"] < 0.3
+    assert last_scores(tmp_path / "two") > 0.9
+    assert last_scores(tmp_path / "two") == pytest.approx(last_scores(tmp_path / "one"), abs=0.05)
