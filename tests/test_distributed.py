@@ -114,6 +114,24 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, s
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
 
+    # the sharded checkpoint exported in one process: the policy's own files, the weights
+    sys.path.insert(0, str(WORKER.parent))
+    import worker
+    from transformers import AutoModelForCausalLM
+
+    from ppolm import ValueHead
+    from ppolm.training.dcp import export_policy
+
+    vocab = len(worker.char_tokenizer(worker.ALPHABET))
+    policy = worker.tiny_llama(vocab)
+    export_policy(out / "checkpoints" / "iter-0000005", policy,
+                  ValueHead.separate(worker.tiny_llama(vocab)), tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, b[f"policy.model.{k}"]), k
+    value_head = torch.load(tmp_path / "export" / "value_head.pt")
+    assert torch.equal(value_head["linear.weight"], b["value_head.linear.weight"])
+
 
 def torchrun_cli(out: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run([*TORCHRUN, str(nproc), "-m", "ppolm", "train",

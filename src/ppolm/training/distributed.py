@@ -26,9 +26,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import functional as F
 
-from ppolm import errors
+import ppolm.errors as errors
 from ppolm.errors import ConfigError, PPOLMError
 from ppolm.rollout.types import Advantages, Rollout
+from ppolm.training.config import PPOConfig
 
 T = TypeVar("T")
 
@@ -76,16 +77,21 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
-    def check_sizes(self, batch_size: int, minibatch_size: int, samples_per_prompt: int) -> None:
-        """Refuse a batch that does not split into equal whole-group shares per rank."""
+    def check_config(self, config: PPOConfig) -> None:
+        """Refuse settings that do not split over the ranks: a batch that is not equal
+        whole-group shares, weight averaging of sharded weights."""
         if not self.distributed:
             return
-        if batch_size % (self.size * samples_per_prompt) or minibatch_size % self.size:
+        k, batch, mini = config.samples_per_prompt, config.batch_size, config.minibatch_size
+        if batch % (self.size * k) or mini % self.size:
             raise ConfigError(
-                f"batch_size={batch_size} and minibatch_size={minibatch_size} are global sizes "
-                f"split over {self.size} ranks: batch_size must be a multiple of world size x "
-                f"samples_per_prompt ({self.size} x {samples_per_prompt}) and minibatch_size "
-                f"a multiple of {self.size}.")
+                f"batch_size={batch} and minibatch_size={mini} are global sizes split over "
+                f"{self.size} ranks: batch_size must be a multiple of world size x "
+                f"samples_per_prompt ({self.size} x {k}) and minibatch_size a multiple of "
+                f"{self.size}.")
+        if config.average_last and config.distributed == "fsdp":
+            raise ConfigError("average_last (weight averaging) is not supported with "
+                              "distributed='fsdp'; use 'ddp' or average_last=0.")
 
     # --- prompts ---------------------------------------------------------------------------
     def share(self, items: list[T]) -> list[T]:

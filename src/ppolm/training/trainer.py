@@ -60,8 +60,7 @@ class Trainer(TrainerState):
         self.device = resolve_device(config.device)
         init_process_group(self.device, config.dist_timeout)     # under torchrun only
         self.world = World.current()
-        self.world.check_sizes(config.batch_size, config.minibatch_size,
-                               config.samples_per_prompt)
+        self.world.check_config(config)
         self.engine = engine or make_engine(config, self.device)
         env.check_policy(policy)
         # Dropout off everywhere: it makes logprobs noisy and the PPO ratio wrong.
