@@ -146,7 +146,7 @@ def main() -> None:
         for engine, strategy, ranks, threads in runs:
             launch(["_speed", str(out), engine, strategy, str(a.iterations)], ranks, threads)
         base = None
-        for engine, strategy, ranks, threads in runs:
+        for engine, strategy, ranks, _threads in runs:
             s = json.loads((out / f"speed-{engine}-{strategy}-{ranks}.json").read_text())
             med = statistics.median(s["seconds"])
             key = f"{engine}" + (f" {strategy} {ranks} ranks x 1 thread" if ranks > 1
