@@ -39,7 +39,8 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.fixture(scope="module")
 def updates(tmp_path_factory):
     """One update from the same 8 episodes: in one process, and on 2 ranks x 4 episodes with
-    DDP and with FSDP2, for a shared value head and a separate critic."""
+    DDP, with FSDP2 and with FSDP2 and gradient checkpointing, for a shared value head and a
+    separate critic."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     for out, nproc in ((one, None), (two, 2)):
         done = launch("update", out, nproc)
@@ -47,7 +48,7 @@ def updates(tmp_path_factory):
     return one, two
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_ckpt"])
 @pytest.mark.parametrize("head", ["shared", "separate"])
 def test_two_ranks_on_half_batches_make_the_update_of_one_process(updates, strategy, head):
     one, two = updates

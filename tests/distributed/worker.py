@@ -69,7 +69,8 @@ def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
 def update(out: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    strategies = ["ddp", "fsdp"] if world > 1 else ["single"]
+    # fsdp_ckpt: FSDP2 with gradient checkpointing
+    strategies = ["ddp", "fsdp", "fsdp_ckpt"] if world > 1 else ["single"]
     for head in ("shared", "separate"):
         for strategy in strategies:
             tok = char_tokenizer(ALPHABET)
@@ -81,7 +82,8 @@ def update(out: Path) -> None:
                                torch.Generator().manual_seed(123))
             config = PPOConfig(iterations=1, batch_size=8, minibatch_size=8, ppo_epochs=1,
                                learning_rate=1e-2, rollout_logprobs="forward", engine="plain",
-                               distributed="fsdp" if strategy == "fsdp" else "ddp",
+                               distributed="ddp" if strategy == "ddp" else "fsdp",
+                               gradient_checkpointing=strategy == "fsdp_ckpt",
                                progress=False, kl_coef=0.1)
             trainer = Trainer(policy, env, config, value_head=value_head)
             n = 8 // world
