@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -52,6 +53,9 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
 
 def _destroy() -> None:
     if dist.is_initialized():
+        # Wrappers left in reference cycles (DDP's reducer) go first: destroyed after their
+        # process group, they abort the interpreter's exit.
+        gc.collect()
         dist.destroy_process_group()
 
 
