@@ -36,6 +36,10 @@ class ModelSpec:
     trainable_layers: int | None = None
     """hf / smollm2: train only the top N decoder layers (see
     ppolm.policies.pretrained.freeze_lower_layers); None trains every parameter."""
+    lora: dict[str, Any] | None = None
+    """hf / smollm2: train LoRA adapters only (peft): {r: 16, alpha: 32, target_modules:
+    [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], dropout: 0.0}; the
+    reference is the model with its adapters disabled. See docs/lora.md."""
     hidden_size: int = 64
     """transformer / lstm width."""
     n_layers: int = 2
@@ -51,6 +55,12 @@ class ModelSpec:
         for name in ("hidden_size", "n_layers", "n_heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0.")
+        if self.lora is not None and self.trainable_layers is not None:
+            raise ConfigError("model.lora and model.trainable_layers both choose what trains: "
+                              "give one of them.")
+        if self.lora is not None and self.kind not in ("hf", "smollm2"):
+            raise ConfigError(f"model.lora needs a transformers model (model.kind hf or "
+                              f"smollm2), not {self.kind!r}.")
 
 
 @dataclass
@@ -242,18 +252,22 @@ def build_run(spec: RunSpec, reference: Any = None) -> Any:
 
 def _load_pretrained(m: ModelSpec) -> tuple[Any, Any]:
     """Policy and tokenizer of model.kind hf (a folder or a .gguf file) or smollm2."""
+    from ppolm.policies import HFPolicy
     from ppolm.policies import pretrained as models
 
     if m.kind == "smollm2":
         policy, tokenizer = models.load_smollm2()
     elif not m.path:
-        raise ConfigError("model.kind=hf needs model.path (a local model folder or .gguf file).")
+        raise ConfigError("model.kind=hf needs model.path (a local model folder, a .gguf file "
+                          "or the id of a model in the Hugging Face cache).")
     elif m.path.endswith(".gguf"):
         policy, tokenizer = models.load_gguf(m.path)
     else:
-        from ppolm.policies import HFPolicy
-
         policy, tokenizer = HFPolicy(m.path), models.load_tokenizer(m.path)
     if m.trainable_layers is not None:
         models.freeze_lower_layers(policy, m.trainable_layers)
+    if m.lora is not None:
+        from ppolm.policies.lora import lora_config
+
+        policy = HFPolicy(policy.model, peft_config=lora_config(m.lora))
     return policy, tokenizer

@@ -11,6 +11,7 @@ of a row are contiguous. Position ids are derived from the attention mask
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -125,6 +126,14 @@ class Policy(nn.Module, ABC):
             L = input_ids.shape[1]
             hidden = hidden[:, L - response_len - 1: L - 1]            # (B, T, H)
         return PolicyOutput(hidden, self.head(hidden) if logits else None)
+
+    def reference_model(self) -> Policy:
+        """The frozen reference for the KL penalty: by default a copy of this policy as it is
+        now, with no parameter trainable. A policy that can run its initial self without a
+        copy overrides this (LoRA: the same model with its adapters disabled)."""
+        reference = copy.deepcopy(self)
+        reference.requires_grad_(False)
+        return reference
 
     @abstractmethod
     def save(self, path: str | Path) -> None:

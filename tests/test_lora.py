@@ -1,0 +1,185 @@
+"""LoRA through peft on a tiny random Llama: only the adapters (and the value head) train, the
+base weights stay bit for bit, the reference is the same model with its adapters disabled (its
+logprobs are the base model's, its parameters the policy's own), the first ratio is 1, the
+adapters go into checkpoints and come back, and the YAML spec builds it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from ppolm import CallableReward, HFPolicy, PPOConfig, TextGenerationEnv, Trainer, ValueHead
+from ppolm.engines import Sequences
+from ppolm.errors import CheckpointError, ConfigError
+from ppolm.policies.lora import AdapterDisabled, lora_config
+
+peft = pytest.importorskip("peft")
+
+PROMPTS = ["a", "abcdefg", "cd", "hij", "bbbbbbbbb", "jihg", "e", "fgfgf"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def count_a(prompts, responses):
+    return [r.count("a") / 8 for r in responses]
+
+
+def lora_policy(tok, r=4):
+    torch.manual_seed(0)
+    base = tiny_llama(len(tok))
+    untouched = copy.deepcopy(base)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
+    policy = HFPolicy(base, peft_config=cfg)
+    # peft starts B at zero (the adapters add nothing); random B makes the adapted policy
+    # differ from the reference from the first step, which the tests below need.
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return policy, HFPolicy(untouched)
+
+
+def trainer_for(policy, tok, **overrides):
+    env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=6)
+    cfg = dict(iterations=3, batch_size=8, minibatch_size=4, ppo_epochs=2, seed=0,
+               learning_rate=1e-2, progress=False, engine="plain", rollout_logprobs="forward")
+    return Trainer(policy, env, PPOConfig(**{**cfg, **overrides}))
+
+
+def base_weights(policy):
+    return {k: v.detach().clone() for k, v in policy.named_parameters() if "lora_" not in k}
+
+
+def adapter_weights(policy):
+    return {k: v.detach().clone() for k, v in policy.named_parameters() if "lora_" in k}
+
+
+def test_only_adapters_train_and_base_weights_stay_bitwise(tok):
+    policy, _ = lora_policy(tok)
+    base0, lora0 = base_weights(policy), adapter_weights(policy)
+    trainer = trainer_for(policy, tok)
+    # the optimizer holds the adapters and the value head, nothing else
+    optimised = {id(p) for p in trainer.engine.params}
+    expected = {id(p) for n, p in policy.named_parameters() if "lora_" in n}
+    expected |= {id(p) for p in trainer.value_head.parameters()}
+    assert optimised == expected and len(lora0) == 2 * 7 * 2     # A, B x 7 modules x 2 layers
+    rows = trainer.train()
+    assert all(torch.equal(base0[k], v) for k, v in base_weights(policy).items())
+    after = adapter_weights(policy)
+    assert all(not torch.equal(lora0[k], after[k]) for k in lora0)
+    for row in rows:                      # the first ratio of every iteration is exactly 1
+        assert row["ratio_dev_first"] < 1e-6
+
+
+def test_reference_is_the_base_model_and_shares_its_parameters(tok):
+    policy, untouched = lora_policy(tok)
+    trainer = trainer_for(policy, tok, iterations=2)
+    trainer.train()
+    ref = trainer.reference
+    assert isinstance(ref, AdapterDisabled) and ref.model is policy.model
+    assert list(ref.parameters()) == []          # owns nothing: no copy of the weights
+    ref_lm, policy_lm = ref.policy.lm, policy.lm
+    shared = [(a.data_ptr(), b.data_ptr()) for a, b in zip(
+        ref_lm.model.layers[0].self_attn.q_proj.base_layer.parameters(),
+        policy_lm.model.layers[0].self_attn.q_proj.base_layer.parameters(), strict=True)]
+    assert all(a == b for a, b in shared)
+    # its logprobs are the base model's; the policy's are not (the adapters trained)
+    episodes, _ = trainer.collect()
+    seqs = Sequences(episodes.input_ids, episodes.attention_mask,
+                     episodes.response_mask.shape[1])
+    engine = trainer.engine
+    with torch.no_grad():
+        ref_lp = engine.forward_response(ref, seqs, 1.0).logprobs
+        base_lp = engine.forward_response(untouched, seqs, 1.0).logprobs
+        policy_lp = engine.forward_response(policy, seqs, 1.0).logprobs
+    assert torch.allclose(ref_lp, base_lp, atol=1e-6, rtol=0)
+    assert (policy_lp - base_lp).abs().max() > 1e-3
+    # the adapters are on again after the reference's forward, and still trainable
+    assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
+
+
+def test_fast_cpu_engine_trains_lora_as_the_plain_engine_does(tok):
+    weights = {}
+    for engine in ("plain", "fast_cpu"):
+        policy, _ = lora_policy(tok)
+        trainer = trainer_for(policy, tok, iterations=1, engine=engine)
+        (row,) = trainer.train()
+        assert row["ratio_dev_first"] < 1e-6
+        weights[engine] = adapter_weights(policy)
+    for k, v in weights["plain"].items():
+        assert (weights["fast_cpu"][k] - v).norm() <= 1e-5 * v.norm(), k
+
+
+def test_checkpoints_hold_the_adapters_and_the_tokenizer_and_resume(tok, tmp_path):
+    policy, _ = lora_policy(tok)
+    trainer = trainer_for(policy, tok, iterations=2, output_dir=str(tmp_path), save_every=2)
+    trainer.train()
+    folder = tmp_path / "checkpoints" / "iter-0000002" / "policy"
+    names = {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
+    assert not any(n.startswith("model") for n in names)        # no base weights
+    again, _ = lora_policy(tok)
+    resumed = trainer_for(again, tok, iterations=2, output_dir=str(tmp_path))
+    assert resumed.resume() == 2
+    trained = adapter_weights(policy)
+    assert all(torch.equal(trained[k], v) for k, v in adapter_weights(again).items())
+    with pytest.raises(CheckpointError, match="adapter_config.json"):
+        again.load(tmp_path)
+
+
+def test_separate_critic_trains_its_own_adapters(tok):
+    policy, _ = lora_policy(tok)
+    head = ValueHead.separate(policy)
+    env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=6)
+    trainer = Trainer(policy, env, PPOConfig(iterations=1, batch_size=8, minibatch_size=8,
+                                             progress=False, engine="plain"), value_head=head)
+    critic_lora = {n: p for n, p in head.critic.named_parameters() if "lora_" in n}
+    optimised = {id(p) for p in trainer.engine.params}
+    assert critic_lora and all(id(p) in optimised for p in critic_lora.values())
+    assert not any(id(p) in optimised for n, p in head.critic.named_parameters()
+                   if "lora_" not in n)
+    trainer.train()
+
+
+def test_yaml_spec_builds_a_lora_policy(tok, tmp_path):
+    from ppolm.run import RunSpec, build_run
+
+    tiny_llama(len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    spec = RunSpec.from_dict({
+        "model": {"kind": "hf", "path": str(tmp_path / "m"),
+                  "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
+        "task": "continue", "ppo": {"engine": "plain", "progress": False}})
+    trainer = build_run(spec)
+    assert trainer.policy.is_lora and isinstance(trainer.reference, AdapterDisabled)
+    cfg = trainer.policy.model.peft_config["default"]
+    assert cfg.r == 8 and cfg.lora_alpha == 16 and set(cfg.target_modules) == {"q_proj",
+                                                                                "v_proj"}
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"lora_alpha": 8}, "Did you mean 'alpha'"), ({"dropuot": 0.1}, "Did you mean 'dropout'"),
+    ({"r": 0}, "must be an int > 0"),
+    ({"dropout": 1.5}, r"in \[0, 1\)"), ({"target_modules": [1]}, "list of module names")])
+def test_bad_lora_settings_are_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        lora_config(values)
+
+
+def test_lora_with_trainable_layers_or_a_char_model_is_refused():
+    from ppolm.run import ModelSpec
+
+    with pytest.raises(ConfigError, match="give one of them"):
+        ModelSpec(kind="hf", path="x", lora={"r": 4}, trainable_layers=1)
+    with pytest.raises(ConfigError, match="needs a transformers model"):
+        ModelSpec(kind="transformer", lora={"r": 4})
+
+
+def test_a_peft_model_is_taken_as_it_is_and_not_wrapped_twice(tok):
+    model = peft.get_peft_model(tiny_llama(len(tok)), peft.LoraConfig(r=2,
+                                                                      target_modules=["q_proj"]))
+    policy = HFPolicy(model)
+    assert policy.is_lora and policy.model is model
+    with pytest.raises(ConfigError, match="already a PeftModel"):
+        HFPolicy(model, peft_config=peft.LoraConfig(r=2, target_modules=["q_proj"]))
