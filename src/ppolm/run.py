@@ -106,7 +106,9 @@ class RunSpec:
     task: str | None = "continue"
     """Built-in toy task (continue, target_char): tokenizer, prompts and reward in one."""
     prompts: str | None = None
-    """Prompts file (.txt one per line, .jsonl, .json); overrides the task's prompts."""
+    """Prompts file (.txt one per line, .json, .jsonl, .parquet, .csv), a dataset folder or a
+    name datasets.load_dataset finds locally (a 'prompt' column; the other columns reach the
+    reward); overrides the task's prompts."""
     reward: str | None = None
     """A built-in reward name (see BUILTIN_REWARDS) or 'package.module:ClassName'."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -235,17 +237,12 @@ def build_run(spec: RunSpec, reference: Any = None) -> Any:
     value_head = (ValueHead.separate(policy) if m.value == "separate"
                   else ValueHead(policy.hidden_size, detach=m.value == "detached"))
     e = spec.env
-    if e.chat_template:
-        from ppolm.policies.pretrained import chat_prompts
-        from ppolm.rollout.env import read_prompts
-
-        prompts = chat_prompts(tokenizer, read_prompts(prompts) if isinstance(prompts, str)
-                               else prompts)
     env = TextGenerationEnv(prompts, tokenizer, reward, max_new_tokens=e.max_new_tokens,
                             top_k=e.top_k, top_p=e.top_p,
                             missing_eos_penalty=e.missing_eos_penalty,
                             prefix_shaping=e.prefix_shaping,
-                            add_special_tokens=not e.chat_template, seed=spec.ppo.seed)
+                            add_special_tokens=not e.chat_template, seed=spec.ppo.seed,
+                            chat_template=e.chat_template)
     torch.manual_seed(spec.ppo.seed)
     return Trainer(policy, env, spec.ppo, value_head=value_head, reference=reference)
 
