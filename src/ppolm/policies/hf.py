@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from ppolm.errors import CheckpointError
+from ppolm.errors import CheckpointError, ConfigError
 from ppolm.policies.base import Policy, positions_from_mask
 from ppolm.policies.lora import AdapterDisabled, is_peft, load_adapters, unwrap, wrap
 
@@ -31,7 +33,8 @@ class HFPolicy(Policy):
 
     Args:
         model: a loaded ``PreTrainedModel`` or ``PeftModel``, or the path of a local folder for
-            ``AutoModelForCausalLM.from_pretrained``.
+            ``AutoModelForCausalLM.from_pretrained``, or the id of a model in the local
+            Hugging Face cache (see ``local_model_path``).
         peft_config: adapters to add to the model (``peft.get_peft_model``).
         **from_pretrained_kwargs: passed on when ``model`` is a path (e.g. ``gguf_file``,
             ``quantization_config``).
@@ -41,7 +44,7 @@ class HFPolicy(Policy):
                  ) -> None:
         super().__init__()
         if isinstance(model, (str, Path)):
-            model = _load(Path(model), from_pretrained_kwargs)
+            model = _load(local_model_path(model), from_pretrained_kwargs)
         if peft_config is not None:
             model = wrap(model, peft_config)
         self.model = model
@@ -204,6 +207,29 @@ def final_norm_name(base: nn.Module) -> str | None:
     """The attribute name of a base model's final norm (None if it has none we know)."""
     return next((n for n in ("norm", "ln_f", "final_layer_norm")
                  if isinstance(getattr(base, n, None), nn.Module)), None)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")     # "name" or "org/name"
+
+
+def local_model_path(name: str | Path) -> Path:
+    """A local file or folder as it is; a Hub id (``"org/name"``, a string that is no existing
+    path) resolved to its snapshot folder in the local Hugging Face cache (``HF_HUB_CACHE``,
+    else huggingface_hub's default). Nothing is downloaded, so ``HF_HUB_OFFLINE=1`` changes
+    nothing; a ConfigError says how to fetch a model that is not cached."""
+    path = Path(name)
+    if isinstance(name, Path) or path.exists() or not _HUB_ID.match(name):
+        return path
+    from huggingface_hub import snapshot_download
+
+    cache = os.environ.get("HF_HUB_CACHE") or None
+    try:
+        return Path(snapshot_download(name, local_files_only=True, cache_dir=cache))
+    except Exception as e:  # not cached (LocalEntryNotFoundError), or a broken cache entry
+        raise ConfigError(
+            f"model {name!r} is neither a local folder nor a model in the Hugging Face cache "
+            f"({cache or 'the default cache'}): {type(e).__name__}. Download it first (e.g. "
+            f"`hf download {name}`), or give the path of a local model folder.") from None
 
 
 def _load(path: Path, kwargs: dict[str, Any]) -> Any:
