@@ -131,7 +131,7 @@ def freeze_lower_layers(policy: HFPolicy, trainable_layers: int) -> HFPolicy:
     of a full one (L layers) and Adam keeps state for the trainable part only: what makes a
     135M model trainable in minutes on a laptop CPU.
     """
-    base = policy.model.base_model
+    base = policy.lm.base_model
     found = decoder_layers(base)
     if found is None:
         raise ConfigError(f"freeze_lower_layers: cannot find the decoder layers of "
