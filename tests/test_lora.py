@@ -163,8 +163,12 @@ def test_yaml_spec_builds_a_lora_policy(tok, tmp_path):
     ({"r": 0}, "must be an int > 0"),
     ({"dropout": 1.5}, r"in \[0, 1\)"), ({"target_modules": [1]}, "list of module names")])
 def test_bad_lora_settings_are_config_errors(values, message):
+    from ppolm.run import ModelSpec
+
     with pytest.raises(ConfigError, match=message):
         lora_config(values)
+    with pytest.raises(ConfigError, match=message):     # the run spec checks them at once
+        ModelSpec(kind="hf", path="x", lora=values)
 
 
 def test_lora_with_trainable_layers_or_a_char_model_is_refused():

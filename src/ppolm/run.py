@@ -61,6 +61,10 @@ class ModelSpec:
         if self.lora is not None and self.kind not in ("hf", "smollm2"):
             raise ConfigError(f"model.lora needs a transformers model (model.kind hf or "
                               f"smollm2), not {self.kind!r}.")
+        if self.lora is not None:
+            from ppolm.policies.lora import lora_settings
+
+            lora_settings(self.lora)            # refuse bad settings before any model loads
 
 
 @dataclass

@@ -50,10 +50,17 @@ def unwrap(model: Any) -> Any:
 
 
 def lora_config(values: dict[str, Any]) -> Any:
-    """A ``peft.LoraConfig`` for a causal LM from the YAML mapping ``model.lora``: ``r``
-    (rank, default 16), ``alpha`` (default 2 * r), ``target_modules`` (module names, or
-    ``"all-linear"``; default peft's choice for the architecture) and ``dropout`` (default 0;
-    PPO runs the policy in eval mode, where dropout is off anyway)."""
+    """A ``peft.LoraConfig`` for a causal LM from the YAML mapping ``model.lora`` (see
+    ``lora_settings``)."""
+    return _peft().LoraConfig(**lora_settings(values), task_type="CAUSAL_LM")
+
+
+def lora_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The ``LoraConfig`` keyword arguments of the YAML mapping ``model.lora``, checked
+    (without peft, so a run spec is checked before any model loads): ``r`` (rank, default
+    16), ``alpha`` (default 2 * r), ``target_modules`` (module names, or ``"all-linear"``;
+    default peft's choice for the architecture) and ``dropout`` (default 0; PPO runs the
+    policy in eval mode, where dropout is off anyway)."""
     unknown = sorted(set(values) - set(LORA_KEYS))
     if unknown:
         peft_names = {v: k for k, v in LORA_KEYS.items()}      # lora_alpha -> alpha
@@ -76,8 +83,8 @@ def lora_config(values: dict[str, Any]) -> Any:
             isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
         raise ConfigError(f"model.lora.target_modules={targets!r} must be a list of module "
                           "names (e.g. [q_proj, v_proj]) or 'all-linear'.")
-    return _peft().LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout),
-                              target_modules=targets, task_type="CAUSAL_LM")
+    return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout),
+            "target_modules": targets}
 
 
 def wrap(model: Any, peft_config: Any) -> Any:
