@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from ppolm import CallableReward, HFPolicy, PPOConfig, TextGenerationEnv, Trainer
+from ppolm import CallableReward, HFPolicy, PPOConfig, TextGenerationEnv, Trainer, ValueHead
 from ppolm.errors import ConfigError
 from ppolm.training.export import load_value_head
 
@@ -87,3 +87,18 @@ def test_a_policy_that_is_no_transformers_model_is_refused(tmp_path):
     trainer = toy_trainer(tmp_path / "run")
     with pytest.raises(ConfigError, match="needs an HFPolicy"):
         trainer.save_model(tmp_path / "out")
+
+
+def test_a_separate_critic_is_saved_beside_the_policy(tok, tmp_path):
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    policy = HFPolicy(tiny_llama(len(tok)), peft_config=cfg)
+    env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=4)
+    trainer = Trainer(policy, env, PPOConfig(iterations=1, batch_size=8, minibatch_size=8,
+                                             progress=False, engine="plain"),
+                      value_head=ValueHead.separate(policy))
+    trainer.train()
+    folder = trainer.save_model(tmp_path / "out")
+    # the critic's trunk: its own adapters (on the same base model as the policy's)
+    assert (folder / "critic" / "adapter_model.safetensors").is_file()
+    assert torch.equal(load_value_head(folder).linear.bias, trainer.value_head.linear.bias)
