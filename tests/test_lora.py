@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_llama
 from ppolm import CallableReward, HFPolicy, PPOConfig, TextGenerationEnv, Trainer, ValueHead
-from ppolm.engines import Sequences
+from ppolm.engines import PlainEngine, Sequences
 from ppolm.errors import CheckpointError, ConfigError
 from ppolm.policies.lora import AdapterDisabled, lora_config
 
@@ -187,3 +187,45 @@ def test_a_peft_model_is_taken_as_it_is_and_not_wrapped_twice(tok):
     assert policy.is_lora and policy.model is model
     with pytest.raises(ConfigError, match="already a PeftModel"):
         HFPolicy(model, peft_config=peft.LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_fast_cpu_engine_reuses_lower_layers_without_adapters_for_the_reference_too(tok):
+    """Adapters on the top layer only: the lower layer is frozen, so the fast engine runs it
+    once per batch for the policy and the reference (the same weights, adapters or not)."""
+    weights = {}
+    for engine in ("plain", "fast_cpu"):
+        torch.manual_seed(0)
+        base = tiny_llama(len(tok))
+        untouched = HFPolicy(copy.deepcopy(base))
+        policy = HFPolicy(base, peft_config=peft.LoraConfig(r=4, target_modules=TARGETS,
+                                                            layers_to_transform=[1]))
+        trainer = trainer_for(policy, tok, iterations=1, engine=engine)
+        if engine == "fast_cpu":
+            assert trainer.engine.depth == 1 and trainer.engine.ref_shares_bottom
+        (row,) = trainer.train()
+        assert row["ratio_dev_first"] < 1e-6
+        weights[engine] = adapter_weights(policy)
+        episodes, rollout = trainer.collect()
+        seqs = Sequences(episodes.input_ids, episodes.attention_mask,
+                         episodes.response_mask.shape[1])
+        with torch.no_grad():
+            base_lp = PlainEngine().forward_response(untouched, seqs, 1.0).logprobs
+        assert torch.allclose(rollout.ref_logprobs, base_lp * rollout.response_mask, atol=1e-5)
+    for k, v in weights["plain"].items():
+        assert (weights["fast_cpu"][k] - v).norm() <= 1e-5 * v.norm(), k
+
+
+def test_a_frozen_adapter_in_the_lower_layers_keeps_the_reference_from_reusing_them(tok):
+    policy, untouched = lora_policy(tok)
+    for name, p in policy.named_parameters():
+        if "layers.0." in name:
+            p.requires_grad_(False)                # frozen, but still changes layer 0's output
+    trainer = trainer_for(policy, tok, iterations=1, engine="fast_cpu")
+    assert trainer.engine.depth == 1 and not trainer.engine.ref_shares_bottom
+    _, rollout = trainer.collect()
+    seqs = Sequences(rollout.input_ids, rollout.attention_mask, rollout.response_mask.shape[1])
+    with torch.no_grad():
+        base_lp = PlainEngine().forward_response(untouched, seqs, 1.0).logprobs
+    assert torch.allclose(rollout.ref_logprobs, base_lp * rollout.response_mask, atol=1e-5)
+    frozen = [p for n, p in policy.named_parameters() if "layers.0." in n and "lora_" in n]
+    assert frozen and not any(p.requires_grad for p in frozen)    # the reference kept them so

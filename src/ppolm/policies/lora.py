@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +150,17 @@ class AdapterDisabled(Policy):
 
     @contextlib.contextmanager
     def _off(self) -> Iterator[None]:
-        with self.model.disable_adapter():
-            yield
+        """The adapters off. peft's switch also sets ``requires_grad`` of every adapter weight
+        (off, then on again for the active adapter's): the flags are put back as they were, so
+        an adapter the user froze stays frozen."""
+        flags = [(p, p.requires_grad) for n, p in self.policy.named_parameters()
+                 if "lora_" in n]
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
               use_cache: bool = False) -> tuple[Tensor, Any]:
@@ -167,6 +176,27 @@ class AdapterDisabled(Policy):
         with self._off():
             out: PolicyOutput = self.policy(input_ids, attention_mask, response_len, logits)
         return out
+
+    # --- what the fast CPU engine uses: the policy's frozen lower layers (no adapter there,
+    # so their output is the same with the adapters off) and its head ---------------------------
+    def head_params(self) -> tuple[Tensor, Tensor | None] | None:
+        """The policy's linear head (None when the head holds an adapter)."""
+        return self.policy.head_params()
+
+    def bottom_parameters(self, depth: int) -> list[Tensor]:
+        """The policy's lower-layer parameters: the same tensors, so the engine may reuse the
+        policy's lower-layer output for the reference. Refused when an adapter sits there
+        (even a frozen one changes the policy's output, not the reference's)."""
+        params = self.policy.bottom_parameters(depth)
+        adapters = {id(p) for n, p in self.policy.named_parameters() if "lora_" in n}
+        if any(id(p) in adapters for p in params):
+            raise NotImplementedError("adapters in the lower layers: the reference's differ.")
+        return params
+
+    def trunk_top(self, bottom: Tensor, input_ids: Tensor, attention_mask: Tensor, depth: int,
+                  on_embeds: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        with self._off():
+            return self.policy.trunk_top(bottom, input_ids, attention_mask, depth, on_embeds)
 
     def save(self, path: str | Path) -> None:
         raise CheckpointError("The LoRA reference is the base model of the policy: save the "
