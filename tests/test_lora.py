@@ -229,3 +229,9 @@ def test_a_frozen_adapter_in_the_lower_layers_keeps_the_reference_from_reusing_t
     assert torch.allclose(rollout.ref_logprobs, base_lp * rollout.response_mask, atol=1e-5)
     frozen = [p for n, p in policy.named_parameters() if "layers.0." in n and "lora_" in n]
     assert frozen and not any(p.requires_grad for p in frozen)    # the reference kept them so
+
+
+def test_compile_with_a_lora_reference_is_a_clear_config_error(tok):
+    policy, _ = lora_policy(tok)
+    with pytest.raises(ConfigError, match="AdapterDisabled does not support torch.compile"):
+        trainer_for(policy, tok, engine="fast_cpu", compile=True)
