@@ -149,19 +149,22 @@ def test_yaml_spec_builds_a_lora_policy(tok, tmp_path):
     tok.save_pretrained(tmp_path / "m")
     spec = RunSpec.from_dict({
         "model": {"kind": "hf", "path": str(tmp_path / "m"),
-                  "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
+                  "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"],
+                           "layers": [1]}},
         "task": "continue", "ppo": {"engine": "plain", "progress": False}})
     trainer = build_run(spec)
     assert trainer.policy.is_lora and isinstance(trainer.reference, AdapterDisabled)
     cfg = trainer.policy.model.peft_config["default"]
     assert cfg.r == 8 and cfg.lora_alpha == 16 and set(cfg.target_modules) == {"q_proj",
                                                                                 "v_proj"}
+    assert cfg.layers_to_transform == [1] and trainer.policy.frozen_depth() == 1
 
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"lora_alpha": 8}, "Did you mean 'alpha'"), ({"dropuot": 0.1}, "Did you mean 'dropout'"),
     ({"r": 0}, "must be an int > 0"),
-    ({"dropout": 1.5}, r"in \[0, 1\)"), ({"target_modules": [1]}, "list of module names")])
+    ({"dropout": 1.5}, r"in \[0, 1\)"), ({"target_modules": [1]}, "list of module names"),
+    ({"layers": [-1]}, "decoder-layer indices")])
 def test_bad_lora_settings_are_config_errors(values, message):
     from ppolm.run import ModelSpec
 

@@ -38,8 +38,8 @@ class ModelSpec:
     ppolm.policies.pretrained.freeze_lower_layers); None trains every parameter."""
     lora: dict[str, Any] | None = None
     """hf / smollm2: train LoRA adapters only (peft): {r: 16, alpha: 32, target_modules:
-    [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], dropout: 0.0}; the
-    reference is the model with its adapters disabled. See docs/lora.md."""
+    [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], dropout: 0.0, layers:
+    [20, ..., 29]}; the reference is the model with its adapters disabled. See docs/lora.md."""
     hidden_size: int = 64
     """transformer / lstm width."""
     n_layers: int = 2

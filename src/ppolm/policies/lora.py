@@ -25,7 +25,7 @@ from ppolm.policies.base import Policy, PolicyOutput
 
 #: The YAML keys of ``model.lora`` and the ``peft.LoraConfig`` fields they set.
 LORA_KEYS = {"r": "r", "alpha": "lora_alpha", "target_modules": "target_modules",
-             "dropout": "lora_dropout"}
+             "dropout": "lora_dropout", "layers": "layers_to_transform"}
 PEFT_INSTALL = 'pip install "ppolm[lora]" (or pip install peft)'
 
 
@@ -60,7 +60,9 @@ def lora_settings(values: dict[str, Any]) -> dict[str, Any]:
     (without peft, so a run spec is checked before any model loads): ``r`` (rank, default
     16), ``alpha`` (default 2 * r), ``target_modules`` (module names, or ``"all-linear"``;
     default peft's choice for the architecture) and ``dropout`` (default 0; PPO runs the
-    policy in eval mode, where dropout is off anyway)."""
+    policy in eval mode, where dropout is off anyway), ``layers`` (the decoder layers that get
+    adapters, e.g. the top ones: the fast CPU engine then runs the others once per batch;
+    default all)."""
     unknown = sorted(set(values) - set(LORA_KEYS))
     if unknown:
         peft_names = {v: k for k, v in LORA_KEYS.items()}      # lora_alpha -> alpha
@@ -83,8 +85,13 @@ def lora_settings(values: dict[str, Any]) -> dict[str, Any]:
             isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
         raise ConfigError(f"model.lora.target_modules={targets!r} must be a list of module "
                           "names (e.g. [q_proj, v_proj]) or 'all-linear'.")
+    layers = values.get("layers")
+    if layers is not None and not (isinstance(layers, list) and layers and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        raise ConfigError(f"model.lora.layers={layers!r} must be a list of decoder-layer "
+                          "indices (ints >= 0), e.g. [20, 21, ..., 29].")
     return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout),
-            "target_modules": targets}
+            "target_modules": targets, "layers_to_transform": layers}
 
 
 def wrap(model: Any, peft_config: Any) -> Any:
