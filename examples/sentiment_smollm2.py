@@ -17,6 +17,12 @@ Run (README.md's results; about 20 minutes of training on a 2-core CPU):
 A 2-minute smoke run (any ``key=value`` overrides the config, as on the command line):
     python examples/sentiment_smollm2.py ppo.iterations=2 ppo.batch_size=4 \
         ppo.minibatch_size=4 ppo.average_last=1 --eval-prompts 4 --calibration-prompts 4
+
+LoRA instead of the top 10 layers (needs peft: pip install "ppolm[lora]"): ``--lora`` trains
+r=16 adapters on every attention and MLP projection of the top 10 layers, with the
+adapters-disabled model as the reference; the KL budget is skipped (it moves full weight
+vectors, while the policy then holds adapters). Give the learning rate with
+``ppo.learning_rate=...``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ from ppolm.rollout.tasks import movie_review_prompts
 from ppolm.run import RunSpec, build_run
 
 CONFIG = Path(__file__).parent / "configs" / "sentiment_smollm2.yaml"
+# Adapters on the top 10 layers, as the full run trains the top 10: the fast CPU engine runs the
+# 20 lower layers once per batch, for the policy and the reference.
+LORA_OVERRIDES = [
+    "model.trainable_layers=null",
+    "model.lora={r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj, "
+    "gate_proj, up_proj, down_proj], layers: [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]}"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,6 +65,8 @@ def parse_args() -> argparse.Namespace:
                    help="how far past the trained weights the budget may extrapolate")
     p.add_argument("--calibration-prompts", type=int, default=128,
                    help="training prompts (the last N) the KL budget is measured on")
+    p.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters (r=16, all projections) instead of the top layers")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="runs/sentiment_smollm2/results")
     return p.parse_args()
@@ -63,10 +77,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.lora:
+        args.overrides = [*LORA_OVERRIDES, *args.overrides]
+        args.kl_budget = 0.0
     spec = RunSpec.load(CONFIG, [*args.overrides, "ppo.overwrite=true"],
                         fill=lambda ppo: command_line_defaults(ppo, "sentiment_smollm2"))
-    reference = load_smollm2()[0].requires_grad_(False)      # the model before training
+    # the model before training (with LoRA: the policy with its adapters disabled)
+    reference = None if args.lora else load_smollm2()[0].requires_grad_(False)
     trainer = build_run(spec, reference=reference)
+    reference = trainer.reference
     policy, tokenizer, reward = trainer.policy, trainer.env.tokenizer, trainer.env.reward_fn
     held_out = chat_prompts(tokenizer, movie_review_prompts("eval")[: args.eval_prompts])
     sampling = dict(max_new_tokens=spec.env.max_new_tokens, temperature=spec.ppo.temperature,

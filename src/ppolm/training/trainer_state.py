@@ -16,7 +16,7 @@ from ppolm.errors import CheckpointError, ConfigError
 from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
 from ppolm.rollout.env import TextGenerationEnv
-from ppolm.training import checkpoint, dcp
+from ppolm.training import checkpoint, dcp, export
 from ppolm.training.averaging import TailAverage
 from ppolm.training.callbacks import CallbackList
 from ppolm.training.config import PPOConfig
@@ -95,8 +95,9 @@ class TrainerState:
     # --- files -------------------------------------------------------------------------------
     def save(self, path: str | Path | None = None) -> Path:
         """Write a checkpoint (default: output_dir/checkpoints/iter-NNNNNNN, keeping the newest
-        ``keep_checkpoints``): the policy's own files under ``policy/``, the rest of
-        ``state_dict()``, the config. Returns its folder."""
+        ``keep_checkpoints``): the policy's own files (with LoRA its adapters) and the
+        tokenizer under ``policy/``, the rest of ``state_dict()``, the config. Returns its
+        folder."""
         if path is None and self.output_dir is None:
             raise ConfigError("trainer.save() needs a path, or an output_dir in the config.")
         folder = self._checkpoints()
@@ -116,6 +117,7 @@ class TrainerState:
 
         def write(tmp: Path) -> None:
             self.policy.save(tmp / "policy")
+            export.save_tokenizer(self.env.tokenizer, tmp / "policy")
             checkpoint.save_state(state, tmp)
             self.config.to_yaml(tmp / "config.yaml")
 
@@ -133,6 +135,14 @@ class TrainerState:
         dcp.save(final, self._trained(), self.engine.optimizer, self._rest(),
                  rng_state(sample=self.sample_gen, shuffle=self.shuffle_gen),
                  self.config.to_yaml, str(self.iteration))
+
+    def save_model(self, path: str | Path, merge: bool = True) -> Path:
+        """Write the policy as a Hugging Face model folder that ``AutoModelForCausalLM``,
+        ``AutoTokenizer`` and ``pipeline("text-generation", model=path)`` load: weights (LoRA
+        merged; ``merge=False``: the adapters alone), tokenizer, generation config, and the
+        value head beside them (see ``ppolm.training.export.save_model``)."""
+        return export.save_model(self.policy, self.env.tokenizer, path, self.value_head,
+                                 merge=merge)
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default: the newest complete one under output_dir/checkpoints)

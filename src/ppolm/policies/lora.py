@@ -1,0 +1,213 @@
+"""LoRA through ``peft``: wrapping a causal LM in adapters, the reference as the same model with
+its adapters disabled, adapter files, and the merged model for export.
+
+The reference of a LoRA policy needs no copy of the weights: the base model is frozen, so the
+policy with its adapters switched off (``PeftModel.disable_adapter()``) *is* the initial
+policy. ``AdapterDisabled`` is that view: a Policy that runs the policy's own modules inside
+``disable_adapter()`` and owns no parameter.
+
+``peft`` is imported only when a LoRA model is built or read (the ``lora`` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ppolm.errors import CheckpointError, ConfigError
+from ppolm.policies.base import Policy, PolicyOutput
+
+#: The YAML keys of ``model.lora`` and the ``peft.LoraConfig`` fields they set.
+LORA_KEYS = {"r": "r", "alpha": "lora_alpha", "target_modules": "target_modules",
+             "dropout": "lora_dropout", "layers": "layers_to_transform"}
+PEFT_INSTALL = 'pip install "ppolm[lora]" (or pip install peft)'
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(f"LoRA needs the peft package: {PEFT_INSTALL}") from None
+    return peft
+
+
+def is_peft(model: Any) -> bool:
+    """True when ``model`` is a ``peft.PeftModel`` (without importing peft when it is absent)."""
+    return any(c.__module__.startswith("peft.") and c.__name__ == "PeftModel"
+               for c in type(model).__mro__)
+
+
+def unwrap(model: Any) -> Any:
+    """The ``transformers`` model under a PeftModel (its layers hold the adapters), or
+    ``model`` itself."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def lora_config(values: dict[str, Any]) -> Any:
+    """A ``peft.LoraConfig`` for a causal LM from the YAML mapping ``model.lora`` (see
+    ``lora_settings``)."""
+    return _peft().LoraConfig(**lora_settings(values), task_type="CAUSAL_LM")
+
+
+def lora_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The ``LoraConfig`` keyword arguments of the YAML mapping ``model.lora``, checked
+    (without peft, so a run spec is checked before any model loads): ``r`` (rank, default
+    16), ``alpha`` (default 2 * r), ``target_modules`` (module names, or ``"all-linear"``;
+    default peft's choice for the architecture) and ``dropout`` (default 0; PPO runs the
+    policy in eval mode, where dropout is off anyway), ``layers`` (the decoder layers that get
+    adapters, e.g. the top ones: the fast CPU engine then runs the others once per batch;
+    default all)."""
+    unknown = sorted(set(values) - set(LORA_KEYS))
+    if unknown:
+        peft_names = {v: k for k, v in LORA_KEYS.items()}      # lora_alpha -> alpha
+        close = ([peft_names[unknown[0]]] if unknown[0] in peft_names
+                 else difflib.get_close_matches(unknown[0], list(LORA_KEYS), n=1))
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"model.lora: unknown key(s) {unknown}; use {list(LORA_KEYS)}.{hint}")
+    r = values.get("r", 16)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"model.lora.r={r!r} must be an int > 0 (the adapters' rank).")
+    alpha = values.get("alpha", 2 * r)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ConfigError(f"model.lora.alpha={alpha!r} must be a number > 0.")
+    dropout = values.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0 <= dropout < 1:
+        raise ConfigError(f"model.lora.dropout={dropout!r} must be in [0, 1).")
+    targets = values.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise ConfigError(f"model.lora.target_modules={targets!r} must be a list of module "
+                          "names (e.g. [q_proj, v_proj]) or 'all-linear'.")
+    layers = values.get("layers")
+    if layers is not None and not (isinstance(layers, list) and layers and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        raise ConfigError(f"model.lora.layers={layers!r} must be a list of decoder-layer "
+                          "indices (ints >= 0), e.g. [20, 21, ..., 29].")
+    return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout),
+            "target_modules": targets, "layers_to_transform": layers}
+
+
+def wrap(model: Any, peft_config: Any) -> Any:
+    """``model`` with adapters (``peft.get_peft_model``): its own weights frozen, the adapters
+    trainable. A model that already is a PeftModel is refused (pass it without a config)."""
+    if is_peft(model):
+        raise ConfigError("the model is already a PeftModel: pass it without peft_config.")
+    try:
+        return _peft().get_peft_model(model, peft_config)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"Cannot add LoRA adapters to {type(model).__name__}: {e}") from None
+
+
+def load_adapters(model: Any, path: str | Path) -> None:
+    """Load adapter weights written by ``PeftModel.save_pretrained`` into ``model``'s active
+    adapter; refuses files whose adapters do not fit."""
+    peft = _peft()
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        raise CheckpointError(f"No LoRA adapters at {str(folder)!r} (adapter_config.json "
+                              "missing).")
+    try:
+        weights = peft.utils.load_peft_weights(str(folder), device="cpu")
+        result = peft.set_peft_model_state_dict(model, weights)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"Cannot load the adapters at {str(folder)!r}: {e}") from None
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise CheckpointError(f"The adapters at {str(folder)!r} do not fit this model: "
+                              f"unexpected {unexpected[:3]}.")
+
+
+def merged_copy(model: Any) -> Any:
+    """A plain ``transformers`` model with the adapters merged into the weights
+    (``W + (alpha / r) B A``), made from a copy: the policy keeps its adapters and its base
+    weights bit for bit (merging in place and unmerging again would not give them back
+    exactly)."""
+    return copy.deepcopy(model).merge_and_unload()
+
+
+class AdapterDisabled(Policy):
+    """The reference of a LoRA policy: the policy's own modules run with the adapters off.
+
+    It holds the policy without registering it as a submodule, so it owns no parameter:
+    freezing it, moving it or its ``state_dict`` leave the policy alone, and the base weights
+    exist once. Shapes: as the policy's.
+    """
+
+    policy: Policy
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__()
+        if not is_peft(getattr(policy, "model", None)):
+            raise ConfigError(f"{type(policy).__name__} has no LoRA adapters to disable.")
+        object.__setattr__(self, "policy", policy)      # shared, not owned
+        self.vocab_size, self.hidden_size = policy.vocab_size, policy.hidden_size
+        self.max_length = policy.max_length
+
+    @property
+    def model(self) -> Any:
+        """The policy's PeftModel (the same object)."""
+        return self.policy.model            # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def _off(self) -> Iterator[None]:
+        """The adapters off. peft's switch also sets ``requires_grad`` of every adapter weight
+        (off, then on again for the active adapter's): the flags are put back as they were, so
+        an adapter the user froze stays frozen."""
+        flags = [(p, p.requires_grad) for n, p in self.policy.named_parameters()
+                 if "lora_" in n]
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
+              use_cache: bool = False) -> tuple[Tensor, Any]:
+        with self._off():
+            return self.policy.trunk(input_ids, attention_mask, cache, use_cache)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        with self._off():
+            return self.policy.head(hidden)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int | None = None,
+                logits: bool = True) -> PolicyOutput:
+        with self._off():
+            out: PolicyOutput = self.policy(input_ids, attention_mask, response_len, logits)
+        return out
+
+    # --- what the fast CPU engine uses: the policy's frozen lower layers (no adapter there,
+    # so their output is the same with the adapters off) and its head ---------------------------
+    def head_params(self) -> tuple[Tensor, Tensor | None] | None:
+        """The policy's linear head (None when the head holds an adapter)."""
+        return self.policy.head_params()
+
+    def bottom_parameters(self, depth: int) -> list[Tensor]:
+        """The policy's lower-layer parameters: the same tensors, so the engine may reuse the
+        policy's lower-layer output for the reference. Refused when an adapter sits there
+        (even a frozen one changes the policy's output, not the reference's)."""
+        params = self.policy.bottom_parameters(depth)
+        adapters = {id(p) for n, p in self.policy.named_parameters() if "lora_" in n}
+        if any(id(p) in adapters for p in params):
+            raise NotImplementedError("adapters in the lower layers: the reference's differ.")
+        return params
+
+    def trunk_top(self, bottom: Tensor, input_ids: Tensor, attention_mask: Tensor, depth: int,
+                  on_embeds: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        with self._off():
+            return self.policy.trunk_top(bottom, input_ids, attention_mask, depth, on_embeds)
+
+    def save(self, path: str | Path) -> None:
+        raise CheckpointError("The LoRA reference is the base model of the policy: save the "
+                              "policy (its adapters) and the base model instead.")
+
+    def load(self, path: str | Path) -> None:
+        raise CheckpointError("The LoRA reference has no weights of its own to load.")

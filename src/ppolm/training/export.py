@@ -1,0 +1,86 @@
+"""Exporting a trained policy as a Hugging Face model folder: weights (LoRA merged, or the
+adapters alone), tokenizer and generation config, so that ``AutoModelForCausalLM``,
+``AutoTokenizer`` and ``pipeline("text-generation", model=path)`` load it as it is; the value
+head beside it in its own file, which ``transformers`` ignores.
+
+Files and models only: the Trainer's ``save_model`` calls ``save_model`` here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ppolm.errors import CheckpointError, ConfigError
+from ppolm.policies.base import Policy
+from ppolm.policies.hf import HFPolicy
+from ppolm.policies.lora import merged_copy
+from ppolm.policies.value import ValueHead
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+CRITIC_FOLDER = "critic"
+
+
+def save_model(policy: Policy, tokenizer: Any, path: str | Path,
+               value_head: ValueHead | None = None, merge: bool = True) -> Path:
+    """Write ``policy`` as a model folder at ``path``; returns the folder.
+
+    * A LoRA policy: with ``merge`` (default) a plain model with the adapters merged into its
+      weights (loads with ``AutoModelForCausalLM``; the policy itself keeps its adapters);
+      with ``merge=False`` the adapters alone (``adapter_config.json`` and
+      ``adapter_model.safetensors``: load with ``peft.AutoPeftModelForCausalLM`` or
+      ``PeftModel.from_pretrained(base, path)``).
+    * Any other ``HFPolicy``: the whole model.
+    * Always: the tokenizer and the model's ``generation_config``; the value head's linear
+      map as ``value_head.safetensors`` and a separate critic's trunk under ``critic/``.
+    """
+    if not isinstance(policy, HFPolicy):
+        raise ConfigError(f"save_model writes a transformers model folder and needs an "
+                          f"HFPolicy, not a {type(policy).__name__}; use trainer.save() or "
+                          "policy.save() for other policies.")
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        model = merged_copy(policy.model) if policy.is_lora and merge else policy.model
+        model.save_pretrained(str(folder))
+        if getattr(policy.lm, "generation_config", None) is not None:
+            policy.lm.generation_config.save_pretrained(str(folder))
+        save_tokenizer(tokenizer, folder)
+        if value_head is not None:
+            save_value_head(value_head, folder)
+    except OSError as e:
+        raise CheckpointError(f"Cannot write the model to {str(folder)!r}: {e}") from None
+    return folder
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """The tokenizer's own files in ``folder`` (as the Trainer uses it: left padding, the pad
+    token it was given), when it can write them."""
+    if callable(getattr(tokenizer, "save_pretrained", None)):
+        tokenizer.save_pretrained(str(folder))
+
+
+def save_value_head(value_head: ValueHead, folder: Path) -> None:
+    """The value head's linear map (``linear.weight`` (1, H), ``linear.bias`` (1,)) in
+    ``value_head.safetensors``; a separate critic's trunk under ``critic/``."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in value_head.linear.state_dict(
+        prefix="linear.").items()}
+    save_file(tensors, str(folder / VALUE_HEAD_FILE))
+    if value_head.critic is not None:
+        value_head.critic.save(folder / CRITIC_FOLDER)
+
+
+def load_value_head(folder: str | Path) -> ValueHead:
+    """The value head written by ``save_model`` (on the policy's trunk; a separate critic's
+    trunk is in ``critic/``, loaded as a policy of its own)."""
+    from safetensors.torch import load_file
+
+    file = Path(folder) / VALUE_HEAD_FILE
+    if not file.is_file():
+        raise CheckpointError(f"No value head at {str(file)!r}.")
+    tensors = load_file(str(file))
+    head = ValueHead(int(tensors["linear.weight"].shape[1]))
+    head.linear.load_state_dict({k.removeprefix("linear."): v for k, v in tensors.items()})
+    return head
