@@ -62,6 +62,16 @@ def test_two_ranks_on_half_batches_make_the_update_of_one_process(updates, strat
         assert b["metrics"][name] == pytest.approx(a["metrics"][name], rel=1e-4, abs=1e-6), name
 
 
+def test_lora_on_two_ranks_makes_the_update_of_one_process(updates):
+    """LoRA under DDP: the adapters (the only trained weights) as in one process."""
+    one, two = updates
+    a = torch.load(one / "single_lora-shared.pt", weights_only=False)["state"]
+    b = torch.load(two / "ddp_lora-shared.pt", weights_only=False)["state"]
+    assert max_diff(a, b) < 1e-5
+    adapters = [k for k in a if "lora_" in k]
+    assert adapters
+
+
 def test_the_update_moved_the_weights(updates):
     """(So that the comparison above can fail: one Adam step of lr 1e-2 moves every weight.)"""
     sys.path.insert(0, str(WORKER.parent))

@@ -33,7 +33,7 @@ def count_a(prompts: list[str], responses: list[str]) -> list[float]:
     return [r.count("a") / 4 for r in responses]
 
 
-def tiny_llama(vocab: int) -> HFPolicy:
+def tiny_llama(vocab: int, lora: bool = False) -> HFPolicy:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -41,7 +41,13 @@ def tiny_llama(vocab: int) -> HFPolicy:
                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                       max_position_embeddings=64, tie_word_embeddings=False,
                       bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    return HFPolicy(LlamaForCausalLM(cfg).eval())
+    model = LlamaForCausalLM(cfg).eval()
+    if lora:
+        import peft
+        # lora_B starts at zero: random, so that the update has gradients everywhere
+        return HFPolicy(model, peft_config=peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return HFPolicy(model)
 
 
 def rows(episodes: Episodes, part: slice) -> Episodes:
@@ -71,28 +77,29 @@ def update(out: Path) -> None:
     rank = int(os.environ.get("RANK", "0"))
     # fsdp_ckpt: FSDP2 with gradient checkpointing
     strategies = ["ddp", "fsdp", "fsdp_ckpt"] if world > 1 else ["single"]
-    for head in ("shared", "separate"):
-        for strategy in strategies:
-            tok = char_tokenizer(ALPHABET)
-            policy = tiny_llama(len(tok))
-            value_head = ValueHead.separate(policy) if head == "separate" else None
-            env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=4,
-                                    seed=0)
-            whole = env.sample(policy, 8, 1.0, torch.device("cpu"),
-                               torch.Generator().manual_seed(123))
-            config = PPOConfig(iterations=1, batch_size=8, minibatch_size=8, ppo_epochs=1,
-                               learning_rate=1e-2, rollout_logprobs="forward", engine="plain",
-                               distributed="ddp" if strategy == "ddp" else "fsdp",
-                               gradient_checkpointing=strategy == "fsdp_ckpt",
-                               progress=False, kl_coef=0.1)
-            trainer = Trainer(policy, env, config, value_head=value_head)
-            n = 8 // world
-            row = trainer.iterate(episodes=rows(whole, slice(rank * n, (rank + 1) * n)))
-            state = full_state(trainer)
-            if rank == 0:
-                torch.save({"state": state, "metrics": row}, out / f"{strategy}-{head}.pt")
-            if dist.is_initialized():
-                dist.barrier()
+    runs = [(head, s) for head in ("shared", "separate") for s in strategies]
+    runs.append(("shared", "ddp_lora" if world > 1 else "single_lora"))   # LoRA: DDP only
+    for head, strategy in runs:
+        tok = char_tokenizer(ALPHABET)
+        policy = tiny_llama(len(tok), lora=strategy.endswith("lora"))
+        value_head = ValueHead.separate(policy) if head == "separate" else None
+        env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=4,
+                                seed=0)
+        whole = env.sample(policy, 8, 1.0, torch.device("cpu"),
+                           torch.Generator().manual_seed(123))
+        config = PPOConfig(iterations=1, batch_size=8, minibatch_size=8, ppo_epochs=1,
+                           learning_rate=1e-2, rollout_logprobs="forward", engine="plain",
+                           distributed="fsdp" if "fsdp" in strategy else "ddp",
+                           gradient_checkpointing=strategy == "fsdp_ckpt",
+                           progress=False, kl_coef=0.1)
+        trainer = Trainer(policy, env, config, value_head=value_head)
+        n = 8 // world
+        row = trainer.iterate(episodes=rows(whole, slice(rank * n, (rank + 1) * n)))
+        state = full_state(trainer)
+        if rank == 0:
+            torch.save({"state": state, "metrics": row}, out / f"{strategy}-{head}.pt")
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def bad_reward(out: Path) -> None:
