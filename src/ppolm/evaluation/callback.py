@@ -43,7 +43,8 @@ class EvalCallback(Callback):
             (with best.json: the metric, its value, the iteration). Needs an output_dir.
         mode: ``"max"`` or ``"min"``: which way ``keep_best`` is better.
         seed: the sampling seed of every evaluation.
-        batch_size, samples_per_prompt: as in ``evaluate``.
+        batch_size: prompts per sampling batch, as in ``evaluate``.
+        samples_per_prompt: responses per prompt, as in ``evaluate``.
         reward_fn: score the held-out responses with this instead of the training reward
             (e.g. a judge the policy is not trained on: then the hacking check of the
             HealthMonitor compares the trained reward with an independent one).
