@@ -266,3 +266,13 @@ def test_a_metric_a_callback_adds_reaches_the_jsonl_and_the_trackers(tmp_path):
     assert [row["custom/twice_kl"] for row in rows] == [2 * row["kl"] for row in rows]
     got = by_name(read_tensorboard(tmp_path)[0])
     assert sorted(got["custom/twice_kl"]) == [1, 2]
+
+
+def test_the_tracker_settings_survive_a_yaml_round_trip(tmp_path):
+    config = PPOConfig(output_dir=str(tmp_path), report_to=["tensorboard"], log_samples_every=5,
+                       tracker_project="p", health_checks=False)
+    config.to_yaml(tmp_path / "config.yaml")
+    assert PPOConfig.from_yaml(tmp_path / "config.yaml") == config
+    assert config.override(["report_to=[none]"]).report_to == ["none"]
+    with pytest.raises(ConfigError, match="log_samples_every=-1"):
+        PPOConfig(log_samples_every=-1)

@@ -23,9 +23,11 @@ class Callback:
         """Before the first iteration of a ``train()`` call (also after a resume)."""
 
     def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> bool | None:
-        """After an iteration's metrics are logged and the KL coefficient adapted. Return True
+        """After an iteration's metrics are computed and the KL coefficient adapted. Return True
         to stop training after this iteration (a checkpoint is written when the run has an
-        output_dir)."""
+        output_dir). A callback may add numbers to ``metrics`` (e.g. ``eval/*``): the
+        Trainer's own callbacks (trackers, metrics.jsonl), called after the given ones, record
+        them."""
         return None
 
     def on_save(self, trainer: Trainer, path: Path) -> None:
