@@ -22,11 +22,22 @@ def make_trackers(config: Any) -> list[Tracker]:
             for name in config.report_to if name != "none"]
 
 
+def main_process() -> bool:
+    """Whether this process records the run: the only one, or rank 0 when torch.distributed
+    runs several (one set of files, one tracker run and one warning per trouble, not one per
+    process)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def default_callbacks(config: Any, given: list[Callback]) -> list[Callback]:
-    """The callbacks a Trainer adds after the ``given`` ones: a HealthMonitor
-    (``health_checks``, unless one is given), the trackers, samples.jsonl and metrics.jsonl
-    (last, so that it holds every metric the others added)."""
+    """The callbacks a Trainer adds after the ``given`` ones, in the main process only: a
+    HealthMonitor (``health_checks``, unless one is given), the trackers, samples.jsonl and
+    metrics.jsonl (last, so that it holds every metric the others added)."""
     out: list[Callback] = []
+    if not main_process():
+        return out
     if config.health_checks and not any(isinstance(cb, HealthMonitor) for cb in given):
         out.append(HealthMonitor())
     out += make_trackers(config)
