@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,10 +71,22 @@ def wandb_records(path):
             yield record
 
 
+def finished_records(path, seconds=60.0):
+    """The records of a W&B run file once its ``exit`` record is there: ``run.finish()`` may
+    return before wandb's service process has written the last of it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record"
+        time.sleep(0.2)
+
+
 def read_wandb(out):
     logged, tables = [], {}
     for file in sorted(Path(out).glob("wandb/offline-run-*/run-*.wandb")):
-        for record in wandb_records(file):
+        for record in finished_records(file):
             if record.WhichOneof("record_type") != "history":
                 continue
             step, items = record.history.step.num, {}
