@@ -199,6 +199,8 @@ def test_samples_jsonl_holds_the_first_every_nth_and_last_iteration(tmp_path):
     sample = lines[0]["samples"][0]
     assert list(sample) == list(SAMPLE_COLUMNS) and len(lines[0]["samples"]) == 8
     assert isinstance(sample["response"], str) and isinstance(sample["kl"], float)
+    run(tmp_path / "never", iterations=2, log_samples_every=0)
+    assert not (tmp_path / "never" / "samples.jsonl").exists()
 
 
 class CrashAt(Callback):
@@ -289,3 +291,17 @@ def test_the_tracker_settings_survive_a_yaml_round_trip(tmp_path):
     assert config.override(["report_to=[none]"]).report_to == ["none"]
     with pytest.raises(ConfigError, match="log_samples_every=-1"):
         PPOConfig(log_samples_every=-1)
+
+
+class StopAt(Callback):
+    def on_iteration_end(self, trainer, metrics):
+        return metrics["iteration"] == 3
+
+
+def test_a_run_stopped_early_records_the_samples_of_its_last_iteration(tmp_path):
+    trainer = toy_trainer(tmp_path, iterations=6, save_every=0, log_samples_every=10,
+                          health_checks=False)
+    trainer.callbacks.callbacks.insert(0, StopAt())
+    trainer.train()
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 3]

@@ -93,7 +93,8 @@ class SamplesFile(Callback):
             self.write(trainer, metrics["iteration"])
 
     def on_train_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
-        if history and self.written < trainer.iteration:     # stopped early: the last one
+        stopped_early = history and self.written < trainer.iteration
+        if stopped_early and trainer.config.log_samples_every:      # its last iteration too
             self.write(trainer, trainer.iteration)
 
     def write(self, trainer: Trainer, iteration: int) -> None:
