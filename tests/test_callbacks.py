@@ -139,3 +139,15 @@ def test_the_health_monitor_sees_cut_responses_in_a_real_run():
     first = next(row for row in history if row["eos_fraction"] < 0.2)
     assert monitor.warnings[0]["iteration"] == first["iteration"]
     assert f"{1 - first['eos_fraction']:.0%} of the responses" in monitor.warnings[0]["message"]
+
+
+class Broken(Callback):
+    def on_iteration_end(self, trainer, metrics):
+        raise KeyError("no such metric")
+
+
+def test_an_exception_in_a_callback_names_the_callback():
+    trainer = make_trainer(None, [Recorder(), Broken()])
+    with pytest.raises(KeyError, match="no such metric") as caught:
+        trainer.train()
+    assert "(raised in callback Broken.on_iteration_end)" in caught.value.__notes__

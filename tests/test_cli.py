@@ -46,7 +46,9 @@ def test_default_run_without_a_config_writes_to_runs_default(tmp_path):
     assert "metrics: runs/default/metrics.jsonl" in out.stdout
     run = tmp_path / "runs/default"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]       # nothing else written
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl", "run.yaml"]
+    files = {p.name for p in run.iterdir()}             # warnings.jsonl if the run had any
+    assert files - {"warnings.jsonl"} == {"checkpoints", "metrics.jsonl", "run.yaml",
+                                          "samples.jsonl"}
     assert [r["iteration"] for r in metrics(run)] == [1, 2, 3]
     assert (run / "checkpoints/iter-0000003/COMPLETE").is_file()
     saved = yaml.safe_load((run / "run.yaml").read_text())
@@ -121,7 +123,9 @@ def test_yaml_without_output_dir_writes_to_runs_and_its_stem(tmp_path):
     assert out.returncode == 0, out.stderr
     run = tmp_path / "runs/my_experiment"
     assert "metrics: runs/my_experiment/metrics.jsonl" in out.stdout
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl", "run.yaml"]
+    files = {p.name for p in run.iterdir()}             # warnings.jsonl if the run had any
+    assert files - {"warnings.jsonl"} == {"checkpoints", "metrics.jsonl", "run.yaml",
+                                          "samples.jsonl"}
     assert len(metrics(run)) == 1 and (run / "checkpoints/iter-0000001/COMPLETE").is_file()
     saved = yaml.safe_load((run / "run.yaml").read_text())
     assert saved["ppo"]["output_dir"] == "runs/my_experiment"

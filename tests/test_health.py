@@ -4,6 +4,7 @@ nothing. The trainer is a holder of a real PPOConfig (the monitor reads only ``.
 
 from __future__ import annotations
 
+import json
 import math
 import types
 import warnings
@@ -167,3 +168,59 @@ def test_entropy_collapse_compares_with_the_first_iteration_seen():
 def test_bad_thresholds_are_refused(kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         HealthMonitor(**kwargs)
+
+
+def evaluated(scores, held_out, every=2):
+    """Rows whose training score_mean follows ``scores``; every ``every``-th row also carries
+    the held-out score (``eval/score_mean``), taken in turn from ``held_out``."""
+    out, evals = [], iter(held_out)
+    for i, score in enumerate(scores, 1):
+        row = {**HEALTHY, "score_mean": score, "iteration": i}
+        if i % every == 0:
+            row["eval/score_mean"] = next(evals)
+        out.append(row)
+    return out
+
+
+def test_the_training_score_rising_while_the_held_out_score_falls_warns():
+    # evaluations at 2, 4, 6, 8: training score means 0.15, 0.35, 0.55, 0.75 rise; held out
+    # 0.5, 0.4, 0.3 from the second on: two falling intervals at iteration 6
+    metrics = evaluated([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [0.5, 0.4, 0.3, 0.2])
+    monitor = HealthMonitor()
+    found = feed(monitor, holder(), metrics)
+    assert [(w["name"], w["iteration"]) for w in monitor.warnings] == [("reward_hacking", 6)]
+    assert len(found) == 1
+    message = monitor.warnings[0]["message"]
+    for number in ("0.15 to 0.55", "iterations 2 to 6", "0.5 to 0.3", "keep_best"):
+        assert number in message, (number, message)
+
+
+@pytest.mark.parametrize("scores,held_out", [
+    ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [0.1, 0.2, 0.3, 0.4]),    # both rise
+    ([0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], [0.5, 0.4, 0.3, 0.2]),    # both fall
+    ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [0.5, 0.4, 0.45, 0.3]),   # one fall at a time
+    ([0.1, 0.2, 0.3, 0.4], [0.5, 0.4]),                                  # one interval only
+])
+def test_no_hacking_warning_unless_the_scores_part_for_n_evaluations(scores, held_out):
+    monitor = HealthMonitor()
+    assert feed(monitor, holder(), evaluated(scores, held_out)) == []
+
+
+def test_without_evaluation_the_hacking_check_is_silent():
+    metrics = rows(*[{"score_mean": 0.1 * i} for i in range(20)])
+    assert feed(HealthMonitor(hacking_evals=1), holder(), metrics) == []
+
+
+def test_warnings_go_to_warnings_jsonl_and_a_resume_cuts_them_back(tmp_path):
+    trainer = types.SimpleNamespace(config=PPOConfig(progress=False), output_dir=tmp_path,
+                                    iteration=0)
+    monitor = HealthMonitor()
+    monitor.on_train_begin(trainer)
+    feed(monitor, trainer, rows({"clipfrac": 0.5}, {}, {"clipfrac": 0.5}))
+    lines = (tmp_path / "warnings.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == monitor.warnings
+    assert [w["iteration"] for w in monitor.warnings] == [1, 3]
+    trainer.iteration = 2                      # resumed from a checkpoint at iteration 2
+    HealthMonitor().on_train_begin(trainer)
+    assert [json.loads(line)["iteration"]
+            for line in (tmp_path / "warnings.jsonl").read_text().splitlines()] == [1]

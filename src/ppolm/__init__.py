@@ -9,6 +9,7 @@ from ppolm.errors import (
                           RewardError,
                           TrainingError,
 )
+from ppolm.evaluation.callback import EvalCallback
 from ppolm.evaluation.evaluate import EvalResult, distinct_n, evaluate
 from ppolm.evaluation.kl_budget import BudgetFit, WeightPath, fit_kl_budget
 from ppolm.maths.advantages import compute_gae, masked_mean, masked_var, whiten
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Advantages", "BudgetFit", "CallableReward", "Callback", "CheckpointError", "ConfigError",
-    "DataError", "Engine", "Episodes", "EvalResult", "FastCPUEngine", "HFPolicy",
+    "DataError", "Engine", "Episodes", "EvalCallback", "EvalResult", "FastCPUEngine", "HFPolicy",
     "HealthMonitor", "KLController", "LSTMPolicy", "PPOConfig", "PPOHealthWarning",
     "PPOLMError", "PlainEngine", "Policy", "RewardError", "RewardFunction", "Rollout",
     "SentimentReward", "SequenceClassifierReward", "TextGenerationEnv", "Trainer",

@@ -1,4 +1,5 @@
-"""Command line: ``ppolm train [CONFIG.yaml] [key=value ...] [--resume]``."""
+"""Command line: ``ppolm train [CONFIG.yaml] [key=value ...] [--resume]``,
+``ppolm report RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint in output_dir")
     sub.add_parser("show-config", help="print the built-in default run's config as YAML")
+    report = sub.add_parser("report", help="write an HTML page of a run (curves, samples, "
+                            "warnings, config)")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
+    report.add_argument("-o", "--out", help="the HTML file (default RUN_DIR/report.html)")
     ns = parser.parse_args(argv)
     try:
         if ns.command == "show-config":
@@ -30,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
             from ppolm.run import RunSpec
 
             print(yaml.safe_dump(RunSpec.load(None, []).to_dict(), sort_keys=False), end="")
+            return 0
+        if ns.command == "report":
+            from ppolm.evaluation.report import write_report
+
+            print(f"report: {write_report(ns.run_dir, ns.out)}")
             return 0
         return _train(ns.args, ns.resume)
     except PPOLMError as e:

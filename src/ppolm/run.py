@@ -117,6 +117,15 @@ class RunSpec:
     """A built-in reward name (see BUILTIN_REWARDS) or 'package.module:ClassName'."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the reward class."""
+    eval_prompts: str | list[str] | None = None
+    """Held-out prompts (a file, or a list) to evaluate the policy on during training (a
+    ``ppolm.EvalCallback``): ``eval/*`` metrics every ``eval_every`` iterations and after the
+    last. None: no evaluation."""
+    eval_every: int = 10
+    """Evaluate after every this many iterations (with eval_prompts)."""
+    keep_best: str | None = None
+    """With eval_prompts: keep the iteration where this metric (e.g. eval/score_mean) is
+    highest as a checkpoint in output_dir/best."""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunSpec:
@@ -248,7 +257,27 @@ def build_run(spec: RunSpec, reference: Any = None) -> Any:
                             add_special_tokens=not e.chat_template, seed=spec.ppo.seed,
                             chat_template=e.chat_template)
     torch.manual_seed(spec.ppo.seed)
-    return Trainer(policy, env, spec.ppo, value_head=value_head, reference=reference)
+    return Trainer(policy, env, spec.ppo, value_head=value_head, reference=reference,
+                   callbacks=_eval_callbacks(spec, tokenizer))
+
+
+def _eval_callbacks(spec: RunSpec, tokenizer: Any) -> list[Any]:
+    """The EvalCallback the spec asks for (none without eval_prompts)."""
+    if spec.eval_prompts is None:
+        if spec.keep_best is not None:
+            raise ConfigError("keep_best needs eval_prompts (the evaluation it reads).")
+        return []
+    from ppolm.evaluation.callback import EvalCallback
+    from ppolm.rollout.env import read_prompts
+
+    prompts = (read_prompts(spec.eval_prompts) if isinstance(spec.eval_prompts, str)
+               else spec.eval_prompts)
+    if spec.env.chat_template:
+        from ppolm.policies.pretrained import chat_prompts
+
+        prompts = chat_prompts(tokenizer, prompts)
+    return [EvalCallback(prompts, spec.eval_every, keep_best=spec.keep_best, seed=spec.ppo.seed,
+                         add_special_tokens=not spec.env.chat_template)]
 
 
 def _load_pretrained(m: ModelSpec) -> tuple[Any, Any]:

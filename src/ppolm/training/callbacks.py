@@ -23,9 +23,11 @@ class Callback:
         """Before the first iteration of a ``train()`` call (also after a resume)."""
 
     def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> bool | None:
-        """After an iteration's metrics are logged and the KL coefficient adapted. Return True
+        """After an iteration's metrics are computed and the KL coefficient adapted. Return True
         to stop training after this iteration (a checkpoint is written when the run has an
-        output_dir)."""
+        output_dir). A callback may add numbers to ``metrics`` (e.g. ``eval/*``): the
+        Trainer's own callbacks (trackers, metrics.jsonl), called after the given ones, record
+        them."""
         return None
 
     def on_save(self, trainer: Trainer, path: Path) -> None:
@@ -36,7 +38,8 @@ class Callback:
 
 
 class CallbackList(Callback):
-    """Several callbacks called in order; stop when any of them asks to."""
+    """Several callbacks called in order; stop when any of them asks to. An exception raised
+    in a callback propagates with a note naming the callback and the hook."""
 
     def __init__(self, callbacks: list[Callback] | None = None) -> None:
         self.callbacks = list(callbacks or [])
@@ -44,20 +47,26 @@ class CallbackList(Callback):
             if not isinstance(cb, Callback):
                 raise ConfigError(f"callbacks must be ppolm.Callback instances, got {cb!r}.")
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def call(self, hook: str, *args: Any) -> list[Any]:
+        """Call ``hook`` of every callback in order; their return values."""
+        out = []
         for cb in self.callbacks:
-            cb.on_train_begin(trainer)
+            try:
+                out.append(getattr(cb, hook)(*args))
+            except Exception as e:
+                if hasattr(e, "add_note"):           # Python 3.11+
+                    e.add_note(f"(raised in callback {type(cb).__name__}.{hook})")
+                raise
+        return out
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.call("on_train_begin", trainer)
 
     def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> bool | None:
-        stop = False
-        for cb in self.callbacks:
-            stop = bool(cb.on_iteration_end(trainer, metrics)) or stop
-        return stop
+        return any([bool(stop) for stop in self.call("on_iteration_end", trainer, metrics)])
 
     def on_save(self, trainer: Trainer, path: Path) -> None:
-        for cb in self.callbacks:
-            cb.on_save(trainer, path)
+        self.call("on_save", trainer, path)
 
     def on_train_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
-        for cb in self.callbacks:
-            cb.on_train_end(trainer, history)
+        self.call("on_train_end", trainer, history)

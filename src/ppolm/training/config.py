@@ -40,6 +40,7 @@ from ppolm.training.config_sections import (  # noqa: F401 (re-exported)
     RunConfig,
     SystemConfig,
 )
+from ppolm.training.trackers import check_report_to
 
 #: The sections of a PPOConfig, as its YAML file writes them.
 SECTIONS: dict[str, type] = {"algorithm": AlgorithmConfig, "system": SystemConfig,
@@ -141,6 +142,10 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
                               "or under torchrun); the fast_cpu engine keeps its own buffers.")
         if self.save_every and self.output_dir is None:
             raise ConfigError(f"save_every={self.save_every} needs an output_dir to save into.")
+        if self.log_samples_every < 0:
+            raise ConfigError(f"log_samples_every={self.log_samples_every} must be >= 0 "
+                              "(0: never).")
+        check_report_to(self.report_to, self.output_dir)
         self.check_estimator()
         self.num_minibatches = self.batch_size // self.minibatch_size
         self.grad_accum_steps = self.minibatch_size // micro

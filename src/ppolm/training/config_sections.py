@@ -4,7 +4,7 @@ feedback)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ppolm.engines.fast_cpu import FastCPUSettings
@@ -193,3 +193,20 @@ class RunConfig:
     """How many of the newest checkpoints to keep on disk."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that receive the metrics too (metrics.jsonl is always written):
+    any of 'tensorboard', 'wandb' (offline unless WANDB_MODE says otherwise), 'trackio'
+    (local), 'mlflow' (a file store in output_dir unless MLFLOW_TRACKING_URI is set); [] or
+    ['none'] for none. Each needs its package (``pip install ppolm[NAME]``) and an output_dir,
+    where the tracker's run id is kept so that a resumed run continues the same tracker run."""
+    log_samples_every: int = 10
+    """Record sampled prompts and responses (with reward and KL) every this many iterations,
+    and at the first and the last: samples.jsonl in output_dir, and a table in the trackers
+    that have tables. 0: never."""
+    tracker_project: str = "ppolm"
+    """The project (W&B, trackio) or experiment (MLflow) the trackers log the run under; the
+    run is named after output_dir."""
+    health_checks: bool = True
+    """Watch the metrics for known signs of trouble and warn in plain words (a default
+    ``ppolm.HealthMonitor``, unless one is passed in ``callbacks``); the warnings also go to
+    warnings.jsonl in output_dir."""

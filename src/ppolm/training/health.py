@@ -7,25 +7,30 @@ cleared, it warns again if it comes back. A metric that is missing or not finite
 were all skipped) leaves that condition as it was. The monitor never stops training.
 
 Warnings go through ``warnings.warn`` with the category ``PPOHealthWarning`` (silence them with
-``warnings.filterwarnings("ignore", category=PPOHealthWarning)``) and are kept in
-``monitor.warnings`` so a report can list them.
+``warnings.filterwarnings("ignore", category=PPOHealthWarning)``), are kept in
+``monitor.warnings``, and, in a run with an output_dir, go to warnings.jsonl there (cut back to
+the checkpoint on resume, like metrics.jsonl) so that ``ppolm report`` can list them.
 
-Not checked: reward hacking (the training reward rising while an evaluation score falls), which
-needs evaluation during training, which the Trainer does not run.
+The reward-hacking check reads ``eval/score_mean``, which an ``ppolm.EvalCallback`` placed
+before the monitor adds to the metrics; without it that check stays silent.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 from ppolm.errors import ConfigError
 from ppolm.training.callbacks import Callback, Trainer
+from ppolm.training.checkpoint import truncate_metrics
+from ppolm.training.metrics import MetricsWriter
 
 #: The conditions checked, by the name each warning carries.
 CONDITIONS = ("kl_high", "kl_rising", "kl_negative", "entropy_collapse", "clipfrac_high",
-              "approx_kl_high", "value_not_learning", "truncated", "skipped_updates")
+              "approx_kl_high", "value_not_learning", "truncated", "skipped_updates",
+              "reward_hacking")
 
 
 class PPOHealthWarning(UserWarning):
@@ -66,6 +71,11 @@ class HealthMonitor(Callback):
             0 this many iterations in a row (runs with a value function only). Default 5.
         truncated_fraction: warn when more than this fraction of the batch hit the length
             limit without an end token (``eos_fraction`` below 1 minus it). Default 0.8.
+        hacking_evals: warn when, over this many evaluations in a row, the training score
+            (``score_mean``, averaged over the iterations since the evaluation before) rose
+            each time while the score on the held-out prompts (``eval/score_mean``) fell each
+            time: the policy gains on its training prompts what it loses elsewhere, the sign
+            of reward hacking (or of overfitting the training prompts). Default 2.
 
     Any skipped non-finite update (``skipped_updates`` > 0) also warns.
     """
@@ -74,13 +84,15 @@ class HealthMonitor(Callback):
                  kl_rising_iterations: int = 5, kl_rising_floor: float = 0.5,
                  negative_kl: float = -0.1, entropy_fraction: float = 0.1,
                  clipfrac_limit: float = 0.3, approx_kl_limit: float = 0.1,
-                 value_iterations: int = 5, truncated_fraction: float = 0.8) -> None:
+                 value_iterations: int = 5, truncated_fraction: float = 0.8,
+                 hacking_evals: int = 2) -> None:
         for name, value in (("kl_factor", kl_factor), ("kl_limit", kl_limit),
                             ("approx_kl_limit", approx_kl_limit)):
             if not value > 0:
                 raise ConfigError(f"HealthMonitor {name}={value} must be > 0.")
         for name, count in (("kl_rising_iterations", kl_rising_iterations),
-                            ("value_iterations", value_iterations)):
+                            ("value_iterations", value_iterations),
+                            ("hacking_evals", hacking_evals)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ConfigError(f"HealthMonitor {name}={count!r} must be an integer >= 1.")
         for name, value in (("kl_rising_floor", kl_rising_floor),
@@ -97,6 +109,7 @@ class HealthMonitor(Callback):
         self.negative_kl, self.entropy_fraction = float(negative_kl), float(entropy_fraction)
         self.clipfrac_limit, self.approx_kl_limit = float(clipfrac_limit), float(approx_kl_limit)
         self.value_iterations, self.truncated_fraction = value_iterations, truncated_fraction
+        self.hacking_evals = hacking_evals
         #: Every warning given: dicts of ``iteration``, ``name`` (one of CONDITIONS), ``message``.
         self.warnings: list[dict[str, Any]] = []
         self.active: set[str] = set()         # conditions in an episode of trouble
@@ -105,6 +118,20 @@ class HealthMonitor(Callback):
         self.kl_rises = 0                      # iterations in a row the KL rose (over the floor)
         self.value_bad = 0                     # iterations in a row explained variance < 0
         self.seen = 0                          # iterations checked
+        self.train_scores: list[float] = []    # score_mean since the last evaluation
+        self.evals: list[tuple[Any, float, float]] = []   # (iteration, train score, eval score)
+        self.path: Path | None = None          # warnings.jsonl, in a run with an output_dir
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """Find warnings.jsonl: a new run starts it afresh, a resumed one cuts it back."""
+        output_dir = getattr(trainer, "output_dir", None)
+        if output_dir is None:
+            return
+        self.path = Path(output_dir) / "warnings.jsonl"
+        if trainer.iteration == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            truncate_metrics(self.path, trainer.iteration)
 
     # --- the hook ----------------------------------------------------------------------------
     def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
@@ -122,6 +149,7 @@ class HealthMonitor(Callback):
             "value_not_learning": self._explained_variance(config, metrics, it),
             "truncated": self._truncated(config, metrics, it),
             "skipped_updates": self._skipped(config, metrics, it),
+            "reward_hacking": self._hacking(config, metrics, it),
         }
         for name, result in checks.items():
             if result is None:                  # unknown this iteration: no change
@@ -136,6 +164,7 @@ class HealthMonitor(Callback):
     def warn(self, iteration: Any, name: str, message: str) -> None:
         """Record a warning and issue it as a PPOHealthWarning."""
         self.warnings.append({"iteration": iteration, "name": name, "message": message})
+        MetricsWriter(self.path).write(self.warnings[-1])
         warnings.warn(message, PPOHealthWarning, stacklevel=3)
 
     # --- the conditions: None (unknown), False (fine) or the message -------------------------
@@ -261,3 +290,26 @@ class HealthMonitor(Callback):
                 "gradient norm was not finite: check the rewards for NaN or inf and lower "
                 f"learning_rate (training stops after max_bad_updates={config.max_bad_updates} "
                 "in a row).")
+
+    def _hacking(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
+        score = _value(m, "score_mean")
+        if score is not None:
+            self.train_scores.append(score)
+        held_out = _value(m, "eval/score_mean")
+        if held_out is None or not self.train_scores:
+            return None
+        self.evals.append((it, sum(self.train_scores) / len(self.train_scores), held_out))
+        self.train_scores = []
+        last = self.evals[-self.hacking_evals - 1:]
+        if len(last) <= self.hacking_evals:
+            return False
+        pairs = list(zip(last, last[1:], strict=False))
+        if not all(b[1] > a[1] and b[2] < a[2] for a, b in pairs):
+            return False
+        (i0, t0, e0), (_, t1, e1) = last[0], last[-1]
+        return (f"The training score rose from {t0:.3g} to {t1:.3g} over the last "
+                f"{self.hacking_evals} evaluations (iterations {i0} to {it}) while the score "
+                f"on the held-out prompts fell from {e0:.3g} to {e1:.3g}: the policy is "
+                "likely exploiting the reward on its training prompts (reward hacking) or "
+                "overfitting them. Read the samples, raise kl_coef, and keep the best "
+                "checkpoint by the held-out score (EvalCallback keep_best='eval/score_mean').")

@@ -1,4 +1,5 @@
-"""Per-iteration metrics: one JSON line each, appended and flushed at once."""
+"""Per-iteration metrics: one JSON line each, appended and flushed at once; the names every
+tracker and metrics.jsonl share; the sampled responses an iteration records."""
 
 from __future__ import annotations
 
@@ -7,14 +8,41 @@ import math
 from pathlib import Path
 from typing import Any
 
-#: The metric names every iteration logs (reward parts add ``reward/<name>``).
+#: The metric names an iteration logs, to metrics.jsonl and to every tracker alike
+#: (``explained_variance`` with a value function only, ``zero_signal_groups`` with
+#: samples_per_prompt > 1). Families named by a prefix come on top: see METRIC_PREFIXES.
 METRIC_NAMES = (
-    "iteration", "reward_mean", "reward_std", "score_mean", "kl", "kl_coef", "entropy",
-    "approx_kl", "clipfrac", "ratio_dev_first", "policy_loss", "value_loss", "value_clipfrac",
-    "explained_variance", "grad_norm", "lr", "skipped_updates", "epochs_done",
-    "response_length", "eos_fraction", "tokens_per_s", "episodes_per_s",
+    "iteration", "reward_mean", "reward_std", "score_mean", "score_std", "kl", "kl_coef",
+    "entropy", "approx_kl", "clipfrac", "ratio_dev_first", "ratio_max_dev", "loss",
+    "policy_loss", "value_loss", "value_clipfrac", "explained_variance", "grad_norm", "lr",
+    "skipped_updates", "epochs_done", "response_length", "eos_fraction", "zero_signal_groups",
+    "tokens_per_s", "episodes_per_s",
     "time_generate", "time_reward", "time_forward", "time_advantages", "time_train", "time_total",
 )
+#: Families of metric names: the parts of a combined reward (``reward/<part>``) and the
+#: evaluation on held-out prompts (``eval/<figure>``, see ``ppolm.EvalCallback``).
+METRIC_PREFIXES = ("reward/", "eval/")
+#: The columns of a sample table (samples.jsonl and the trackers' tables).
+SAMPLE_COLUMNS = ("prompt", "response", "reward", "kl")
+#: At most this many samples of an iteration are recorded (the first of its batch).
+SAMPLES_PER_ITERATION = 16
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics row that trackers record, by name: every finite int or float
+    but the ``iteration`` (the trackers' step). The same numbers metrics.jsonl holds."""
+    return {k: float(v) for k, v in row.items()
+            if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
+
+
+def iteration_samples(prompts: list[str], responses: list[str], rewards: list[float],
+                      kls: list[float]) -> list[dict[str, Any]]:
+    """An iteration's first SAMPLES_PER_ITERATION samples as rows of SAMPLE_COLUMNS
+    (``reward``: the reward function's score; ``kl``: the response's KL to the reference)."""
+    n = min(SAMPLES_PER_ITERATION, len(prompts))
+    return [dict(zip(SAMPLE_COLUMNS, (prompts[i], responses[i], float(rewards[i]),
+                                      float(kls[i])), strict=True)) for i in range(n)]
 
 
 class MetricsWriter:

@@ -25,10 +25,11 @@ from ppolm.rollout.types import Advantages, Episodes, Rollout
 from ppolm.training.averaging import TailAverage
 from ppolm.training.callbacks import Callback, CallbackList
 from ppolm.training.config import PPOConfig
+from ppolm.training.default_callbacks import default_callbacks
 from ppolm.training.distributed import World, init_process_group
 from ppolm.training.engines import make_engine, resolve_device
 from ppolm.training.kl_control import KLController
-from ppolm.training.metrics import MetricsWriter
+from ppolm.training.metrics import MetricsWriter, iteration_samples
 from ppolm.training.objective import estimate_advantages, ppo_loss
 from ppolm.training.progress import Timer, progress_bar
 from ppolm.training.schedule import lr_factor
@@ -48,7 +49,8 @@ class Trainer(TrainerState):
             ``policy.reference_model()`` (a frozen copy of ``policy`` as it is now; with LoRA,
             the same model with its adapters disabled).
         engine: how the numbers are computed; default the one ``config.engine`` names.
-        callbacks: ``ppolm.Callback`` instances called at fixed points of the loop.
+        callbacks: ``ppolm.Callback`` instances called at fixed points of the loop, in order,
+            before the ones the config asks for (health checks, trackers, metrics.jsonl).
     """
 
     def __init__(self, policy: Policy, env: TextGenerationEnv, config: PPOConfig,
@@ -56,11 +58,12 @@ class Trainer(TrainerState):
                  engine: Engine | None = None, callbacks: list[Callback] | None = None
                  ) -> None:
         self.config, self.env = config, env
-        self.callbacks = CallbackList(callbacks)
         self.device = resolve_device(config.device)
         init_process_group(self.device, config.dist_timeout)     # under torchrun only
         self.world = World.current()
         self.world.check_config(config)
+        given = list(callbacks or [])      # (the defaults record the run on rank 0 only)
+        self.callbacks = CallbackList(given + default_callbacks(config, given))
         self.engine = engine or make_engine(config, self.device)
         env.check_policy(policy)
         # Dropout off everywhere: it makes logprobs noisy and the PPO ratio wrong.
@@ -88,6 +91,7 @@ class Trainer(TrainerState):
         self.iteration = 0            # iterations completed
         self.bad_updates = 0          # non-finite updates in a row
         self.history: list[dict[str, Any]] = []
+        self.last_samples: list[dict[str, Any]] = []   # the last iteration's first samples
         self.average = TailAverage()  # of the last config.average_last iterates
         self.last_iterate: dict[str, Tensor] | None = None   # set when the average replaced it
         self.output_dir = Path(config.output_dir) if config.output_dir is not None else None
@@ -300,7 +304,7 @@ class Trainer(TrainerState):
 
     def log(self, episodes: Episodes, rollout: Rollout, advantages: Advantages,
             stats: dict[str, float], timer: Timer) -> dict[str, Any]:
-        """Write the iteration's metrics (fixed names, see ppolm.training.metrics)."""
+        """The iteration's metrics (fixed names, see ppolm.training.metrics) and samples."""
         cfg, mask = self.config, rollout.response_mask
         # The metric uses the optimised estimator; for the exact KL (optimised per state),
         # k1 on the sampled tokens: the unbiased estimate of the KL of whole responses.
@@ -329,6 +333,7 @@ class Trainer(TrainerState):
                                                            mask)
         if cfg.samples_per_prompt > 1:
             row["zero_signal_groups"] = zero_signal_share(rollout.scores, cfg.samples_per_prompt)
-        self.history.append(row)
-        self.metrics.write(row)
+        self.history.append(row)        # metrics.jsonl: written by a callback (trackers.py)
+        self.last_samples = iteration_samples(episodes.prompts, episodes.responses,
+                                              rollout.scores.tolist(), kl_seq.tolist())
         return row

@@ -1,0 +1,47 @@
+"""The callbacks a Trainer adds on its own, from its config: health checks, the trackers of
+``report_to``, samples.jsonl and metrics.jsonl."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ppolm.training.callbacks import Callback
+from ppolm.training.health import HealthMonitor
+from ppolm.training.tracker_services import MLflowTracker, TrackioTracker, WandbTracker
+from ppolm.training.trackers import MetricsFile, SamplesFile, TensorBoardTracker, Tracker
+
+#: The tracker class of each name ``report_to`` takes.
+TRACKER_CLASSES: dict[str, type[Tracker]] = {
+    "tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker,
+    "mlflow": MLflowTracker}
+
+
+def make_trackers(config: Any) -> list[Tracker]:
+    """The trackers ``config.report_to`` names, in its order."""
+    return [TRACKER_CLASSES[name](config.output_dir, config.tracker_project)
+            for name in config.report_to if name != "none"]
+
+
+def main_process() -> bool:
+    """Whether this process records the run: the only one, or rank 0 when torch.distributed
+    runs several (one set of files, one tracker run and one warning per trouble, not one per
+    process)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def default_callbacks(config: Any, given: list[Callback]) -> list[Callback]:
+    """The callbacks a Trainer adds after the ``given`` ones, in the main process only: a
+    HealthMonitor (``health_checks``, unless one is given), the trackers, samples.jsonl and
+    metrics.jsonl (last, so that it holds every metric the others added)."""
+    out: list[Callback] = []
+    if not main_process():
+        return out
+    if config.health_checks and not any(isinstance(cb, HealthMonitor) for cb in given):
+        out.append(HealthMonitor())
+    out += make_trackers(config)
+    if config.output_dir is not None:
+        out.append(SamplesFile(config.output_dir))
+    out.append(MetricsFile())
+    return out

@@ -1,0 +1,112 @@
+"""The trackers of a service: Weights & Biases, trackio and MLflow, each through its own
+library, each writing locally unless told otherwise (see ``ppolm.training.trackers`` for what
+every tracker does; each library is imported only when its tracker opens)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ppolm.training.callbacks import Trainer
+from ppolm.training.metrics import SAMPLE_COLUMNS
+from ppolm.training.trackers import Tracker
+
+
+def _table_data(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[r[c] for c in SAMPLE_COLUMNS] for r in rows]
+
+
+class _RunTracker(Tracker):
+    """A tracker whose library gives a run with ``log(dict, step=)`` and ``finish()`` and a
+    ``Table(columns=, data=)`` class (W&B, and trackio, which copies its API)."""
+
+    library: Any
+    run: Any
+
+    def log(self, values: dict[str, float], step: int, samples: list[dict[str, Any]] | None
+            ) -> None:
+        table = (self.library.Table(columns=list(SAMPLE_COLUMNS), data=_table_data(samples))
+                 if samples else None)
+        self.run.log({**values, **({"samples": table} if table else {})}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class WandbTracker(_RunTracker):
+    """A W&B run under output_dir/wandb, offline unless the environment sets WANDB_MODE
+    (``wandb sync`` uploads an offline run later); the samples as a ``wandb.Table``."""
+
+    name = "wandb"
+
+    def open(self, trainer: Trainer, resume: bool) -> None:
+        import wandb
+
+        self.library = wandb
+        self.run = wandb.init(project=self.project, id=self.run_id, name=self.output_dir.name,
+                              dir=str(self.output_dir), config=trainer.config.to_dict(),
+                              mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]
+                              resume="allow" if resume else None, reinit="create_new",
+                              settings=wandb.Settings(silent=True))
+
+
+class TrackioTracker(_RunTracker):
+    """A trackio run (local: its database under TRACKIO_DIR, by default
+    ~/.cache/huggingface/trackio; ``trackio show`` opens the dashboard), named by the run id;
+    the samples as a ``trackio.Table``."""
+
+    name = "trackio"
+
+    def open(self, trainer: Trainer, resume: bool) -> None:
+        import trackio
+
+        self.library = trackio
+        self.run = trackio.init(project=self.project, name=self.run_id,
+                                config=trainer.config.to_dict(),
+                                resume="allow" if resume else "never", embed=False,
+                                auto_log_gpu=False, auto_log_cpu=False)
+
+
+class MLflowTracker(Tracker):
+    """An MLflow run in the experiment ``project``: in output_dir/mlflow.db (SQLite; artifacts
+    under output_dir/mlartifacts) unless MLFLOW_TRACKING_URI names another store
+    (``mlflow ui --backend-store-uri sqlite:///.../mlflow.db`` shows a local one); the samples
+    as a table artifact ``samples/iter-NNNNNNN.json``."""
+
+    name = "mlflow"
+
+    def open(self, trainer: Trainer, resume: bool) -> None:
+        from mlflow.tracking import MlflowClient
+
+        local = self.output_dir.resolve()
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{local / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri)
+        if resume:
+            self.mlflow_run = self.run_id.partition(":")[2]
+            self.client.update_run(self.mlflow_run, status="RUNNING")
+            return
+        found = self.client.get_experiment_by_name(self.project)
+        artifacts = None if "MLFLOW_TRACKING_URI" in os.environ else (
+            (local / "mlartifacts").as_uri())
+        experiment = (found.experiment_id if found is not None else
+                      self.client.create_experiment(self.project, artifact_location=artifacts))
+        run = self.client.create_run(experiment, run_name=self.run_id)
+        self.mlflow_run = run.info.run_id
+        self.run_id = f"{self.run_id}:{self.mlflow_run}"       # the name, then MLflow's id
+        for key, value in trainer.config.to_dict().items():
+            self.client.log_param(self.mlflow_run, key, value)
+
+    def log(self, values: dict[str, float], step: int, samples: list[dict[str, Any]] | None
+            ) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.mlflow_run, metrics=[
+            Metric(key, value, now, step) for key, value in values.items()])
+        if samples:
+            columns = {c: [r[c] for r in samples] for c in SAMPLE_COLUMNS}
+            self.client.log_table(self.mlflow_run, columns, f"samples/iter-{step:07d}.json")
+
+    def close(self) -> None:
+        self.client.set_terminated(self.mlflow_run)

@@ -1,0 +1,217 @@
+"""Where the metrics go: metrics.jsonl (always), samples.jsonl, and the experiment trackers of
+``PPOConfig.report_to`` (TensorBoard here; W&B, trackio and MLflow in ``tracker_services``).
+Each is a ``Callback``; the Trainer adds them after the user's callbacks
+(``ppolm.training.default_callbacks``), so that metrics a callback adds to the row (e.g.
+``eval/*``) reach every one of them.
+
+Every tracker records the same numbers as metrics.jsonl (``metrics.scalars`` of the row) at
+the step ``iteration``. A tracker keeps its run id and the last step it logged in
+output_dir/trackers.json: a resumed run continues the same tracker run, and steps it has
+already logged (iterations run again after the checkpoint; resume is exact, so their numbers
+are the same) are not logged twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ppolm.errors import ConfigError
+from ppolm.training.callbacks import Callback, Trainer
+from ppolm.training.checkpoint import truncate_metrics
+from ppolm.training.metrics import SAMPLE_COLUMNS, MetricsWriter, scalars
+
+#: Each tracker of ``report_to``: the module it imports and the pip package that provides it.
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+            "trackio": ("trackio", "trackio"), "mlflow": ("mlflow", "mlflow")}
+STATE_FILE = "trackers.json"
+
+
+def check_report_to(report_to: list[str], output_dir: str | None) -> None:
+    """ConfigError for an unknown tracker, 'none' beside others, a tracker without an
+    output_dir, or a tracker whose package is not installed (naming the pip install)."""
+    for name in report_to:
+        if name != "none" and name not in TRACKERS:
+            raise ConfigError(f"report_to: unknown tracker {name!r}; use any of "
+                              f"{', '.join(TRACKERS)}, or 'none'.")
+    if "none" in report_to and len(report_to) > 1:
+        raise ConfigError(f"report_to={report_to} names 'none' beside trackers; give one or "
+                          "the other.")
+    names = [n for n in report_to if n != "none"]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"report_to={report_to} names a tracker twice.")
+    if names and output_dir is None:
+        raise ConfigError(f"report_to={names} needs an output_dir (the trackers' files and "
+                          "run ids are kept there).")
+    for name in names:
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"report_to={name!r} needs the {package} package: "
+                              f"pip install {package}  (or pip install 'ppolm[{name}]').")
+
+
+def samples_due(trainer: Trainer, iteration: int) -> bool:
+    """Whether an iteration records its samples: the first, every ``log_samples_every``-th
+    and the last of the run."""
+    every = trainer.config.log_samples_every
+    return bool(every) and (iteration == 1 or iteration % every == 0
+                            or iteration == trainer.config.iterations)
+
+
+class MetricsFile(Callback):
+    """Appends each iteration's row to metrics.jsonl (the crash-safe record that resume
+    truncates to the checkpoint), after the other callbacks have added their metrics."""
+
+    def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        writer: MetricsWriter = trainer.metrics
+        writer.write(metrics)
+
+
+class SamplesFile(Callback):
+    """samples.jsonl in output_dir: one line per recorded iteration, ``{"iteration": k,
+    "samples": [rows of SAMPLE_COLUMNS]}``; cut back to the checkpoint on resume like the
+    metrics."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir) / "samples.jsonl"
+        self.written = 0          # the last iteration written
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if trainer.iteration == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            truncate_metrics(self.path, trainer.iteration)
+        self.written = trainer.iteration
+
+    def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if samples_due(trainer, metrics["iteration"]):
+            self.write(trainer, metrics["iteration"])
+
+    def on_train_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
+        stopped_early = history and self.written < trainer.iteration
+        if stopped_early and trainer.config.log_samples_every:      # its last iteration too
+            self.write(trainer, trainer.iteration)
+
+    def write(self, trainer: Trainer, iteration: int) -> None:
+        if not trainer.last_samples or self.written == iteration:
+            return
+        MetricsWriter(self.path).write({"iteration": iteration,
+                                        "samples": trainer.last_samples})
+        self.written = iteration
+
+
+class Tracker(Callback):
+    """An experiment tracker: opens (or resumes) its run at the start of ``train()``, logs
+    each iteration's scalars (and the sample table when due) at step ``iteration``, closes at
+    the end. Subclasses say how: ``open``, ``log``, ``close``."""
+
+    name = "tracker"
+
+    def __init__(self, output_dir: str | Path, project: str = "ppolm") -> None:
+        self.output_dir, self.project = Path(output_dir), project
+        self.is_open = False
+        self.run_id = ""
+        self.last_step = 0
+
+    # --- what a tracker implements ------------------------------------------------------------
+    def open(self, trainer: Trainer, resume: bool) -> None:
+        """Start the run ``self.run_id``, or continue it when ``resume``."""
+        raise NotImplementedError
+
+    def log(self, values: dict[str, float], step: int, samples: list[dict[str, Any]] | None
+            ) -> None:
+        """Record the scalars, and the table of samples (rows of SAMPLE_COLUMNS) if given."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # --- the hooks ----------------------------------------------------------------------------
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if self.is_open:
+            return
+        saved = _read_state(self.output_dir).get(self.name)
+        resume = trainer.iteration > 0 and saved is not None
+        if resume and saved is not None:
+            self.run_id, self.last_step = saved["run_id"], int(saved["last_step"])
+        else:
+            self.run_id, self.last_step = f"{self.output_dir.name}-{uuid.uuid4().hex[:8]}", 0
+        self.open(trainer, resume)
+        self.is_open = True
+        self.save_state()
+
+    def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        step = int(metrics["iteration"])
+        if step <= self.last_step:          # logged before the run was resumed
+            return
+        due = samples_due(trainer, step) and bool(trainer.last_samples)
+        self.log(scalars(metrics), step, trainer.last_samples if due else None)
+        self.last_step = step
+        self.save_state()
+
+    def on_train_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
+        if self.is_open:
+            self.close()
+            self.is_open = False
+
+    def save_state(self) -> None:
+        state = _read_state(self.output_dir)
+        state[self.name] = {"run_id": self.run_id, "last_step": self.last_step}
+        tmp = self.output_dir / f".{STATE_FILE}.tmp"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, self.output_dir / STATE_FILE)
+
+
+def _read_state(output_dir: Path) -> dict[str, Any]:
+    path = output_dir / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise ConfigError(f"{str(path)!r} is not valid JSON; delete it to start new tracker "
+                          "runs.") from None
+    return state if isinstance(state, dict) else {}
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Sample rows as a Markdown table (for trackers that show text)."""
+    def cell(v: Any) -> str:
+        text = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(SAMPLE_COLUMNS) + " |", "|---" * len(SAMPLE_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cell(r[c]) for c in SAMPLE_COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class TensorBoardTracker(Tracker):
+    """Event files under output_dir/tensorboard (``tensorboard --logdir`` on it); the sample
+    table as Markdown text."""
+
+    name = "tensorboard"
+
+    def open(self, trainer: Trainer, resume: bool) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = self.output_dir / "tensorboard"
+        if not resume:
+            shutil.rmtree(log_dir, ignore_errors=True)      # an earlier run's events
+        self.writer = SummaryWriter(str(log_dir))
+
+    def log(self, values: dict[str, float], step: int, samples: list[dict[str, Any]] | None
+            ) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        if samples:
+            self.writer.add_text("samples", markdown_table(samples), step)
+        self.writer.flush()            # a crash loses nothing the state file says was logged
+
+    def close(self) -> None:
+        self.writer.close()
