@@ -151,3 +151,17 @@ def test_an_exception_in_a_callback_names_the_callback():
     with pytest.raises(KeyError, match="no such metric") as caught:
         trainer.train()
     assert "(raised in callback Broken.on_iteration_end)" in caught.value.__notes__
+
+
+def test_the_progress_bar_is_a_callback_that_counts_the_iterations(capsys):
+    from ppolm.training.progress import ProgressCallback
+
+    trainer = make_trainer(None, progress=True)
+    bars = [cb for cb in trainer.callbacks.callbacks if isinstance(cb, ProgressCallback)]
+    assert len(bars) == 1
+    trainer.train()
+    err = capsys.readouterr().err
+    assert "3/3" in err and "reward=" in err and "kl=" in err
+    assert bars[0].bar is None                             # closed at the end
+    quiet = make_trainer(None)                             # progress=False: no bar
+    assert not any(isinstance(cb, ProgressCallback) for cb in quiet.callbacks.callbacks)

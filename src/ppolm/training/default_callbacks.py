@@ -7,6 +7,7 @@ from typing import Any
 
 from ppolm.training.callbacks import Callback
 from ppolm.training.health import HealthMonitor
+from ppolm.training.progress import ProgressCallback
 from ppolm.training.tracker_services import MLflowTracker, TrackioTracker, WandbTracker
 from ppolm.training.trackers import MetricsFile, SamplesFile, TensorBoardTracker, Tracker
 
@@ -32,12 +33,15 @@ def main_process() -> bool:
 
 
 def default_callbacks(config: Any, given: list[Callback]) -> list[Callback]:
-    """The callbacks a Trainer adds after the ``given`` ones, in the main process only: a
-    HealthMonitor (``health_checks``, unless one is given), the trackers, samples.jsonl and
-    metrics.jsonl (last, so that it holds every metric the others added)."""
+    """The callbacks a Trainer adds after the ``given`` ones, in the main process only: the
+    progress bar (``progress``), a HealthMonitor (``health_checks``, unless one is given), the
+    trackers, samples.jsonl and metrics.jsonl (last, so that it holds every metric the others
+    added)."""
     out: list[Callback] = []
     if not main_process():
         return out
+    if config.progress:
+        out.append(ProgressCallback())
     if config.health_checks and not any(isinstance(cb, HealthMonitor) for cb in given):
         out.append(HealthMonitor())
     out += make_trackers(config)

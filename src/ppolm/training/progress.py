@@ -1,4 +1,4 @@
-"""Seconds per named phase of an iteration, and the progress bar of a run."""
+"""Seconds per named phase of an iteration, and the progress bar of a run (a callback)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
+
+from ppolm.training.callbacks import Callback
 
 
 class Timer:
@@ -29,25 +31,26 @@ class Timer:
         return time.perf_counter() - self.start
 
 
-class ProgressBar:
-    def __init__(self, bar: Any) -> None:
-        self.bar = bar
+class ProgressCallback(Callback):
+    """The progress bar of a run (``config.progress``; tqdm): the last iteration's reward and
+    KL. Added by the Trainer, on rank 0 only."""
 
-    def update(self, row: dict[str, Any]) -> None:
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def on_train_begin(self, trainer: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.on_train_end(trainer, [])
+        self.bar = tqdm(total=trainer.config.iterations, initial=trainer.iteration, desc="ppo",
+                        unit="it", dynamic_ncols=True)
+
+    def on_iteration_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(reward=f"{row['score_mean']:.3f}", kl=f"{row['kl']:.3f}")
+            self.bar.set_postfix(reward=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
             self.bar.update(1)
 
-
-@contextlib.contextmanager
-def progress_bar(enabled: bool, total: int, initial: int) -> Iterator[ProgressBar]:
-    if not enabled:
-        yield ProgressBar(None)
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=initial, desc="ppo", unit="it", dynamic_ncols=True)
-    try:
-        yield ProgressBar(bar)
-    finally:
-        bar.close()
+    def on_train_end(self, trainer: Any, history: list[dict[str, Any]]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

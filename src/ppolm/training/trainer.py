@@ -31,7 +31,7 @@ from ppolm.training.engines import make_engine, resolve_device
 from ppolm.training.kl_control import KLController
 from ppolm.training.metrics import MetricsWriter, iteration_samples
 from ppolm.training.objective import estimate_advantages, ppo_loss
-from ppolm.training.progress import Timer, progress_bar
+from ppolm.training.progress import Timer
 from ppolm.training.schedule import lr_factor
 from ppolm.training.trainer_state import TrainerState
 
@@ -107,14 +107,11 @@ class Trainer(TrainerState):
             self.start_fresh()
         self.callbacks.on_train_begin(self)
         first, stop = len(self.history), False
-        with progress_bar(cfg.progress and self.world.is_main, cfg.iterations,
-                          self.iteration) as bar:
-            while self.iteration < cfg.iterations and not stop:
-                row = self.iterate()
-                bar.update(row)
-                stop = self.world.any(bool(self.callbacks.on_iteration_end(self, row)))
-                if cfg.save_every and self.iteration % cfg.save_every == 0:
-                    self.save()
+        while self.iteration < cfg.iterations and not stop:
+            row = self.iterate()
+            stop = self.world.any(bool(self.callbacks.on_iteration_end(self, row)))
+            if cfg.save_every and self.iteration % cfg.save_every == 0:
+                self.save()
         if self.output_dir is not None and (not cfg.save_every or self.iteration % cfg.save_every):
             self.save()
         self.callbacks.on_train_end(self, self.history[first:])
