@@ -28,22 +28,16 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from workload import ToyReward, Work, build_models, make_prompts, smollm2_tokenizer  # noqa: E402
+from workload import Work, toy_policy_and_env  # noqa: E402
 
 
 def run(estimator: str, engine: str, iterations: int) -> dict[str, Any]:
-    from ppolm import CallableReward, HFPolicy, PPOConfig, TextGenerationEnv, Trainer, ValueHead
+    from ppolm import PPOConfig, Trainer, ValueHead
 
     torch.set_num_threads(2)
     work = Work(size="135m", batch_size=16, response_len=32, ppo_epochs=1, num_minibatches=2,
                 reward="toy")
-    tok = smollm2_tokenizer()
-    models = build_models(tok, work)
-    policy = HFPolicy(models["policy"])
-    toy = ToyReward(tok, models["policy"].get_input_embeddings().weight)
-    env = TextGenerationEnv(make_prompts(tok, work.num_prompts, work.prompt_len), tok,
-                            CallableReward(lambda ps, rs: toy(rs)),
-                            max_new_tokens=work.response_len, ignore_eos=True, seed=0)
+    policy, env = toy_policy_and_env(work)
     gae = estimator == "gae"
     config = PPOConfig(iterations=iterations, batch_size=work.batch_size,
                        minibatch_size=work.minibatch_size, ppo_epochs=work.ppo_epochs,

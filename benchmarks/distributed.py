@@ -34,7 +34,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from workload import ToyReward, Work, build_models, make_prompts, smollm2_tokenizer  # noqa: E402
+from workload import Work, toy_policy_and_env  # noqa: E402
 
 
 def local_bytes(t: torch.Tensor) -> int:
@@ -44,15 +44,9 @@ def local_bytes(t: torch.Tensor) -> int:
 
 
 def build(work: Work, strategy: str, iterations: int) -> Any:
-    from ppolm import CallableReward, HFPolicy, PPOConfig, TextGenerationEnv, Trainer, ValueHead
+    from ppolm import PPOConfig, Trainer, ValueHead
 
-    tok = smollm2_tokenizer()
-    models = build_models(tok, work)
-    policy = HFPolicy(models["policy"])
-    toy = ToyReward(tok, models["policy"].get_input_embeddings().weight)
-    env = TextGenerationEnv(make_prompts(tok, work.num_prompts, work.prompt_len), tok,
-                            CallableReward(lambda ps, rs: toy(rs)),
-                            max_new_tokens=work.response_len, ignore_eos=True, seed=work.seed)
+    policy, env = toy_policy_and_env(work)
     config = PPOConfig(iterations=iterations, batch_size=work.batch_size,
                        minibatch_size=work.minibatch_size, ppo_epochs=work.ppo_epochs,
                        learning_rate=work.learning_rate, temperature=work.temperature,

@@ -147,6 +147,21 @@ def build_models(tok: Any, work: Work) -> dict[str, Any]:
     return {"policy": policy, "value": value, "reward": reward}
 
 
+def toy_policy_and_env(work: Work) -> tuple[Any, Any]:
+    """ppolm's policy (an HFPolicy of the work's random Llama) and an environment scoring with
+    the toy reward below: the pieces of the single-side benchmarks (distributed.py,
+    critic_free_cost.py)."""
+    from ppolm import CallableReward, HFPolicy, TextGenerationEnv
+
+    tok = smollm2_tokenizer()
+    models = build_models(tok, work)
+    toy = ToyReward(tok, models["policy"].get_input_embeddings().weight)
+    env = TextGenerationEnv(make_prompts(tok, work.num_prompts, work.prompt_len), tok,
+                            CallableReward(lambda ps, rs: toy(rs)),
+                            max_new_tokens=work.response_len, ignore_eos=True, seed=work.seed)
+    return HFPolicy(models["policy"]), env
+
+
 # --- the toy reward (learning check) ------------------------------------------------------------
 
 class ToyReward:
