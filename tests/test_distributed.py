@@ -38,20 +38,21 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.fixture(scope="module")
 def updates(tmp_path_factory):
-    """One update from the same 8 episodes: in one process, and on 2 ranks x 4 episodes with
-    DDP, with FSDP2 and with FSDP2 and gradient checkpointing, for a shared value head and a
-    separate critic."""
+    """One update from the same 8 episodes: in one process, on 2 ranks x 4 episodes and on one
+    rank under torchrun, with DDP, with FSDP2 and with FSDP2 and gradient checkpointing, for a
+    shared value head and a separate critic."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    for out, nproc in ((one, None), (two, 2)):
+    solo = tmp_path_factory.mktemp("solo")
+    for out, nproc in ((one, None), (two, 2), (solo, 1)):
         done = launch("update", out, nproc)
         assert done.returncode == 0, done.stderr[-6000:]
-    return one, two
+    return one, two, solo
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_ckpt"])
 @pytest.mark.parametrize("head", ["shared", "separate"])
 def test_two_ranks_on_half_batches_make_the_update_of_one_process(updates, strategy, head):
-    one, two = updates
+    one, two, _ = updates
     a = torch.load(one / f"single-{head}.pt", weights_only=False)
     b = torch.load(two / f"{strategy}-{head}.pt", weights_only=False)
     assert max_diff(a["state"], b["state"]) < 1e-5
@@ -62,9 +63,24 @@ def test_two_ranks_on_half_batches_make_the_update_of_one_process(updates, strat
         assert b["metrics"][name] == pytest.approx(a["metrics"][name], rel=1e-4, abs=1e-6), name
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_ckpt"])
+@pytest.mark.parametrize("head", ["shared", "separate"])
+def test_one_rank_under_torchrun_runs_ddp_or_fsdp_with_the_update_of_one_process(
+        updates, strategy, head):
+    """torchrun --nproc-per-node 1: a process group of one, the distributed engine (DDP or
+    FSDP2 on one rank), and the update of the plain engine without a launcher."""
+    one, _, solo = updates
+    a = torch.load(one / f"single-{head}.pt", weights_only=False)
+    b = torch.load(solo / f"{strategy}-{head}.pt", weights_only=False)
+    assert a["engine"] == "plain" and a["world_size"] == 1
+    assert b["engine"] == "distributed" and b["world_size"] == 1
+    assert max_diff(a["state"], b["state"]) < 1e-5
+    assert b["metrics"]["policy_loss"] == pytest.approx(a["metrics"]["policy_loss"], rel=1e-4)
+
+
 def test_lora_on_two_ranks_makes_the_update_of_one_process(updates):
     """LoRA under DDP: the adapters (the only trained weights) as in one process."""
-    one, two = updates
+    one, two, _ = updates
     a = torch.load(one / "single_lora-shared.pt", weights_only=False)["state"]
     b = torch.load(two / "ddp_lora-shared.pt", weights_only=False)["state"]
     assert max_diff(a, b) < 1e-5
@@ -77,7 +93,7 @@ def test_the_update_moved_the_weights(updates):
     sys.path.insert(0, str(WORKER.parent))
     import worker
 
-    one, _ = updates
+    one, _, _ = updates
     a = torch.load(one / "single-shared.pt", weights_only=False)["state"]
     start = worker.tiny_llama(len(worker.char_tokenizer(worker.ALPHABET))).state_dict()
     moved = [float((a[f"policy.{k}"] - v).abs().max()) for k, v in start.items()]
@@ -142,6 +158,25 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, s
         assert torch.equal(v, b[f"policy.model.{k}"]), k
     value_head = torch.load(tmp_path / "export" / "value_head.pt")
     assert torch.equal(value_head["linear.weight"], b["value_head.linear.weight"])
+
+
+def test_one_rank_under_torchrun_writes_sharded_checkpoints_and_resumes_exactly(tmp_path):
+    """FSDP2 on one rank: DCP checkpoints (models/ and rng-rank-0.pt), and a run of 2 iterations
+    resumed to 3 ends on the weights of an uninterrupted 3-iteration run."""
+    env = {"STRATEGY": "fsdp"}
+    whole = launch("train", tmp_path / "whole", nproc=1, ITERATIONS="3", **env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = launch("train", tmp_path / "split", nproc=1, ITERATIONS="2", **env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "split" / "checkpoints" / "iter-0000002"
+    assert (checkpoint / "models").is_dir() and (checkpoint / "rng-rank-0.pt").is_file()
+    resumed = launch("train", tmp_path / "split", nproc=1, ITERATIONS="3", **env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "final.pt", weights_only=False)
+    assert max_diff(a, b) == 0.0
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").open()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
 
 
 def torchrun_cli(out: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -68,7 +68,8 @@ def _train(args: list[str], resume: bool) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     what = f"task={spec.task}" if spec.task and not spec.prompts else f"prompts={spec.prompts}"
-    ranks = f" on {trainer.world.size} ranks ({spec.ppo.distributed})" if \
+    n = trainer.world.size
+    ranks = f" on {n} rank{'s' if n > 1 else ''} ({spec.ppo.distributed})" if \
         trainer.world.distributed else ""
     say(f"ppolm: training a {spec.model.kind} policy on {what} for "
         f"{spec.ppo.iterations} iterations{ranks}")
@@ -88,11 +89,11 @@ def command_line_defaults(ppo: dict[str, Any], name: str) -> dict[str, Any]:
     """What the command sets where the config leaves it open (``ppo``: the PPOConfig values so
     far): an output_dir (runs/NAME), and, on the fast CPU engine, malloc keeping freed memory
     (process-wide, which a command may decide for its process and a library may not)."""
-    from ppolm.training.distributed import launched_world_size
+    from ppolm.training.distributed import launched
     from ppolm.training.engines import resolve_device
 
     fill: dict[str, Any] = {"output_dir": f"runs/{name}"}
-    if ppo.get("engine", "auto") != "plain" and launched_world_size() <= 1 and resolve_device(
+    if ppo.get("engine", "auto") != "plain" and not launched() and resolve_device(
             str(ppo.get("device", "auto"))).type == "cpu":
         fill["keep_freed_memory"] = True
     return fill

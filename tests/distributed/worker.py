@@ -75,10 +75,11 @@ def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
 def update(out: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    torchrun = "MASTER_ADDR" in os.environ            # one rank under torchrun included
     # fsdp_ckpt: FSDP2 with gradient checkpointing
-    strategies = ["ddp", "fsdp", "fsdp_ckpt"] if world > 1 else ["single"]
+    strategies = ["ddp", "fsdp", "fsdp_ckpt"] if torchrun else ["single"]
     runs = [(head, s) for head in ("shared", "separate") for s in strategies]
-    runs.append(("shared", "ddp_lora" if world > 1 else "single_lora"))   # LoRA: DDP only
+    runs.append(("shared", "ddp_lora" if torchrun else "single_lora"))   # LoRA: DDP only
     for head, strategy in runs:
         tok = char_tokenizer(ALPHABET)
         policy = tiny_llama(len(tok), lora=strategy.endswith("lora"))
@@ -97,7 +98,8 @@ def update(out: Path) -> None:
         row = trainer.iterate(episodes=rows(whole, slice(rank * n, (rank + 1) * n)))
         state = full_state(trainer)
         if rank == 0:
-            torch.save({"state": state, "metrics": row}, out / f"{strategy}-{head}.pt")
+            torch.save({"state": state, "metrics": row, "engine": trainer.engine.name,
+                        "world_size": trainer.world.size}, out / f"{strategy}-{head}.pt")
         if dist.is_initialized():
             dist.barrier()
 

@@ -157,7 +157,7 @@ class SystemConfig(FastCPUSettings):
     """bf16 autocast on CUDA (on CPU see ``cpu_bf16``, a fast_cpu setting); with FSDP2, bf16
     parameters in its mixed precision (gradients reduced in float32)."""
     distributed: Distributed = "ddp"
-    """Under torchrun (WORLD_SIZE > 1): 'ddp' (every rank holds whole models; gradients
+    """Under torchrun (any number of ranks): 'ddp' (every rank holds whole models; gradients
     all-reduced) or 'fsdp' (FSDP2: parameters, gradients and AdamW state sharded over the
     ranks, each decoder layer gathered while it runs). See docs/distributed.md."""
     dist_timeout: float = 600.0

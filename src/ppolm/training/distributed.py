@@ -8,8 +8,11 @@ exactly as one process would, then keeps its own rows for the update. The update
 normalised by the global token counts (``World.sum``), so the gradients the engine's DDP or
 FSDP2 reduce add up to those of one process on the whole batch.
 
-In one process (no WORLD_SIZE > 1 and no process group) ``World`` is trivial: every method
-returns its input, and nothing here is ever called on a process group.
+Under torchrun a process group is started at any world size, one rank included, so that
+``torchrun --nproc-per-node 1`` runs the same DDP or FSDP2 code as N ranks (FSDP2's mixed
+precision on one GPU, say). In one process started without a launcher (no process group)
+``World`` is trivial: every method returns its input, and nothing here is ever called on a
+process group.
 """
 
 from __future__ import annotations
@@ -35,16 +38,19 @@ from ppolm.training.config import PPOConfig
 T = TypeVar("T")
 
 
-def launched_world_size() -> int:
-    """The number of processes the launcher (torchrun) started: WORLD_SIZE, default 1."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def launched() -> bool:
+    """Whether a launcher (torchrun, or SLURM's srun with the same variables set) started this
+    process as a rank of a process group, of any size, one included: it sets RANK, WORLD_SIZE
+    and the rendezvous address MASTER_ADDR."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
 def init_process_group(device: torch.device, timeout_s: float) -> None:
-    """Start the default process group when torchrun launched several processes and none is
-    running yet: NCCL on CUDA, gloo on CPU; torn down when the process exits. Collectives wait
-    at most ``timeout_s`` for a rank that stopped answering, then raise instead of hanging."""
-    if launched_world_size() <= 1 or dist.is_initialized():
+    """Start the default process group when a launcher started this process (``launched``,
+    one rank included) and none is running yet: NCCL on CUDA, gloo on CPU; torn down when the
+    process exits. Collectives wait at most ``timeout_s`` for a rank that stopped answering,
+    then raise instead of hanging."""
+    if not launched() or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -61,15 +67,17 @@ def _destroy() -> None:
 
 @dataclass(frozen=True)
 class World:
-    """The processes of a run: this one's ``rank`` among ``size``."""
+    """The processes of a run: this one's ``rank`` among ``size``; ``grouped`` when they form a
+    process group (under torchrun, one rank included)."""
 
     rank: int = 0
     size: int = 1
+    grouped: bool = False
 
     @classmethod
     def current(cls) -> World:
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
+            return cls(dist.get_rank(), dist.get_world_size(), grouped=True)
         return cls()
 
     @property
@@ -79,7 +87,9 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Whether the run goes through a process group (sharded rollouts, collectives, DCP
+        checkpoints), one rank under torchrun included."""
+        return self.grouped or self.size > 1
 
     def check_config(self, config: PPOConfig) -> None:
         """Refuse settings that do not split over the ranks: a batch that is not equal

@@ -13,7 +13,7 @@ from ppolm.engines.fast_cpu import FastCPUEngine
 from ppolm.engines.plain import PlainEngine
 from ppolm.errors import ConfigError
 from ppolm.training.config import PPOConfig
-from ppolm.training.distributed import launched_world_size
+from ppolm.training.distributed import launched
 
 
 def resolve_device(name: str) -> torch.device:
@@ -21,22 +21,22 @@ def resolve_device(name: str) -> torch.device:
     (``cuda:LOCAL_RANK``)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and launched_world_size() > 1:
+    if name == "cuda" and launched():
         name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return torch.device(name)
 
 
 def make_engine(config: PPOConfig, device: torch.device) -> Engine:
     """The engine ``config.engine`` names; 'auto': fast_cpu for one process on a CPU, plain
-    elsewhere (CUDA). Under a process group (torchrun, WORLD_SIZE > 1): the plain engine over
-    DDP or FSDP2 (``config.distributed``)."""
+    elsewhere (CUDA). Under a process group (torchrun, any number of ranks): the plain engine
+    over DDP or FSDP2 (``config.distributed``)."""
     name = config.engine
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    grouped = dist.is_available() and dist.is_initialized()
     if name == "auto":
-        name = "fast_cpu" if device.type == "cpu" and not several and not \
+        name = "fast_cpu" if device.type == "cpu" and not grouped and not \
             config.gradient_checkpointing else "plain"
     if name == "fast_cpu":
-        if several:
+        if grouped:
             raise ConfigError("engine='fast_cpu' runs in one process; under torchrun use "
                               "engine='plain' or 'auto' (DDP or FSDP2, see `distributed`).")
         return FastCPUEngine(config.fast_cpu_settings(), device)
@@ -44,7 +44,7 @@ def make_engine(config: PPOConfig, device: torch.device) -> Engine:
     if set_fast:
         raise ConfigError(f"{', '.join(set_fast)}: fast_cpu engine settings, but this run on "
                           f"{device} uses the plain engine; leave them at their defaults.")
-    if several:
+    if grouped:
         return DistributedEngine(device, config.distributed, bf16=config.bf16,
                                  gradient_checkpointing=config.gradient_checkpointing)
     return PlainEngine(device, bf16=config.bf16,
