@@ -100,9 +100,9 @@ def parameter_count(tok: Any, size: str) -> int:
 def run(size: str, mode: str, out: Path, args: argparse.Namespace) -> None:
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
+    from workload import make_prompts, smollm2_tokenizer
 
     from ppolm import CallableReward, HFPolicy, PPOConfig, TextGenerationEnv, Trainer
-    from workload import make_prompts, smollm2_tokenizer
 
     hf_logging.set_verbosity_error()
     cuda = args.device.startswith("cuda")
