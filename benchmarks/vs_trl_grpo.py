@@ -132,7 +132,7 @@ def run_ppolm(args: argparse.Namespace) -> dict[str, Any]:
     after = held_out_success(policy, tokenizer, reward, args.eval_prompts, "ppolm")
     return {"name": f"ppolm {ppolm.__version__} (grpo, {trainer.engine.name} engine)",
             "train_seconds": seconds, "episodes": len(history) * BATCH,
-            "train_score_last5": sum(h["score_mean"] for h in history[-5:]) / 5,
+            "train_scores": [h["score_mean"] for h in history],
             "before": before, "after": after}
 
 
@@ -174,14 +174,14 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    logs = [h for h in trainer.state.log_history if "reward" in h]
+    # one entry per generation of BATCH episodes holds the mean reward
+    scores = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     policy.lm.eval()
     after = held_out_success(policy, tokenizer, reward, args.eval_prompts, "TRL")
     steps = trainer.state.global_step
-    last = logs[-5 * (BATCH // MINIBATCH):]
     return {"name": f"TRL {trl.__version__} GRPOTrainer", "train_seconds": seconds,
             "episodes": steps * MINIBATCH,
-            "train_score_last5": sum(h["reward"] for h in last) / max(len(last), 1),
+            "train_scores": scores,
             "after": after}
 
 
@@ -218,6 +218,11 @@ def run_side(side: str, python: str, args: argparse.Namespace) -> dict[str, Any]
     return out
 
 
+def last5(scores: list[float]) -> float:
+    """The mean training score of the last (at most) 5 generations."""
+    return sum(scores[-5:]) / max(len(scores[-5:]), 1)
+
+
 def main() -> None:
     args = parse_args()
     if args.side:
@@ -239,7 +244,7 @@ def main() -> None:
     for r in results.values():
         a = r["after"]
         print(f"| {r['name']} | {r['episodes']} | {a['success']:.1%} ± {a['success_se']:.1%} | "
-              f"{a['kl']:.2f} | {r['train_score_last5']:.3f} | {r['train_seconds']:.1f} | "
+              f"{a['kl']:.2f} | {last5(r['train_scores']):.3f} | {r['train_seconds']:.1f} | "
               f"{r['train_seconds'] / r['episodes']:.3f} | {r['peak_rss_mib']:.0f} |")
     if len(results) == 2:
         p, t = results["ppolm"], results["trl"]
