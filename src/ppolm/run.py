@@ -19,7 +19,7 @@ from ppolm.training.config_io import check_keys, check_types, load_yaml_mapping,
 DEMO = Path(__file__).parent / "data" / "demo.yaml"
 
 ModelKind = Literal["transformer", "lstm", "hf", "smollm2"]
-ValueKind = Literal["shared", "detached", "separate"]
+ValueKind = Literal["shared", "detached", "separate", "adapter"]
 
 
 @dataclass
@@ -47,8 +47,9 @@ class ModelSpec:
     n_heads: int = 4
     """transformer attention heads."""
     value: ValueKind = "shared"
-    """Value head on the shared trunk, on the shared trunk with detached features, or on a
-    separate critic trunk (a copy of the policy)."""
+    """Value head on the shared trunk, on the shared trunk with detached features, on a
+    separate critic trunk (a copy of the policy), or with model.lora on a critic that is a
+    second adapter on the policy's base model (no copy)."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -61,6 +62,9 @@ class ModelSpec:
         if self.lora is not None and self.kind not in ("hf", "smollm2"):
             raise ConfigError(f"model.lora needs a transformers model (model.kind hf or "
                               f"smollm2), not {self.kind!r}.")
+        if self.value == "adapter" and self.lora is None:
+            raise ConfigError("model.value=adapter makes the critic a second LoRA adapter: it "
+                              "needs model.lora (or use value: separate).")
         if self.lora is not None:
             from ppolm.policies.lora import lora_settings
 
@@ -247,8 +251,9 @@ def build_run(spec: RunSpec, reference: Any = None) -> Any:
         else:
             policy = TransformerPolicy(len(tokenizer), hidden_size=m.hidden_size,
                                        n_layers=m.n_layers, n_heads=m.n_heads)
-    value_head = (ValueHead.separate(policy) if m.value == "separate"
-                  else ValueHead(policy.hidden_size, detach=m.value == "detached"))
+    value_head = (ValueHead.separate(policy) if m.value == "separate" else
+                  ValueHead.adapter(policy) if m.value == "adapter" else
+                  ValueHead(policy.hidden_size, detach=m.value == "detached"))
     e = spec.env
     env = TextGenerationEnv(prompts, tokenizer, reward, max_new_tokens=e.max_new_tokens,
                             top_k=e.top_k, top_p=e.top_p,

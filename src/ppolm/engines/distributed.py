@@ -59,6 +59,11 @@ class DistributedEngine(PlainEngine):
               optim: OptimizerSettings) -> None:
         self.enable_checkpointing(policy, value_head)
         critic = value_head.critic if value_head is not None else None
+        if critic is not None and not any(True for _ in critic.parameters()):
+            raise ConfigError("this critic runs the policy's own modules (a second LoRA "
+                              "adapter, ValueHead.adapter), which DDP and FSDP2 cannot wrap "
+                              "apart from the policy; under torchrun use a value head on the "
+                              "policy's states or ValueHead.separate.")
         # Every rank starts from rank 0's weights (models built without a common seed too).
         for module in (policy, reference, value_head):
             if module is not None:

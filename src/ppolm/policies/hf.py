@@ -204,6 +204,10 @@ class HFPolicy(Policy):
     def load(self, path: str | Path) -> None:
         if self.is_lora:
             load_adapters(self.model, path)
+            # further adapters (a critic adapter): save_pretrained writes each under its name
+            for name in self.model.peft_config:
+                if name != "default":
+                    load_adapters(self.model, Path(path) / name, adapter_name=name)
         else:
             self.model.load_state_dict(_load(Path(path), {}).state_dict())
 

@@ -4,7 +4,9 @@ its adapters disabled, adapter files, and the merged model for export.
 The reference of a LoRA policy needs no copy of the weights: the base model is frozen, so the
 policy with its adapters switched off (``PeftModel.disable_adapter()``) *is* the initial
 policy. ``AdapterDisabled`` is that view: a Policy that runs the policy's own modules inside
-``disable_adapter()`` and owns no parameter.
+``disable_adapter()`` and owns no parameter. A separate critic needs no copy either:
+``AdapterCritic`` adds a second adapter to the same base model and runs the policy's modules
+with that adapter active instead of the policy's.
 
 ``peft`` is imported only when a LoRA model is built or read (the ``lora`` extra).
 """
@@ -105,9 +107,9 @@ def wrap(model: Any, peft_config: Any) -> Any:
         raise ConfigError(f"Cannot add LoRA adapters to {type(model).__name__}: {e}") from None
 
 
-def load_adapters(model: Any, path: str | Path) -> None:
-    """Load adapter weights written by ``PeftModel.save_pretrained`` into ``model``'s active
-    adapter; refuses files whose adapters do not fit."""
+def load_adapters(model: Any, path: str | Path, adapter_name: str = "default") -> None:
+    """Load adapter weights written by ``PeftModel.save_pretrained`` into ``model``'s adapter
+    ``adapter_name``; refuses files whose adapters do not fit."""
     peft = _peft()
     folder = Path(path)
     if not (folder / "adapter_config.json").is_file():
@@ -115,7 +117,7 @@ def load_adapters(model: Any, path: str | Path) -> None:
                               "missing).")
     try:
         weights = peft.utils.load_peft_weights(str(folder), device="cpu")
-        result = peft.set_peft_model_state_dict(model, weights)
+        result = peft.set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"Cannot load the adapters at {str(folder)!r}: {e}") from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
@@ -132,20 +134,16 @@ def merged_copy(model: Any) -> Any:
     return copy.deepcopy(model).merge_and_unload()
 
 
-class AdapterDisabled(Policy):
-    """The reference of a LoRA policy: the policy's own modules run with the adapters off.
-
-    It holds the policy without registering it as a submodule, so it owns no parameter:
-    freezing it, moving it or its ``state_dict`` leave the policy alone, and the base weights
-    exist once. Shapes: as the policy's.
-    """
+class _AdapterView(Policy):
+    """A LoRA policy's own modules run with its adapters switched (``_switched``): a Policy that
+    holds the policy without registering it as a submodule, so it owns no parameter: freezing
+    it, moving it or its ``state_dict`` leave the policy alone, and the base weights exist once.
+    Shapes: as the policy's."""
 
     policy: Policy
 
     def __init__(self, policy: Policy) -> None:
         super().__init__()
-        if not is_peft(getattr(policy, "model", None)):
-            raise ConfigError(f"{type(policy).__name__} has no LoRA adapters to disable.")
         object.__setattr__(self, "policy", policy)      # shared, not owned
         self.vocab_size, self.hidden_size = policy.vocab_size, policy.hidden_size
         self.max_length = policy.max_length
@@ -155,34 +153,54 @@ class AdapterDisabled(Policy):
         """The policy's PeftModel (the same object)."""
         return self.policy.model            # type: ignore[attr-defined]
 
+    def _switched(self) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
     @contextlib.contextmanager
-    def _off(self) -> Iterator[None]:
-        """The adapters off. peft's switch also sets ``requires_grad`` of every adapter weight
-        (off, then on again for the active adapter's): the flags are put back as they were, so
-        an adapter the user froze stays frozen."""
-        flags = [(p, p.requires_grad) for n, p in self.policy.named_parameters()
-                 if "lora_" in n]
+    def _flags_kept(self) -> Iterator[None]:
+        """peft's adapter switches also set ``requires_grad`` of adapter weights: the flags are
+        put back as they were, so an adapter the user froze stays frozen."""
+        flags = [(p, p.requires_grad) for n, p in self.model.named_parameters() if "lora_" in n]
         try:
-            with self.model.disable_adapter():
-                yield
+            yield
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
               use_cache: bool = False) -> tuple[Tensor, Any]:
-        with self._off():
+        with self._switched():
             return self.policy.trunk(input_ids, attention_mask, cache, use_cache)
 
     def head(self, hidden: Tensor) -> Tensor:
-        with self._off():
+        with self._switched():
             return self.policy.head(hidden)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int | None = None,
                 logits: bool = True) -> PolicyOutput:
-        with self._off():
+        with self._switched():
             out: PolicyOutput = self.policy(input_ids, attention_mask, response_len, logits)
         return out
+
+
+class AdapterDisabled(_AdapterView):
+    """The reference of a LoRA policy: the policy's own modules run with the adapters off.
+
+    It holds the policy without registering it as a submodule, so it owns no parameter:
+    freezing it, moving it or its ``state_dict`` leave the policy alone, and the base weights
+    exist once. Shapes: as the policy's.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        if not is_peft(getattr(policy, "model", None)):
+            raise ConfigError(f"{type(policy).__name__} has no LoRA adapters to disable.")
+        super().__init__(policy)
+
+    @contextlib.contextmanager
+    def _switched(self) -> Iterator[None]:
+        """The adapters off."""
+        with self._flags_kept(), self.model.disable_adapter():
+            yield
 
     # --- what the fast CPU engine uses: the policy's frozen lower layers (no adapter there,
     # so their output is the same with the adapters off) and its head ---------------------------
@@ -202,7 +220,7 @@ class AdapterDisabled(Policy):
 
     def trunk_top(self, bottom: Tensor, input_ids: Tensor, attention_mask: Tensor, depth: int,
                   on_embeds: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        with self._off():
+        with self._switched():
             return self.policy.trunk_top(bottom, input_ids, attention_mask, depth, on_embeds)
 
     def save(self, path: str | Path) -> None:
@@ -211,3 +229,69 @@ class AdapterDisabled(Policy):
 
     def load(self, path: str | Path) -> None:
         raise CheckpointError("The LoRA reference has no weights of its own to load.")
+
+
+class AdapterCritic(_AdapterView):
+    """A separate critic trunk as a second LoRA adapter (``name``) on a LoRA policy's base model.
+
+    The critic runs the policy's own modules with its adapter active instead of the policy's
+    (``PeftModel.set_adapter``), so the base weights exist once and the critic trains only its
+    adapter (through the value loss; the policy loss never reaches it, nor the value loss the
+    policy's adapter). Both adapters start with B = 0, so at the start the critic's states are
+    the base model's. Like ``AdapterDisabled`` it holds the policy without owning it: its
+    adapter's weights are registered in the policy's model (and so saved with the policy's
+    adapters, under ``NAME/``), and ``ValueHead(critic=...)`` owns only the linear head.
+    Shapes: as the policy's.
+    """
+
+    def __init__(self, policy: Policy, peft_config: Any = None, name: str = "critic") -> None:
+        model: Any = getattr(policy, "model", None)
+        if not is_peft(model):
+            raise ConfigError(f"a critic adapter needs a LoRA policy (HFPolicy with "
+                              f"peft_config); {type(policy).__name__} has no adapters.")
+        if name in model.peft_config:
+            raise ConfigError(f"the policy already has an adapter named {name!r}.")
+        config = copy.deepcopy(peft_config or model.peft_config[model.active_adapter])
+        try:
+            model.add_adapter(name, config)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"Cannot add the critic adapter {name!r}: {e}") from None
+        for n, p in model.named_parameters():             # peft leaves a new adapter frozen
+            if f".{name}." in n:
+                p.requires_grad_(True)
+        super().__init__(policy)
+        self.name = name
+
+    def adapter_parameters(self) -> list[Tensor]:
+        """The critic adapter's weights (held by the policy's model)."""
+        return [p for n, p in self.model.named_parameters() if f".{self.name}." in n]
+
+    @contextlib.contextmanager
+    def _switched(self) -> Iterator[None]:
+        """The critic's adapter active instead of the policy's."""
+        active = self.model.active_adapter
+        with self._flags_kept():
+            try:
+                self.model.set_adapter(self.name)
+                yield
+            finally:
+                self.model.set_adapter(active)
+
+    def enable_gradient_checkpointing(self) -> list[Any]:
+        """The policy's layers (the same modules) are turned on with the policy's."""
+        return []
+
+    def save(self, path: str | Path) -> None:
+        """The critic adapter alone, as a standard adapter folder (``adapter_config.json`` and
+        ``adapter_model.safetensors``): ``PeftModel.from_pretrained(base, path)`` loads it."""
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = _peft().get_peft_model_state_dict(self.model, adapter_name=self.name)
+        save_file({k: v.detach().contiguous() for k, v in weights.items()},
+                  str(folder / "adapter_model.safetensors"))
+        self.model.peft_config[self.name].save_pretrained(str(folder))
+
+    def load(self, path: str | Path) -> None:
+        load_adapters(self.model, path, adapter_name=self.name)

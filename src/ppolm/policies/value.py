@@ -20,7 +20,9 @@ class ValueHead(nn.Module):
       * ``ValueHead(policy.hidden_size, detach=True)``: shared trunk, but the value loss does not
         reach it;
       * ``ValueHead.separate(policy)``: on its own critic trunk (a copy of the policy), held as
-        ``critic``; the Trainer's engine runs that trunk and hands its states to ``forward``.
+        ``critic``; the Trainer's engine runs that trunk and hands its states to ``forward``;
+      * ``ValueHead.adapter(policy)``: for a LoRA policy, the critic trunk is a second adapter
+        on the policy's base model (``ppolm.policies.lora.AdapterCritic``: no copy).
 
     The head starts at zero output (weights ~ N(0, init_std), bias 0) so early value errors do
     not swamp the policy gradient through a shared trunk.
@@ -39,6 +41,17 @@ class ValueHead(nn.Module):
     def separate(cls, policy: Policy, init_std: float = 1e-3) -> ValueHead:
         """A value head on a separate critic trunk, initialised as a copy of ``policy``."""
         return cls(policy.hidden_size, critic=copy.deepcopy(policy), init_std=init_std)
+
+    @classmethod
+    def adapter(cls, policy: Policy, peft_config: object = None, init_std: float = 1e-3
+                ) -> ValueHead:
+        """A value head on a critic that is a second LoRA adapter (``peft_config``, default the
+        policy's) on a LoRA policy's base model: a separate critic without a copy of the
+        weights."""
+        from ppolm.policies.lora import AdapterCritic
+
+        return cls(policy.hidden_size, critic=AdapterCritic(policy, peft_config),
+                   init_std=init_std)
 
     @property
     def shared(self) -> bool:
