@@ -20,9 +20,10 @@ A 2-minute smoke run (any ``key=value`` overrides the config, as on the command 
 
 LoRA instead of the top 10 layers (needs peft: pip install "ppolm[lora]"): ``--lora`` trains
 r=16 adapters on every attention and MLP projection of the top 10 layers, with the
-adapters-disabled model as the reference; the KL budget is skipped (it moves full weight
-vectors, while the policy then holds adapters). Give the learning rate with
-``ppo.learning_rate=...``.
+adapters-disabled model as the reference; the KL budget then scales the adapters' B matrices
+(the merged weights' line from the base model). Give the learning rate with
+``ppo.learning_rate=...``; README's run LR0, as trained:
+    python examples/sentiment_smollm2.py --lora --kl-budget 0 ppo.seed=0 ppo.learning_rate=3e-4
 """
 
 from __future__ import annotations
@@ -79,7 +80,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.lora:
         args.overrides = [*LORA_OVERRIDES, *args.overrides]
-        args.kl_budget = 0.0
     spec = RunSpec.load(CONFIG, [*args.overrides, "ppo.overwrite=true"],
                         fill=lambda ppo: command_line_defaults(ppo, "sentiment_smollm2"))
     # the model before training (with LoRA: the policy with its adapters disabled)

@@ -142,3 +142,51 @@ def test_fit_refuses_extrapolation_without_a_band_and_a_band_wider_than_the_budg
         fit_kl_budget(policy, reference, tok, PROMPTS, reward(), 5.0, tolerance=5.0, **KW)
     with pytest.raises(ConfigError, match="max_alpha"):
         fit_kl_budget(policy, reference, tok, PROMPTS, reward(), 5.0, max_alpha=0.5, **KW)
+
+
+def test_a_lora_policy_moves_along_the_merged_weights_line_to_its_disabled_adapters():
+    """LoRA: the reference is the policy with its adapters off; the path scales the active
+    adapter's B, so the merged weights lie on the line W0 + alpha * (W1 - W0), and the fit
+    runs on it."""
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_llama
+
+    from ppolm import HFPolicy
+    from ppolm.policies.lora import merged_copy
+
+    tok = char_tokenizer(ALPHABET)
+    torch.manual_seed(0)
+    policy = HFPolicy(tiny_llama(len(tok)), peft_config=peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():                             # "trained": B away from its zero start
+        policy.lm.lm_head.weight.mul_(10)             # (a random head is nearly uniform)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    reference = policy.reference_model()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    mask = torch.ones_like(ids)
+    base = {k: v.clone() for k, v in merged_copy(policy.model).state_dict().items()}
+    path = WeightPath(policy, reference)
+    with torch.no_grad():
+        path.set(1.0)
+        trained_logits = policy(ids, mask).logits
+        merged_1 = merged_copy(policy.model).state_dict()
+        path.set(0.0)
+        base = merged_copy(policy.model).state_dict()
+        torch.testing.assert_close(policy(ids, mask).logits, reference(ids, mask).logits,
+                                   rtol=0, atol=0)
+        path.set(0.5)
+        for k, v in merged_copy(policy.model).state_dict().items():
+            torch.testing.assert_close(v, base[k] + 0.5 * (merged_1[k] - base[k]),
+                                       rtol=1e-5, atol=1e-6)
+        path.set(1.0)
+        assert torch.equal(policy(ids, mask).logits, trained_logits)
+    assert path.changed and all("lora_B" in n for n in path.changed)
+    assert not torch.equal(merged_1["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])
+
+    kl_1 = evaluate(policy, tok, PROMPTS, reward(), reference, **KW).kl
+    assert kl_1 > 0.5
+    fit = fit_kl_budget(policy, reference, tok, PROMPTS, reward(), kl_1 / 4, max_tries=6, **KW)
+    assert fit.met and fit.alpha < 1.0 and fit.kl <= kl_1 / 4

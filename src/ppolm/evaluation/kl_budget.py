@@ -11,6 +11,10 @@ KL down smoothly and costs less reward than stopping earlier on the training cur
 interpolation of WiSE-FT (Wortsman et al., 2022) and of the "LITI" step of WARP (Ramé et al.,
 2024).
 
+With LoRA (the reference being the policy with its adapters disabled) the line is that of the
+merged weights, ``W0 + alpha * s * B A``: the active adapter's ``B`` matrices move from 0
+(adapters off) to their trained values, ``A`` stays as trained.
+
 Near the reference the KL grows about as ``alpha**2`` (it is quadratic in a small change of the
 logits), so after measuring ``KL(alpha)`` above the budget ``b`` the next try is
 ``alpha * sqrt(b / KL(alpha))``. Every measurement samples the same calibration prompts with
@@ -30,6 +34,7 @@ from torch import Tensor, nn
 
 from ppolm.errors import ConfigError
 from ppolm.evaluation.evaluate import evaluate
+from ppolm.policies.lora import AdapterDisabled
 
 
 class WeightPath:
@@ -38,19 +43,30 @@ class WeightPath:
     Remembers the trained value of every floating-point parameter and buffer that differs from
     the reference's; ``set(alpha)`` writes ``ref + alpha * (trained - ref)`` into the policy,
     in place (those that are equal, e.g. frozen layers, stay untouched). ``set(1.0)`` restores
-    the trained policy exactly.
+    the trained policy exactly. A LoRA policy whose reference is itself with the adapters
+    disabled: the active adapter's ``lora_B`` tensors, from zero (which is what disabling the
+    adapters computes) to their trained values.
     """
 
     def __init__(self, policy: nn.Module, reference: nn.Module) -> None:
+        self._live: dict[str, Tensor] = {}
+        self._trained: dict[str, Tensor] = {}
+        self._ref: dict[str, Tensor] = {}
+        self.alpha = 1.0
+        if isinstance(reference, AdapterDisabled) and reference.policy is policy:
+            active = f".{reference.model.active_adapter}."
+            for name, value in policy.state_dict().items():
+                if "lora_B" in name and active in name and bool(value.any()):
+                    self._live[name] = value
+                    self._trained[name] = value.detach().clone()
+                    self._ref[name] = torch.zeros_like(value)
+            return
         ours, theirs = policy.state_dict(), reference.state_dict()
         if ours.keys() != theirs.keys():
             missing = sorted(ours.keys() ^ theirs.keys())[:3]
             raise ConfigError(
                 "the policy and the reference have different parameters (e.g. "
                 f"{missing}); a weight path needs the same architecture on both sides.")
-        self._live: dict[str, Tensor] = {}
-        self._trained: dict[str, Tensor] = {}
-        self._ref: dict[str, Tensor] = {}
         for name, value in ours.items():
             ref = theirs[name]
             if value.shape != ref.shape:
@@ -64,7 +80,6 @@ class WeightPath:
             self._live[name] = value                 # the policy's own tensor (written in place)
             self._trained[name] = value.detach().clone()
             self._ref[name] = ref
-        self.alpha = 1.0
 
     @property
     def changed(self) -> list[str]:
