@@ -150,7 +150,6 @@ def test_a_lora_policy_moves_along_the_merged_weights_line_to_its_disabled_adapt
     runs on it."""
     peft = pytest.importorskip("peft")
     from conftest import tiny_llama
-
     from ppolm import HFPolicy
     from ppolm.policies.lora import merged_copy
 
