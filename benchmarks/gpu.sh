@@ -31,8 +31,8 @@ for mod in ("transformers", "trl", "datasets", "accelerate"):
     except Exception as e:  # report every missing piece at once
         print(mod, "MISSING:", e)
 PY
-  timeout 330 python benchmarks/gpu_scale.py --device cuda --sizes 135m,largest \
+  timeout 390 python benchmarks/gpu_scale.py --device cuda --sizes 135m,largest \
       --modes plain,ddp,fsdp --timeout 150 --json "$OUT/gpu-scale.json"
-  timeout 200 python benchmarks/vs_trl.py --device cuda --bf16 --sizes 135m --parts speed \
+  timeout 170 python benchmarks/vs_trl.py --device cuda --bf16 --sizes 135m --parts speed \
       --warmup 2 --iters 4 --json "$OUT/gpu.json"
 } 2>&1 | tee "$OUT/gpu.log"
