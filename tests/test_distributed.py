@@ -187,12 +187,21 @@ def torchrun_cli(out: Path, *overrides: str, nproc: int = 2) -> subprocess.Compl
 
 
 def test_the_command_line_under_torchrun_writes_one_metrics_line_per_iteration(tmp_path):
-    done = torchrun_cli(tmp_path / "run", "ppo.iterations=3", "ppo.distributed=fsdp")
+    """FSDP2 on 2 ranks from the command line, with evaluation during training (every rank
+    evaluates through the engine, which gathers the sharded models; rank 0 writes)."""
+    done = torchrun_cli(tmp_path / "run", "ppo.iterations=3", "ppo.distributed=fsdp",
+                        "eval_prompts=[abc, bcd, cde, def]", "eval_every=2",
+                        "keep_best=eval/score_mean")
     assert done.returncode == 0, done.stderr[-6000:]
     assert done.stdout.count("ppolm: training") == 1             # rank 0 alone prints
     assert "on 2 ranks (fsdp)" in done.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert [r["iteration"] for r in rows if "eval/score_mean" in r] == [2, 3]
+    assert sorted(f.name for f in (tmp_path / "run" / "eval").iterdir()) == [
+        "iter-0000002.json", "iter-0000003.json"]
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["iteration"] in (2, 3) and (tmp_path / "run" / "best" / "models").is_dir()
     assert (tmp_path / "run" / "checkpoints" / "iter-0000003" / "COMPLETE").is_file()
 
 

@@ -6,6 +6,11 @@ one sees the same randomness (so two evaluations differ by the policy only), and
 training's random streams are untouched (a run with evaluation trains exactly as one
 without, and resumes exactly).
 
+The forward passes go through the trainer's engine (under torchrun: FSDP2's sharded models
+are gathered as for a rollout). Under torchrun every rank evaluates the same prompts with the
+same generator (so every rank reads the same figures and keeps the same best iteration); rank
+0 alone writes the files.
+
 Place it before the callbacks that read its metrics: the Trainer adds its own (health checks,
 trackers, metrics.jsonl) after the ones it is given, so they all see ``eval/*``.
 """
@@ -100,7 +105,7 @@ class EvalCallback(Callback):
             metrics.update({f"eval/{name}": getattr(result, attr)
                             for name, attr in EVAL_FIGURES.items()
                             if getattr(result, attr) is not None})
-            if trainer.output_dir is not None:
+            if trainer.output_dir is not None and trainer.world.is_main:
                 result.save(Path(trainer.output_dir) / "eval" / f"iter-{it:07d}.json")
         if self.keep_best is not None:
             self.maybe_keep(trainer, metrics, it)
@@ -114,7 +119,7 @@ class EvalCallback(Callback):
                         max_new_tokens=env.max_new_tokens, temperature=trainer.config.temperature,
                         top_k=env.top_k, top_p=env.top_p, seed=self.seed,
                         batch_size=self.batch_size, add_special_tokens=self.add_special_tokens,
-                        samples_per_prompt=self.samples_per_prompt)
+                        samples_per_prompt=self.samples_per_prompt, engine=trainer.engine)
 
     def maybe_keep(self, trainer: Trainer, metrics: dict[str, Any], it: int) -> None:
         """Save output_dir/best when the keep_best metric beats the best so far."""
@@ -125,6 +130,7 @@ class EvalCallback(Callback):
             old = self.best["value"]
             if (value <= old) if self.mode == "max" else (value >= old):
                 return
-        folder = trainer.save(Path(trainer.output_dir) / BEST)
+        folder = trainer.save(Path(trainer.output_dir) / BEST)        # every rank writes
         self.best = {"metric": self.keep_best, "value": float(value), "iteration": it}
-        (folder / "best.json").write_text(json.dumps(self.best) + "\n")
+        if trainer.world.is_main:
+            (folder / "best.json").write_text(json.dumps(self.best) + "\n")
