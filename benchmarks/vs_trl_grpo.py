@@ -53,7 +53,6 @@ MAX_NEW_TOKENS = 16
 LEARNING_RATE = 5e-5
 WARMUP_STEPS = 4
 KL_COEF = 0.02
-SEED = 0
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=None,
                    help="held-out questions (default 64; --quick: 32)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed of both sides (the held-out sampling seed stays 1234)")
     p.add_argument("--trl-python", default=None,
                    help="the interpreter of an environment with trl >= 1 (see the docstring)")
     p.add_argument("--sides", default="ppolm,trl", help="comma-separated: ppolm, trl")
@@ -78,7 +79,7 @@ def parse_args() -> argparse.Namespace:
 
 
 # --- both sides ------------------------------------------------------------------------------
-def setup(threads: int) -> tuple[Any, Any, Any, list[str], list[str]]:
+def setup(threads: int, seed: int) -> tuple[Any, Any, Any, list[str], list[str]]:
     """The policy (top layers trainable), its tokenizer, the reward, the training prompts and
     the held-out prompts, as ``examples/verifiable_smollm2.py`` builds them."""
     import torch
@@ -87,7 +88,7 @@ def setup(threads: int) -> tuple[Any, Any, Any, list[str], list[str]]:
     from ppolm.rollout.tasks import ArithmeticReward, arithmetic_prompts
 
     torch.set_num_threads(threads)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     policy, tokenizer = load_smollm2()
     freeze_lower_layers(policy, TRAINABLE_LAYERS)
     train = chat_prompts(tokenizer, arithmetic_prompts("train"))
@@ -114,14 +115,14 @@ def run_ppolm(args: argparse.Namespace) -> dict[str, Any]:
     import ppolm
     from ppolm import PPOConfig, TextGenerationEnv, Trainer
 
-    policy, tokenizer, reward, train, _ = setup(args.threads)
+    policy, tokenizer, reward, train, _ = setup(args.threads, args.seed)
     before = held_out_success(policy, tokenizer, reward, args.eval_prompts, "base model")
     env = TextGenerationEnv(train, tokenizer, reward, max_new_tokens=MAX_NEW_TOKENS,
-                            add_special_tokens=False, seed=SEED)
+                            add_special_tokens=False, seed=args.seed)
     out = tempfile.mkdtemp(prefix="vs_trl_grpo_")
     config = PPOConfig(
         iterations=args.iterations, batch_size=BATCH, minibatch_size=MINIBATCH, ppo_epochs=1,
-        learning_rate=LEARNING_RATE, warmup_steps=WARMUP_STEPS, seed=SEED, device="cpu",
+        learning_rate=LEARNING_RATE, warmup_steps=WARMUP_STEPS, seed=args.seed, device="cpu",
         samples_per_prompt=SAMPLES_PER_PROMPT, advantage_estimator="grpo",
         kl_mode="loss", kl_estimator="k3", kl_coef=KL_COEF, keep_freed_memory=True,
         output_dir=out, overwrite=True, progress=False)
@@ -142,7 +143,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    policy, tokenizer, reward, train, _ = setup(args.threads)
+    policy, tokenizer, reward, train, _ = setup(args.threads, args.seed)
     model = policy.lm
     dataset = Dataset.from_dict({"prompt": train})
 
@@ -158,7 +159,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         learning_rate=LEARNING_RATE, adam_epsilon=1e-5, weight_decay=0.0, max_grad_norm=1.0,
         epsilon=0.2, beta=KL_COEF, loss_type="grpo", scale_rewards="group",
         disable_dropout=True, gradient_checkpointing=False, use_cpu=True, bf16=False,
-        fp16=False, seed=SEED,
+        fp16=False, seed=args.seed,
         report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0)
     # ppolm's optimizer and warm-up (lr x 1/4, 2/4, 3/4, then 1 from the first step; the
@@ -204,7 +205,7 @@ def run_side(side: str, python: str, args: argparse.Namespace) -> dict[str, Any]
         result = Path(f.name)
     cmd = [python, __file__, "--side", side, "--result", str(result),
            "--iterations", str(args.iterations), "--eval-prompts", str(args.eval_prompts),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--seed", str(args.seed)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]))
     print(f"--- {side}: {' '.join(cmd[1:2] + cmd[3:4])} ({python})", flush=True)
