@@ -79,9 +79,9 @@ def parse_args() -> argparse.Namespace:
 
 
 # --- both sides ------------------------------------------------------------------------------
-def setup(threads: int, seed: int) -> tuple[Any, Any, Any, list[str], list[str]]:
-    """The policy (top layers trainable), its tokenizer, the reward, the training prompts and
-    the held-out prompts, as ``examples/verifiable_smollm2.py`` builds them."""
+def setup(threads: int, seed: int) -> tuple[Any, Any, Any, list[str]]:
+    """The policy (top layers trainable), its tokenizer, the reward and the training prompts,
+    as ``examples/verifiable_smollm2.py`` builds them."""
     import torch
 
     from ppolm.policies.pretrained import chat_prompts, freeze_lower_layers, load_smollm2
@@ -92,7 +92,7 @@ def setup(threads: int, seed: int) -> tuple[Any, Any, Any, list[str], list[str]]
     policy, tokenizer = load_smollm2()
     freeze_lower_layers(policy, TRAINABLE_LAYERS)
     train = chat_prompts(tokenizer, arithmetic_prompts("train"))
-    return policy, tokenizer, ArithmeticReward(), train, []
+    return policy, tokenizer, ArithmeticReward(), train
 
 
 def held_out_success(policy: Any, tokenizer: Any, reward: Any, n: int, name: str) -> dict:
@@ -115,7 +115,7 @@ def run_ppolm(args: argparse.Namespace) -> dict[str, Any]:
     import ppolm
     from ppolm import PPOConfig, TextGenerationEnv, Trainer
 
-    policy, tokenizer, reward, train, _ = setup(args.threads, args.seed)
+    policy, tokenizer, reward, train = setup(args.threads, args.seed)
     before = held_out_success(policy, tokenizer, reward, args.eval_prompts, "base model")
     env = TextGenerationEnv(train, tokenizer, reward, max_new_tokens=MAX_NEW_TOKENS,
                             add_special_tokens=False, seed=args.seed)
@@ -143,7 +143,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    policy, tokenizer, reward, train, _ = setup(args.threads, args.seed)
+    policy, tokenizer, reward, train = setup(args.threads, args.seed)
     model = policy.lm
     dataset = Dataset.from_dict({"prompt": train})
 

@@ -256,11 +256,10 @@ class AdapterCritic(_AdapterView):
             model.add_adapter(name, config)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"Cannot add the critic adapter {name!r}: {e}") from None
-        for n, p in model.named_parameters():             # peft leaves a new adapter frozen
-            if f".{name}." in n:
-                p.requires_grad_(True)
         super().__init__(policy)
         self.name = name
+        for p in self.adapter_parameters():                # peft leaves a new adapter frozen
+            p.requires_grad_(True)
 
     def adapter_parameters(self) -> list[Tensor]:
         """The critic adapter's weights (held by the policy's model)."""
