@@ -98,7 +98,7 @@ class PpolmSide:
                       "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 
     def step(self) -> dict[str, float]:
-        from ppolm.training.progress import Timer
+        from ppolm.observe.timer import Timer
 
         tr = self.trainer
         timer = Timer()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "ppolm"
 # From the bottom up; a module may import from its own layer and those before it.
-LAYERS = ["errors", "maths", "policies", "rollout", "engines", "training", "evaluation",
-          "run", "cli", "__main__", "__init__"]
+LAYERS = ["errors", "maths", "config", "policies", "rollout", "parallel", "engines",
+          "checkpoint", "observe", "training", "evaluation", "run", "cli", "__main__", "__init__"]
 
 
 def modules() -> dict[str, Path]:
@@ -59,7 +59,7 @@ def test_policies_import_nothing_of_engines_training_or_checkpoints():
 
 
 def test_checkpoint_code_imports_nothing_of_the_trainer():
-    deps = imports(SRC / "training" / "checkpoint.py")
+    deps = imports(SRC / "checkpoint" / "folders.py")
     assert not [d for d in deps if d != "ppolm.errors"], deps
 
 
@@ -86,3 +86,11 @@ def test_no_source_file_over_400_lines():
     long = {name: n for name, p in modules().items()
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_no_module_shares_a_name_with_a_package():
+    # training/engines.py beside the engines/ package made a reader open the wrong file
+    packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    clash = [name for name, p in modules().items()
+             if p.name != "__init__.py" and p.stem in packages and p.parent != SRC]
+    assert not clash, clash

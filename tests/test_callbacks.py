@@ -18,9 +18,9 @@ from ppolm import (
     char_tokenizer,
 )
 from ppolm.errors import ConfigError
+from ppolm.observe.health import HealthMonitor, PPOHealthWarning
+from ppolm.observe.metrics import read_metrics
 from ppolm.rollout.tasks import make_task
-from ppolm.training.health import HealthMonitor, PPOHealthWarning
-from ppolm.training.metrics import read_metrics
 
 
 def make_trainer(out, callbacks=None, max_new_tokens=4, **overrides):
@@ -154,7 +154,7 @@ def test_an_exception_in_a_callback_names_the_callback():
 
 
 def test_the_progress_bar_is_a_callback_that_counts_the_iterations(capsys):
-    from ppolm.training.progress import ProgressCallback
+    from ppolm.observe.progress import ProgressCallback
 
     trainer = make_trainer(None, progress=True)
     bars = [cb for cb in trainer.callbacks.callbacks if isinstance(cb, ProgressCallback)]

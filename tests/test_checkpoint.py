@@ -21,9 +21,9 @@ import yaml
 
 from conftest import toy_trainer
 from ppolm import PPOConfig, Trainer
+from ppolm.checkpoint.folders import COMPLETE, STATE_FILE, latest_checkpoint, load_state
 from ppolm.errors import CheckpointError, ConfigError
-from ppolm.training.checkpoint import COMPLETE, STATE_FILE, latest_checkpoint, load_state
-from ppolm.training.metrics import read_metrics
+from ppolm.observe.metrics import read_metrics
 
 # What the iterations of two identical runs must agree on (times excluded).
 COMPARED = ("score_mean", "reward_mean", "kl", "kl_coef", "policy_loss", "value_loss",
@@ -154,7 +154,7 @@ import os, sys
 sys.path.insert(0, {tests!r})
 from test_checkpoint import build
 from pathlib import Path
-import ppolm.training.checkpoint as ck
+import ppolm.checkpoint.folders as ck
 kill_at = os.environ.get("KILL_AT")
 if kill_at:
     real = getattr(ck, kill_at)

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from ppolm import PPOConfig
+from ppolm.config.ppo import SECTIONS, AlgorithmConfig, RunConfig, SystemConfig
 from ppolm.errors import ConfigError, PPOLMError
 from ppolm.run import DEMO, RunSpec
-from ppolm.training.config import SECTIONS, AlgorithmConfig, RunConfig, SystemConfig
 
 
 def names(cls: type) -> list[str]:

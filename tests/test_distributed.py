@@ -147,7 +147,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, s
     from transformers import AutoModelForCausalLM
 
     from ppolm import ValueHead
-    from ppolm.training.dcp import export_policy
+    from ppolm.checkpoint.sharded import export_policy
 
     vocab = len(worker.char_tokenizer(worker.ALPHABET))
     policy = worker.tiny_llama(vocab)

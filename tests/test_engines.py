@@ -134,7 +134,7 @@ def test_step_clips_to_the_global_norm_and_skips_non_finite(engine, tok):
 def test_the_plain_engine_calls_models_through_their_forward(tok):
     """User hooks (and DDP/FSDP/PEFT wrappers, which work the same way) see every training
     forward of the plain engine; 'auto' picks it for several processes."""
-    from ppolm.training.engines import make_engine
+    from ppolm.engines.factory import make_engine
 
     policy = make_policy("transformer", len(tok))
     calls = []

@@ -10,11 +10,11 @@ import pytest
 
 from conftest import toy_trainer
 from ppolm import Callback, EvalCallback
+from ppolm.checkpoint.folders import COMPLETE
 from ppolm.errors import ConfigError
 from ppolm.evaluation.callback import EVAL_FIGURES
+from ppolm.observe.metrics import read_metrics
 from ppolm.rollout.tasks import make_task
-from ppolm.training.checkpoint import COMPLETE
-from ppolm.training.metrics import read_metrics
 
 HELD_OUT = make_task("continue").prompts[:6]
 TIMINGS = ("time_", "tokens_per_s", "episodes_per_s", "eval/seconds")

@@ -14,10 +14,10 @@ import torch
 
 from ppolm import CallableReward, PPOConfig, TextGenerationEnv, Trainer, TransformerPolicy
 from ppolm.engines import FastCPUEngine, FastCPUSettings, PlainEngine
+from ppolm.engines.factory import make_engine
 from ppolm.engines.fast_cpu import attention
 from ppolm.engines.fast_cpu import engine as fast_engine
 from ppolm.errors import ConfigError
-from ppolm.training.engines import make_engine
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,7 @@ import pytest
 
 from ppolm import PPOConfig
 from ppolm.errors import ConfigError
-from ppolm.training.health import CONDITIONS, HealthMonitor, PPOHealthWarning
+from ppolm.observe.health import CONDITIONS, HealthMonitor, PPOHealthWarning
 
 HEALTHY = {"kl": 0.5, "kl_coef": 0.05, "entropy": 1.2, "clipfrac": 0.05, "approx_kl": 0.01,
            "explained_variance": 0.3, "eos_fraction": 0.9, "skipped_updates": 0.0,

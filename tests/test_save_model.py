@@ -9,8 +9,8 @@ import torch
 
 from conftest import tiny_llama
 from ppolm import CallableReward, HFPolicy, PPOConfig, TextGenerationEnv, Trainer, ValueHead
+from ppolm.checkpoint.export import load_value_head
 from ppolm.errors import ConfigError
-from ppolm.training.export import load_value_head
 
 peft = pytest.importorskip("peft")
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import toy_trainer
 from ppolm import Callback, PPOConfig
 from ppolm.errors import ConfigError
-from ppolm.training import trackers
-from ppolm.training.metrics import (
+from ppolm.observe import trackers
+from ppolm.observe.metrics import (
     METRIC_NAMES,
     METRIC_PREFIXES,
     SAMPLE_COLUMNS,

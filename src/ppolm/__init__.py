@@ -1,5 +1,6 @@
 """ppolm: Proximal Policy Optimization for language models."""
 
+from ppolm.config.ppo import PPOConfig
 from ppolm.engines import Engine, FastCPUEngine, PlainEngine
 from ppolm.errors import (
                           CheckpointError,
@@ -14,6 +15,8 @@ from ppolm.evaluation.evaluate import EvalResult, distinct_n, evaluate
 from ppolm.evaluation.kl_budget import BudgetFit, WeightPath, fit_kl_budget
 from ppolm.maths.advantages import compute_gae, masked_mean, masked_var, whiten
 from ppolm.maths.losses import entropy, kl_penalty, policy_loss, value_loss
+from ppolm.observe.callbacks import Callback
+from ppolm.observe.health import HealthMonitor, PPOHealthWarning
 from ppolm.policies import HFPolicy, LSTMPolicy, Policy, TransformerPolicy, ValueHead
 from ppolm.policies.pretrained import chat_prompts, freeze_lower_layers, load_gguf, load_smollm2
 from ppolm.rollout.env import TextGenerationEnv, read_prompts
@@ -26,9 +29,6 @@ from ppolm.rollout.rewards import (
 )
 from ppolm.rollout.tokenization import char_tokenizer
 from ppolm.rollout.types import Advantages, Episodes, Rollout
-from ppolm.training.callbacks import Callback
-from ppolm.training.config import PPOConfig
-from ppolm.training.health import HealthMonitor, PPOHealthWarning
 from ppolm.training.kl_control import KLController
 from ppolm.training.trainer import Trainer
 

@@ -89,8 +89,8 @@ def command_line_defaults(ppo: dict[str, Any], name: str) -> dict[str, Any]:
     """What the command sets where the config leaves it open (``ppo``: the PPOConfig values so
     far): an output_dir (runs/NAME), and, on the fast CPU engine, malloc keeping freed memory
     (process-wide, which a command may decide for its process and a library may not)."""
-    from ppolm.training.distributed import launched
-    from ppolm.training.engines import resolve_device
+    from ppolm.engines.factory import resolve_device
+    from ppolm.parallel.world import launched
 
     fill: dict[str, Any] = {"output_dir": f"runs/{name}"}
     if ppo.get("engine", "auto") != "plain" and not launched() and resolve_device(

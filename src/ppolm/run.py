@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ppolm.config.ppo import SECTIONS, PPOConfig, flatten_sections
+from ppolm.config.yaml_io import check_keys, check_types, load_yaml_mapping, parse_overrides
 from ppolm.errors import ConfigError
-from ppolm.training.config import SECTIONS, PPOConfig, flatten_sections
-from ppolm.training.config_io import check_keys, check_types, load_yaml_mapping, parse_overrides
 
 #: The built-in default run (``ppolm train`` without a config file).
 DEMO = Path(__file__).parent / "data" / "demo.yaml"

@@ -63,7 +63,7 @@ def rows(episodes: Episodes, part: slice) -> Episodes:
 def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from ppolm.training.dcp import models
+    from ppolm.checkpoint.sharded import models
 
     trained = models(trainer.policy, trainer.value_head)
     if not dist.is_initialized():

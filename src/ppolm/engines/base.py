@@ -7,7 +7,7 @@ with gradient clipping, the contexts the rollout and the update run in, and its 
 ``FastCPUEngine`` is the single-process CPU engine (docs/performance.md).
 
 A new engine (several processes, another accelerator) subclasses ``Engine`` and is chosen in
-``ppolm.training.engines.make_engine``.
+``ppolm.engines.factory.make_engine``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ head's layer); each rank holds 1/N of the parameters, gradients and AdamW state,
 layer's weights only while it runs (bf16 parameters with float32 gradient reduction on CUDA).
 
 The rollouts are split between the ranks and their losses are normalised by GLOBAL token counts
-(``ppolm.training.distributed``); both wrappers average gradients over the ranks, so ``backward``
+(``ppolm.parallel.world``); both wrappers average gradients over the ranks, so ``backward``
 multiplies the loss by the world size: the reduced gradient is then the sum of the ranks', the
 gradient of the whole batch.
 """
@@ -160,7 +160,7 @@ class DistributedEngine(PlainEngine):
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError("a distributed run's optimizer state is saved with "
-                                  "torch.distributed.checkpoint (ppolm.training.dcp)")
+                                  "torch.distributed.checkpoint (ppolm.checkpoint.sharded)")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError("see state_dict")

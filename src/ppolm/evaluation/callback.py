@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from ppolm.errors import ConfigError
 from ppolm.evaluation.evaluate import EvalResult, evaluate
+from ppolm.observe.callbacks import Callback, Trainer
 from ppolm.rollout.env import read_prompts
-from ppolm.training.callbacks import Callback, Trainer
 
 #: The figures logged, as ``eval/<name>``: name -> the EvalResult attribute. ``score_*`` is
 #: the reward function's score, as ``score_mean`` is in training.

@@ -11,9 +11,9 @@ import io
 from pathlib import Path
 from typing import Any
 
+from ppolm.checkpoint.folders import latest_checkpoint
 from ppolm.errors import ConfigError
-from ppolm.training.checkpoint import latest_checkpoint
-from ppolm.training.metrics import SAMPLE_COLUMNS, read_metrics
+from ppolm.observe.metrics import SAMPLE_COLUMNS, read_metrics
 
 #: The panels of the page: a title and the metrics drawn in it (those the run logged).
 PANELS = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ppolm.config.ppo import PPOConfig
 from ppolm.engines.base import ResponseForward
 from ppolm.maths.advantages import compute_gae, whiten
 from ppolm.maths.aggregation import aggregate_loss
@@ -18,7 +19,6 @@ from ppolm.maths.estimators import (
 from ppolm.maths.losses import full_kl, kl_penalty, policy_loss, value_loss
 from ppolm.maths.rewards import token_rewards
 from ppolm.rollout.types import Advantages, Rollout
-from ppolm.training.config import PPOConfig
 
 
 def estimate_advantages(cfg: PPOConfig, rollout: Rollout, kl_coef: float) -> Advantages:

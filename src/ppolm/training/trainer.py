@@ -13,25 +13,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ppolm.config.ppo import PPOConfig
 from ppolm.engines.base import Engine, OptimizerSettings, Sequences
+from ppolm.engines.factory import make_engine, resolve_device
 from ppolm.errors import ConfigError, TrainingError
 from ppolm.maths.advantages import explained_variance
 from ppolm.maths.estimators import zero_signal_share
 from ppolm.maths.losses import kl_penalty
+from ppolm.observe.callbacks import Callback, CallbackList
+from ppolm.observe.default_callbacks import default_callbacks
+from ppolm.observe.metrics import MetricsWriter, iteration_samples
+from ppolm.observe.timer import Timer
+from ppolm.parallel.world import World, init_process_group
 from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
 from ppolm.rollout.env import TextGenerationEnv
 from ppolm.rollout.types import Advantages, Episodes, Rollout
 from ppolm.training.averaging import TailAverage
-from ppolm.training.callbacks import Callback, CallbackList
-from ppolm.training.config import PPOConfig
-from ppolm.training.default_callbacks import default_callbacks
-from ppolm.training.distributed import World, init_process_group
-from ppolm.training.engines import make_engine, resolve_device
 from ppolm.training.kl_control import KLController
-from ppolm.training.metrics import MetricsWriter, iteration_samples
 from ppolm.training.objective import estimate_advantages, ppo_loss
-from ppolm.training.progress import Timer
 from ppolm.training.schedule import lr_factor
 from ppolm.training.trainer_state import TrainerState
 
@@ -301,7 +301,7 @@ class Trainer(TrainerState):
 
     def log(self, episodes: Episodes, rollout: Rollout, advantages: Advantages,
             stats: dict[str, float], timer: Timer) -> dict[str, Any]:
-        """The iteration's metrics (fixed names, see ppolm.training.metrics) and samples."""
+        """The iteration's metrics (fixed names, see ppolm.observe.metrics) and samples."""
         cfg, mask = self.config, rollout.response_mask
         # The metric uses the optimised estimator; for the exact KL (optimised per state),
         # k1 on the sampled tokens: the unbiased estimate of the KL of whole responses.

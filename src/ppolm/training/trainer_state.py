@@ -11,18 +11,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppolm.checkpoint import export
+from ppolm.checkpoint import folders as checkpoint
+from ppolm.checkpoint import sharded as dcp
+from ppolm.config.ppo import PPOConfig
 from ppolm.engines.base import Engine
 from ppolm.errors import CheckpointError, ConfigError
+from ppolm.observe.callbacks import CallbackList
+from ppolm.observe.metrics import MetricsWriter, truncate_metrics
+from ppolm.parallel.world import World
 from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
 from ppolm.rollout.env import TextGenerationEnv
-from ppolm.training import checkpoint, dcp, export
 from ppolm.training.averaging import TailAverage
-from ppolm.training.callbacks import CallbackList
-from ppolm.training.config import PPOConfig
-from ppolm.training.distributed import World
 from ppolm.training.kl_control import KLController
-from ppolm.training.metrics import MetricsWriter
 from ppolm.training.seeding import rng_state, set_rng_state
 
 
@@ -140,7 +142,7 @@ class TrainerState:
         """Write the policy as a Hugging Face model folder that ``AutoModelForCausalLM``,
         ``AutoTokenizer`` and ``pipeline("text-generation", model=path)`` load: weights (LoRA
         merged; ``merge=False``: the adapters alone), tokenizer, generation config, and the
-        value head beside them (see ``ppolm.training.export.save_model``)."""
+        value head beside them (see ``ppolm.checkpoint.export.save_model``)."""
         return export.save_model(self.policy, self.env.tokenizer, path, self.value_head,
                                  merge=merge)
 
@@ -164,7 +166,7 @@ class TrainerState:
             self.policy.to(self.device)
             self.load_state_dict(state)
         if self.metrics.path is not None:
-            checkpoint.truncate_metrics(self.metrics.path, self.iteration)
+            truncate_metrics(self.metrics.path, self.iteration)
         return self.iteration
 
     def _checkpoints(self) -> Path:

@@ -8,12 +8,12 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ppolm.config.sections import FastCPUSettings
 from ppolm.engines.base import (
     Engine,
     OptimizerSettings,
@@ -34,30 +34,6 @@ from ppolm.errors import ConfigError
 from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
 from ppolm.rollout.sampling import StepTrunk
-
-
-@dataclass
-class FastCPUSettings:
-    """The fast CPU engine's own switches (``PPOConfig`` fields of the same names; each
-    technique, its measured gain and its test: docs/performance.md)."""
-
-    cpu_bf16: bool = False
-    """bf16 autocast on CPU (AMX or AVX-512 BF16 units): the LM head's products in bf16, its
-    softmax, its weight gradient, the attention and the values in float32; weights, gradients
-    and optimizer state stay float32. Refused where PyTorch reports no bf16 support."""
-    compile: bool = False
-    """The trunks' whole-sequence passes (the update's forward and backward, the rollout's
-    reference and critic forwards) through ``torch.compile``; decoding steps stay eager.
-    ``transformers`` policies and ``TransformerPolicy``; needs a C++ compiler. The first
-    iterations pay the compile time."""
-    keep_freed_memory: bool = False
-    """Have glibc's malloc keep freed memory for reuse (Linux): the tensors freed every
-    minibatch are not page-faulted in again. Process-wide and not undone (the process keeps its
-    peak memory), so off from the library; the ``ppolm train`` command turns it on."""
-    reuse_frozen_layers: bool = True
-    """With frozen lower layers (``freeze_lower_layers``), run them once per rollout (from the
-    sampling pass) and start every training forward, and the reference's when it shares them,
-    above them. Used only where the split trunk is checked to equal the whole trunk."""
 
 
 class FastCPUEngine(Engine):

@@ -1,4 +1,4 @@
-"""The three sections of a PPOConfig, declared (``ppolm.training.config`` validates them):
+"""The three sections of a PPOConfig, declared (``ppolm.config.ppo`` validates them):
 ``AlgorithmConfig`` (what PPO computes), ``SystemConfig`` (how) and ``RunConfig`` (files and
 feedback)."""
 
@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
-
-from ppolm.engines.fast_cpu import FastCPUSettings
 
 KLMode = Literal["reward", "loss"]
 KLEstimator = Literal["k1", "k2", "k3", "full"]
@@ -138,6 +136,32 @@ class AlgorithmConfig:
     temperature: float = 1.0
     """Sampling temperature; logits are divided by it for sampling AND for every logprob
     computed for training and for the reference, so the first ratio is exactly 1."""
+
+
+
+
+@dataclass
+class FastCPUSettings:
+    """The fast CPU engine's own switches (``PPOConfig`` fields of the same names; each
+    technique, its measured gain and its test: docs/performance.md)."""
+
+    cpu_bf16: bool = False
+    """bf16 autocast on CPU (AMX or AVX-512 BF16 units): the LM head's products in bf16, its
+    softmax, its weight gradient, the attention and the values in float32; weights, gradients
+    and optimizer state stay float32. Refused where PyTorch reports no bf16 support."""
+    compile: bool = False
+    """The trunks' whole-sequence passes (the update's forward and backward, the rollout's
+    reference and critic forwards) through ``torch.compile``; decoding steps stay eager.
+    ``transformers`` policies and ``TransformerPolicy``; needs a C++ compiler. The first
+    iterations pay the compile time."""
+    keep_freed_memory: bool = False
+    """Have glibc's malloc keep freed memory for reuse (Linux): the tensors freed every
+    minibatch are not page-faulted in again. Process-wide and not undone (the process keeps its
+    peak memory), so off from the library; the ``ppolm train`` command turns it on."""
+    reuse_frozen_layers: bool = True
+    """With frozen lower layers (``freeze_lower_layers``), run them once per rollout (from the
+    sampling pass) and start every training forward, and the reference's when it shares them,
+    above them. Used only where the split trunk is checked to equal the whole trunk."""
 
 
 

@@ -7,13 +7,13 @@ import os
 import torch
 import torch.distributed as dist
 
+from ppolm.config.ppo import PPOConfig
 from ppolm.engines.base import Engine
 from ppolm.engines.distributed import DistributedEngine
 from ppolm.engines.fast_cpu import FastCPUEngine
 from ppolm.engines.plain import PlainEngine
 from ppolm.errors import ConfigError
-from ppolm.training.config import PPOConfig
-from ppolm.training.distributed import launched
+from ppolm.parallel.world import launched
 
 
 def resolve_device(name: str) -> torch.device:

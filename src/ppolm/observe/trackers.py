@@ -1,7 +1,7 @@
 """Where the metrics go: metrics.jsonl (always), samples.jsonl, and the experiment trackers of
 ``PPOConfig.report_to`` (TensorBoard here; W&B, trackio and MLflow in ``tracker_services``).
 Each is a ``Callback``; the Trainer adds them after the user's callbacks
-(``ppolm.training.default_callbacks``), so that metrics a callback adds to the row (e.g.
+(``ppolm.observe.default_callbacks``), so that metrics a callback adds to the row (e.g.
 ``eval/*``) reach every one of them.
 
 Every tracker records the same numbers as metrics.jsonl (``metrics.scalars`` of the row) at
@@ -13,7 +13,6 @@ are the same) are not logged twice.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,37 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ppolm.errors import ConfigError
-from ppolm.training.callbacks import Callback, Trainer
-from ppolm.training.checkpoint import truncate_metrics
-from ppolm.training.metrics import SAMPLE_COLUMNS, MetricsWriter, scalars
+from ppolm.observe.callbacks import Callback, Trainer
+from ppolm.observe.metrics import SAMPLE_COLUMNS, MetricsWriter, scalars, truncate_metrics
 
-#: Each tracker of ``report_to``: the module it imports and the pip package that provides it.
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-            "trackio": ("trackio", "trackio"), "mlflow": ("mlflow", "mlflow")}
 STATE_FILE = "trackers.json"
-
-
-def check_report_to(report_to: list[str], output_dir: str | None) -> None:
-    """ConfigError for an unknown tracker, 'none' beside others, a tracker without an
-    output_dir, or a tracker whose package is not installed (naming the pip install)."""
-    for name in report_to:
-        if name != "none" and name not in TRACKERS:
-            raise ConfigError(f"report_to: unknown tracker {name!r}; use any of "
-                              f"{', '.join(TRACKERS)}, or 'none'.")
-    if "none" in report_to and len(report_to) > 1:
-        raise ConfigError(f"report_to={report_to} names 'none' beside trackers; give one or "
-                          "the other.")
-    names = [n for n in report_to if n != "none"]
-    if len(set(names)) < len(names):
-        raise ConfigError(f"report_to={report_to} names a tracker twice.")
-    if names and output_dir is None:
-        raise ConfigError(f"report_to={names} needs an output_dir (the trackers' files and "
-                          "run ids are kept there).")
-    for name in names:
-        module, package = TRACKERS[name]
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"report_to={name!r} needs the {package} package: "
-                              f"pip install {package}  (or pip install 'ppolm[{name}]').")
 
 
 def samples_due(trainer: Trainer, iteration: int) -> bool:

@@ -1,5 +1,5 @@
 """The trackers of a service: Weights & Biases, trackio and MLflow, each through its own
-library, each writing locally unless told otherwise (see ``ppolm.training.trackers`` for what
+library, each writing locally unless told otherwise (see ``ppolm.observe.trackers`` for what
 every tracker does; each library is imported only when its tracker opens)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import os
 import time
 from typing import Any
 
-from ppolm.training.callbacks import Trainer
-from ppolm.training.metrics import SAMPLE_COLUMNS
-from ppolm.training.trackers import Tracker
+from ppolm.observe.callbacks import Trainer
+from ppolm.observe.metrics import SAMPLE_COLUMNS
+from ppolm.observe.trackers import Tracker
 
 
 def _table_data(rows: list[dict[str, Any]]) -> list[list[Any]]:

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ppolm.errors import ConfigError
-from ppolm.training.callbacks import Callback, Trainer
-from ppolm.training.checkpoint import truncate_metrics
-from ppolm.training.metrics import MetricsWriter
+from ppolm.observe.callbacks import Callback, Trainer
+from ppolm.observe.metrics import MetricsWriter, truncate_metrics
 
 #: The conditions checked, by the name each warning carries.
 CONDITIONS = ("kl_high", "kl_rising", "kl_negative", "entropy_collapse", "clipfrac_high",

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ppolm.training.callbacks import Callback
-from ppolm.training.health import HealthMonitor
-from ppolm.training.progress import ProgressCallback
-from ppolm.training.tracker_services import MLflowTracker, TrackioTracker, WandbTracker
-from ppolm.training.trackers import MetricsFile, SamplesFile, TensorBoardTracker, Tracker
+from ppolm.observe.callbacks import Callback
+from ppolm.observe.health import HealthMonitor
+from ppolm.observe.progress import ProgressCallback
+from ppolm.observe.tracker_services import MLflowTracker, TrackioTracker, WandbTracker
+from ppolm.observe.trackers import MetricsFile, SamplesFile, TensorBoardTracker, Tracker
 
 #: The tracker class of each name ``report_to`` takes.
 TRACKER_CLASSES: dict[str, type[Tracker]] = {

@@ -22,16 +22,15 @@ from typing import Any
 
 import yaml
 
-from ppolm.engines.fast_cpu import FastCPUSettings
-from ppolm.errors import ConfigError
-from ppolm.training.config_io import check_keys, check_types, load_yaml_mapping, parse_overrides
-from ppolm.training.config_sections import (  # noqa: F401 (re-exported)
+from ppolm.config.report_to import check_report_to
+from ppolm.config.sections import (  # noqa: F401 (re-exported)
     CRITIC_FREE,
     DEFAULT_AGGREGATION,
     GROUPED,
     AdvantageEstimator,
     AlgorithmConfig,
     EngineName,
+    FastCPUSettings,
     KLEstimator,
     KLMode,
     LossAggregation,
@@ -40,7 +39,8 @@ from ppolm.training.config_sections import (  # noqa: F401 (re-exported)
     RunConfig,
     SystemConfig,
 )
-from ppolm.training.trackers import check_report_to
+from ppolm.config.yaml_io import check_keys, check_types, load_yaml_mapping, parse_overrides
+from ppolm.errors import ConfigError
 
 #: The sections of a PPOConfig, as its YAML file writes them.
 SECTIONS: dict[str, type] = {"algorithm": AlgorithmConfig, "system": SystemConfig,

@@ -31,9 +31,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 import ppolm.errors as errors
+from ppolm.config.ppo import PPOConfig
 from ppolm.errors import ConfigError, PPOLMError
 from ppolm.rollout.types import Advantages, Rollout
-from ppolm.training.config import PPOConfig
 
 T = TypeVar("T")
 

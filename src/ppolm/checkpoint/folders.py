@@ -8,7 +8,6 @@ complete.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -101,24 +100,6 @@ def clear_run(checkpoints: Path, metrics: Path) -> None:
     """Delete an earlier run's checkpoints and metrics."""
     shutil.rmtree(checkpoints, ignore_errors=True)
     metrics.unlink(missing_ok=True)
-
-
-def truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric lines of iterations after ``iteration`` (written by a run that crashed
-    before its next checkpoint), so a resumed run's metrics.jsonl has each iteration once."""
-    if not path.is_file():
-        return
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:       # a torn last line
-            continue
-        if row.get("iteration", 0) <= iteration:
-            rows.append(row)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -11,7 +11,7 @@ A folder ``iter-NNNNNNN`` holds:
 * ``config.yaml`` and the ``COMPLETE`` marker.
 
 Every rank writes into the same temporary folder; when all are done (a barrier) rank 0 marks it
-complete and renames it into place, as ``ppolm.training.checkpoint.write_atomic`` does in one
+complete and renames it into place, as ``ppolm.checkpoint.folders.write_atomic`` does in one
 process. ``export_policy`` turns such a checkpoint into the policy's own files
 (``save_pretrained`` for a transformers model) in one process.
 """
@@ -29,10 +29,10 @@ from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ppolm.checkpoint import folders as checkpoint
 from ppolm.errors import CheckpointError
 from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
-from ppolm.training import checkpoint
 
 MODELS = "models"
 

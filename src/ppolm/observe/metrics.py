@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,21 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric lines of iterations after ``iteration`` (written by a run that crashed
+    before its next checkpoint), so a resumed run's metrics.jsonl has each iteration once."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:       # a torn last line
+            continue
+        if row.get("iteration", 0) <= iteration:
+            rows.append(row)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
