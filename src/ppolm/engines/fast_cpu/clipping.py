@@ -72,6 +72,7 @@ def step_with_factor(optimizer: torch.optim.Optimizer, params: list[torch.nn.Par
         finally:
             del optimizer.grad_scale                  # type: ignore[attr-defined]
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    torch._foreach_mul_(grads, factor)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
     optimizer.step()
