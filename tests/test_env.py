@@ -286,7 +286,7 @@ def test_prefix_shaping_rewards_each_token_with_the_score_increment(tok, penalty
 
 
 def test_score_increments_add_up_to_the_score():
-    from ppolm.rollout.env import score_increments
+    from ppolm.maths.rewards import score_increments
 
     phi = torch.tensor([[0.0, 0.1, 0.3, 0.9], [0.0, 0.5, 0.0, 0.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])

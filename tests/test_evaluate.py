@@ -26,7 +26,8 @@ from ppolm import (
 )
 from ppolm.engines import Sequences
 from ppolm.errors import DataError
-from ppolm.evaluation.evaluate import distinct_n, format_pairs, format_table, sequence_kl
+from ppolm.evaluation.evaluate import distinct_n, format_pairs, format_table
+from ppolm.maths.losses import sequence_kl
 
 ALPHABET = "abcdefghij"
 

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ppolm.engines.base import Engine, Sequences
 from ppolm.engines.plain import PlainEngine
 from ppolm.errors import DataError
-from ppolm.maths.losses import kl_penalty
+from ppolm.maths.losses import sequence_kl
 from ppolm.policies.base import Policy
 from ppolm.rollout.env import TextGenerationEnv
 
@@ -97,17 +96,6 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
         words = text.lower().split()
         grams.extend(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
     return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """KL estimate per response: the sum of k1 = log p - log p_ref over its tokens.
-
-    Shapes: logprobs, ref_logprobs, mask (B, T) -> (B,).
-    """
-    if not logprobs.shape == ref_logprobs.shape == mask.shape or logprobs.dim() != 2:
-        raise DataError(f"sequence_kl needs three (B, T) tensors; got {tuple(logprobs.shape)}, "
-                        f"{tuple(ref_logprobs.shape)}, {tuple(mask.shape)}.")
-    return (kl_penalty(logprobs, ref_logprobs, "k1") * mask).sum(1)
 
 
 @torch.no_grad()

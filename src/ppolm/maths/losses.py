@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ppolm.errors import DataError
 from ppolm.maths.advantages import masked_mean, masked_sum
 
 
@@ -113,6 +114,19 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1', 'k2' or 'k3' (the exact "
                      "'full' KL needs the whole distributions: see full_kl).")
+
+
+def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str = "k1"
+                ) -> Tensor:
+    """KL estimate per response: the sum of the per-token estimator (k1 = log p - log p_ref
+    by default, the unbiased estimate of the KL of whole responses) over its tokens.
+
+    Shapes: logprobs, ref_logprobs, mask (B, T) -> (B,).
+    """
+    if not logprobs.shape == ref_logprobs.shape == mask.shape or logprobs.dim() != 2:
+        raise DataError(f"sequence_kl needs three (B, T) tensors; got {tuple(logprobs.shape)}, "
+                        f"{tuple(ref_logprobs.shape)}, {tuple(mask.shape)}.")
+    return (kl_penalty(logprobs, ref_logprobs, estimator) * mask).sum(1)
 
 
 def full_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -57,3 +57,19 @@ def token_rewards(scores: Tensor, mask: Tensor, *, token_scores: Tensor | None =
     if token_scores is not None:
         return rewards + token_scores * mask
     return rewards.scatter_add(1, last_token_index(mask)[:, None], scores[:, None])
+
+
+def score_increments(phi: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
+    """Per-token rewards from prefix scores: token ``t`` gets ``phi[t + 1] - phi[t]``, with
+    ``phi[0] = 0`` (the empty response) and the response's own score in place of ``phi[n]``
+    (``n`` its last token + 1). They add up to ``scores`` exactly. This is potential-based
+    shaping, ``F = Phi(s') - Phi(s)`` with ``Phi`` = the reward of the text so far (0 at the
+    start and after the end), so the optimal policy is unchanged (Ng et al. 1999).
+
+    Shapes: phi (B, T) from ``prefix_scores``, scores (B,), mask (B, T) -> (B, T); 0 on padding.
+    """
+    m = mask.to(phi.dtype)
+    last = last_token_index(m)                                          # (B,)
+    nxt = torch.cat([phi[:, 1:], torch.zeros_like(phi[:, :1])], 1)      # phi[t + 1]   (B, T)
+    nxt = nxt.scatter(1, last[:, None], scores.to(phi.dtype)[:, None])  # the score at the end
+    return (nxt - phi) * m

@@ -10,6 +10,7 @@ from ppolm.observe.health import HealthMonitor
 from ppolm.observe.progress import ProgressCallback
 from ppolm.observe.tracker_services import MLflowTracker, TrackioTracker, WandbTracker
 from ppolm.observe.trackers import MetricsFile, SamplesFile, TensorBoardTracker, Tracker
+from ppolm.parallel.world import World
 
 #: The tracker class of each name ``report_to`` takes.
 TRACKER_CLASSES: dict[str, type[Tracker]] = {
@@ -23,22 +24,13 @@ def make_trackers(config: Any) -> list[Tracker]:
             for name in config.report_to if name != "none"]
 
 
-def main_process() -> bool:
-    """Whether this process records the run: the only one, or rank 0 when torch.distributed
-    runs several (one set of files, one tracker run and one warning per trouble, not one per
-    process)."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def default_callbacks(config: Any, given: list[Callback]) -> list[Callback]:
     """The callbacks a Trainer adds after the ``given`` ones, in the main process only: the
     progress bar (``progress``), a HealthMonitor (``health_checks``, unless one is given), the
     trackers, samples.jsonl and metrics.jsonl (last, so that it holds every metric the others
     added)."""
     out: list[Callback] = []
-    if not main_process():
+    if not World.current().is_main:
         return out
     if config.progress:
         out.append(ProgressCallback())

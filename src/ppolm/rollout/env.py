@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ppolm.errors import DataError, RewardError
+from ppolm.maths.rewards import score_increments
 from ppolm.policies.base import Policy
 from ppolm.rollout.prompts import prompt_set
 from ppolm.rollout.prompts import read_prompts as read_prompts  # re-exported
@@ -303,19 +304,3 @@ def generation_eos_ids(policy: Any) -> list[int]:
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         return []
     return [int(t) for t in ids if t >= 0]
-
-
-def score_increments(phi: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
-    """Per-token rewards from prefix scores: token ``t`` gets ``phi[t + 1] - phi[t]``, with
-    ``phi[0] = 0`` (the empty response) and the response's own score in place of ``phi[n]``
-    (``n`` its last token + 1). They add up to ``scores`` exactly. This is potential-based
-    shaping, ``F = Phi(s') - Phi(s)`` with ``Phi`` = the reward of the text so far (0 at the
-    start and after the end), so the optimal policy is unchanged (Ng et al. 1999).
-
-    Shapes: phi (B, T) from ``prefix_scores``, scores (B,), mask (B, T) -> (B, T); 0 on padding.
-    """
-    m = mask.to(phi.dtype)
-    last = (m * torch.arange(m.shape[1])).argmax(1)                     # (B,)
-    nxt = torch.cat([phi[:, 1:], torch.zeros_like(phi[:, :1])], 1)      # phi[t + 1]   (B, T)
-    nxt = nxt.scatter(1, last[:, None], scores.to(phi.dtype)[:, None])  # the score at the end
-    return (nxt - phi) * m

@@ -19,7 +19,7 @@ from ppolm.engines.factory import make_engine, resolve_device
 from ppolm.errors import ConfigError, TrainingError
 from ppolm.maths.advantages import explained_variance
 from ppolm.maths.estimators import zero_signal_share
-from ppolm.maths.losses import kl_penalty
+from ppolm.maths.losses import sequence_kl
 from ppolm.observe.callbacks import Callback, CallbackList
 from ppolm.observe.default_callbacks import default_callbacks
 from ppolm.observe.metrics import MetricsWriter, iteration_samples
@@ -306,8 +306,7 @@ class Trainer(TrainerState):
         # The metric uses the optimised estimator; for the exact KL (optimised per state),
         # k1 on the sampled tokens: the unbiased estimate of the KL of whole responses.
         estimator = "k1" if cfg.kl_estimator == "full" else cfg.kl_estimator
-        kl_seq = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, estimator)
-                  * mask).sum(1)                                            # (B,)
+        kl_seq = sequence_kl(rollout.logprobs, rollout.ref_logprobs, mask, estimator)  # (B,)
         total = timer.total()
         n_tokens = float(mask.sum())
         row: dict[str, Any] = {
