@@ -15,8 +15,8 @@ import pytest
 
 from conftest import toy_trainer
 from ppolm import Callback, PPOConfig
+from ppolm.config.report_to import TRACKERS
 from ppolm.errors import ConfigError
-from ppolm.observe import trackers
 from ppolm.observe.metrics import (
     METRIC_NAMES,
     METRIC_PREFIXES,
@@ -219,7 +219,7 @@ def test_a_resumed_run_continues_the_tracker_run_without_logging_a_step_twice(
         tracker, tmp_path, request):
     if tracker == "trackio":
         request.getfixturevalue("trackio_dir")     # before trackio is imported
-    pytest.importorskip(trackers.TRACKERS[tracker][0])
+    pytest.importorskip(TRACKERS[tracker][0])
     project = f"ppolm-test-{tmp_path.name}"
     settings = dict(iterations=4, save_every=2, report_to=[tracker], log_samples_every=2,
                     health_checks=False, tracker_project=project)
@@ -250,7 +250,7 @@ def test_a_resumed_run_continues_the_tracker_run_without_logging_a_step_twice(
 
 
 def test_a_missing_tracker_package_names_the_pip_install(monkeypatch):
-    monkeypatch.setitem(trackers.TRACKERS, "wandb", ("ppolm_no_such_module", "wandb"))
+    monkeypatch.setitem(TRACKERS, "wandb", ("ppolm_no_such_module", "wandb"))
     with pytest.raises(ConfigError, match=r"pip install wandb .*ppolm\[wandb\]"):
         PPOConfig(report_to=["wandb"], output_dir="out")
 

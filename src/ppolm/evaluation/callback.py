@@ -130,6 +130,8 @@ class EvalCallback(Callback):
             old = self.best["value"]
             if (value <= old) if self.mode == "max" else (value >= old):
                 return
+        if trainer.output_dir is None:              # checked at on_train_begin
+            return
         folder = trainer.save(Path(trainer.output_dir) / BEST)        # every rank writes
         self.best = {"metric": self.keep_best, "value": float(value), "iteration": it}
         if trainer.world.is_main:

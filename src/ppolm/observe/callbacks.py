@@ -7,13 +7,59 @@ Subclass ``Callback`` and override what you need; pass instances as
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from ppolm.config.ppo import PPOConfig
+from ppolm.engines.base import Engine
 from ppolm.errors import ConfigError
+from ppolm.observe.metrics import MetricsWriter
+from ppolm.parallel.world import World
+from ppolm.policies.base import Policy
+from ppolm.policies.value import ValueHead
+from ppolm.rollout.env import TextGenerationEnv
 
-# The Trainer calling the hooks (``ppolm.Trainer``); typed loosely so that this module, which
-# the Trainer imports, imports nothing of it.
-Trainer = Any
+
+class TrainerView(Protocol):
+    """What a callback may read from the trainer calling it (``ppolm.Trainer`` is one): the
+    run's parts and its progress, and the two ways to write the model. Callbacks are typed
+    against this, not the Trainer, so that this module (which the Trainer imports) imports
+    nothing of it."""
+
+    @property
+    def config(self) -> PPOConfig: ...
+    @property
+    def env(self) -> TextGenerationEnv: ...
+    @property
+    def policy(self) -> Policy: ...
+    @property
+    def value_head(self) -> ValueHead | None: ...
+    @property
+    def reference(self) -> Policy: ...
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def world(self) -> World: ...
+    @property
+    def iteration(self) -> int:
+        """Iterations completed."""
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One metrics row per iteration run by this process."""
+    @property
+    def last_samples(self) -> list[dict[str, Any]]:
+        """The last iteration's first samples (prompt, response, score, kl)."""
+    @property
+    def output_dir(self) -> Path | None: ...
+    @property
+    def metrics(self) -> MetricsWriter: ...
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint (every rank takes part under torchrun)."""
+    def save_model(self, path: str | Path, merge: bool = True) -> Path:
+        """Write the trained model as a model folder."""
+
+
+Trainer = TrainerView      # the name the hooks' signatures use
 
 
 class Callback:

@@ -3,28 +3,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from ppolm.config.ppo import PPOConfig
 from ppolm.observe.callbacks import Callback
 from ppolm.observe.health import HealthMonitor
 from ppolm.observe.progress import ProgressCallback
-from ppolm.observe.tracker_services import MLflowTracker, TrackioTracker, WandbTracker
-from ppolm.observe.trackers import MetricsFile, SamplesFile, TensorBoardTracker, Tracker
+from ppolm.observe.run_files import MetricsFile, SamplesFile
+from ppolm.observe.trackers import TRACKER_CLASSES, Tracker
 from ppolm.parallel.world import World
 
-#: The tracker class of each name ``report_to`` takes.
-TRACKER_CLASSES: dict[str, type[Tracker]] = {
-    "tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker,
-    "mlflow": MLflowTracker}
 
-
-def make_trackers(config: Any) -> list[Tracker]:
+def make_trackers(config: PPOConfig) -> list[Tracker]:
     """The trackers ``config.report_to`` names, in its order."""
     return [TRACKER_CLASSES[name](config.output_dir, config.tracker_project)
             for name in config.report_to if name != "none"]
 
 
-def default_callbacks(config: Any, given: list[Callback]) -> list[Callback]:
+def default_callbacks(config: PPOConfig, given: list[Callback]) -> list[Callback]:
     """The callbacks a Trainer adds after the ``given`` ones, in the main process only: the
     progress bar (``progress``), a HealthMonitor (``health_checks``, unless one is given), the
     trackers, samples.jsonl and metrics.jsonl (last, so that it holds every metric the others

@@ -1,5 +1,5 @@
 """Where the metrics go: metrics.jsonl (always), samples.jsonl, and the experiment trackers of
-``PPOConfig.report_to`` (TensorBoard here; W&B, trackio and MLflow in ``tracker_services``).
+``PPOConfig.report_to`` (one module each in this package).
 Each is a ``Callback``; the Trainer adds them after the user's callbacks
 (``ppolm.observe.default_callbacks``), so that metrics a callback adds to the row (e.g.
 ``eval/*``) reach every one of them.
@@ -15,66 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 from ppolm.errors import ConfigError
 from ppolm.observe.callbacks import Callback, Trainer
-from ppolm.observe.metrics import SAMPLE_COLUMNS, MetricsWriter, scalars, truncate_metrics
+from ppolm.observe.metrics import SAMPLE_COLUMNS, scalars
+from ppolm.observe.run_files import samples_due
 
 STATE_FILE = "trackers.json"
-
-
-def samples_due(trainer: Trainer, iteration: int) -> bool:
-    """Whether an iteration records its samples: the first, every ``log_samples_every``-th
-    and the last of the run."""
-    every = trainer.config.log_samples_every
-    return bool(every) and (iteration == 1 or iteration % every == 0
-                            or iteration == trainer.config.iterations)
-
-
-class MetricsFile(Callback):
-    """Appends each iteration's row to metrics.jsonl (the crash-safe record that resume
-    truncates to the checkpoint), after the other callbacks have added their metrics."""
-
-    def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        writer: MetricsWriter = trainer.metrics
-        writer.write(metrics)
-
-
-class SamplesFile(Callback):
-    """samples.jsonl in output_dir: one line per recorded iteration, ``{"iteration": k,
-    "samples": [rows of SAMPLE_COLUMNS]}``; cut back to the checkpoint on resume like the
-    metrics."""
-
-    def __init__(self, output_dir: str | Path) -> None:
-        self.path = Path(output_dir) / "samples.jsonl"
-        self.written = 0          # the last iteration written
-
-    def on_train_begin(self, trainer: Trainer) -> None:
-        if trainer.iteration == 0:
-            self.path.unlink(missing_ok=True)
-        else:
-            truncate_metrics(self.path, trainer.iteration)
-        self.written = trainer.iteration
-
-    def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if samples_due(trainer, metrics["iteration"]):
-            self.write(trainer, metrics["iteration"])
-
-    def on_train_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
-        stopped_early = history and self.written < trainer.iteration
-        if stopped_early and trainer.config.log_samples_every:      # its last iteration too
-            self.write(trainer, trainer.iteration)
-
-    def write(self, trainer: Trainer, iteration: int) -> None:
-        if not trainer.last_samples or self.written == iteration:
-            return
-        MetricsWriter(self.path).write({"iteration": iteration,
-                                        "samples": trainer.last_samples})
-        self.written = iteration
 
 
 class Tracker(Callback):
@@ -163,27 +113,22 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-class TensorBoardTracker(Tracker):
-    """Event files under output_dir/tensorboard (``tensorboard --logdir`` on it); the sample
-    table as Markdown text."""
+def table_data(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[r[c] for c in SAMPLE_COLUMNS] for r in rows]
 
-    name = "tensorboard"
 
-    def open(self, trainer: Trainer, resume: bool) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+class RunTracker(Tracker):
+    """A tracker whose library gives a run with ``log(dict, step=)`` and ``finish()`` and a
+    ``Table(columns=, data=)`` class (W&B, and trackio, which copies its API)."""
 
-        log_dir = self.output_dir / "tensorboard"
-        if not resume:
-            shutil.rmtree(log_dir, ignore_errors=True)      # an earlier run's events
-        self.writer = SummaryWriter(str(log_dir))
+    library: Any
+    run: Any
 
     def log(self, values: dict[str, float], step: int, samples: list[dict[str, Any]] | None
             ) -> None:
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
-        if samples:
-            self.writer.add_text("samples", markdown_table(samples), step)
-        self.writer.flush()            # a crash loses nothing the state file says was logged
+        table = (self.library.Table(columns=list(SAMPLE_COLUMNS), data=table_data(samples))
+                 if samples else None)
+        self.run.log({**values, **({"samples": table} if table else {})}, step=step)
 
     def close(self) -> None:
-        self.writer.close()
+        self.run.finish()
