@@ -14,9 +14,23 @@ PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0], [6.0, 100.0, 100.0
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
-def test_names():
-    assert LOSS_AGGREGATIONS == ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                 "seq-mean-token-sum-norm")
+def test_every_name_the_config_takes_is_one_the_maths_computes():
+    """PPOConfig's loss_aggregation choices and aggregate_loss's modes are the same set, and a
+    name outside it is refused by both."""
+    from typing import get_args
+
+    from ppolm import PPOConfig
+    from ppolm.config.sections import LossAggregation
+    from ppolm.errors import ConfigError
+
+    assert set(get_args(LossAggregation)) == set(LOSS_AGGREGATIONS)
+    x, mask = torch.ones(2, 3), torch.ones(2, 3)
+    for name in LOSS_AGGREGATIONS:
+        assert torch.isfinite(aggregate_loss(x, mask, name, max_len=3))
+    with pytest.raises(DataError):
+        aggregate_loss(x, mask, "sum")
+    with pytest.raises(ConfigError):
+        PPOConfig(loss_aggregation="sum")
 
 
 @pytest.mark.parametrize("mode,kwargs,expected", [
