@@ -20,6 +20,7 @@ from ppolm.observe.health import HealthMonitor, PPOHealthWarning
 from ppolm.policies import HFPolicy, LSTMPolicy, Policy, TransformerPolicy, ValueHead
 from ppolm.policies.pretrained import chat_prompts, freeze_lower_layers, load_gguf, load_smollm2
 from ppolm.rollout.env import TextGenerationEnv, read_prompts
+from ppolm.rollout.interaction import Interaction, Reply
 from ppolm.rollout.rewards import (
                           CallableReward,
                           RewardFunction,
@@ -37,8 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Advantages", "BudgetFit", "CallableReward", "Callback", "CheckpointError", "ConfigError",
     "DataError", "Engine", "Episodes", "EvalCallback", "EvalResult", "FastCPUEngine", "HFPolicy",
-    "HealthMonitor", "KLController", "LSTMPolicy", "PPOConfig", "PPOHealthWarning",
-    "PPOLMError", "PlainEngine", "Policy", "RewardError", "RewardFunction", "Rollout",
+    "HealthMonitor", "Interaction", "KLController", "LSTMPolicy", "PPOConfig", "PPOHealthWarning",
+    "PPOLMError", "PlainEngine", "Policy", "Reply", "RewardError", "RewardFunction", "Rollout",
     "SentimentReward", "SequenceClassifierReward", "TextGenerationEnv", "Trainer",
     "TrainingError", "TransformerPolicy", "ValueHead", "WeightPath", "WeightedReward",
     "char_tokenizer", "chat_prompts", "compute_gae", "distinct_n", "entropy", "evaluate",

@@ -73,3 +73,14 @@ def score_increments(phi: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
     nxt = torch.cat([phi[:, 1:], torch.zeros_like(phi[:, :1])], 1)      # phi[t + 1]   (B, T)
     nxt = nxt.scatter(1, last[:, None], scores.to(phi.dtype)[:, None])  # the score at the end
     return (nxt - phi) * m
+
+
+def turn_token_scores(scores: Tensor, turn_rewards: Tensor, mask: Tensor) -> Tensor:
+    """The per-token scores of a multi-turn episode: each turn's reward where it already sits
+    (its turn's last model token) plus the final score on the episode's last model token. A
+    row adds up to its total reward, ``scores + turn_rewards.sum(1)``.
+
+    Shapes: scores (B,), turn_rewards (B, T), mask (B, T) -> (B, T), 0 off the mask."""
+    m = mask.to(turn_rewards.dtype)
+    last = last_token_index(mask)
+    return (turn_rewards * m).scatter_add(1, last[:, None], scores.to(turn_rewards.dtype)[:, None])

@@ -9,15 +9,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
+from ppolm.parallel.world import World
+from ppolm.rollout.types import TurnInfo
+
 #: The metric names an iteration logs, to metrics.jsonl and to every tracker alike
 #: (``explained_variance`` with a value function only, ``zero_signal_groups`` with
-#: samples_per_prompt > 1). Families named by a prefix come on top: see METRIC_PREFIXES.
+#: samples_per_prompt > 1, turns_mean, truncated_fraction and tool_errors_mean with an
+#: interaction). Families named by a prefix come on top: see METRIC_PREFIXES.
 METRIC_NAMES = (
     "iteration", "reward_mean", "reward_std", "score_mean", "score_std", "kl", "kl_coef",
     "entropy", "approx_kl", "clipfrac", "ratio_dev_first", "ratio_max_dev", "loss",
     "policy_loss", "value_loss", "value_clipfrac", "explained_variance", "grad_norm", "lr",
     "skipped_updates", "epochs_done", "response_length", "eos_fraction", "zero_signal_groups",
-    "tokens_per_s", "episodes_per_s",
+    "tokens_per_s", "episodes_per_s", "turns_mean", "truncated_fraction", "tool_errors_mean",
     "time_generate", "time_reward", "time_forward", "time_advantages", "time_train", "time_total",
 )
 #: Families of metric names: the parts of a combined reward (``reward/<part>``) and the
@@ -35,6 +41,15 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in row.items()
             if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(v)}
+
+
+def turn_metrics(info: TurnInfo, world: World, batch_size: int) -> dict[str, float]:
+    """Multi-turn episodes of the whole batch: mean model turns, share truncated (by
+    max_turns or max_episode_tokens), mean failed tool calls per episode."""
+    def mean(x: Tensor) -> float:
+        return float(world.sum(x.sum().float())) / batch_size
+    return {"turns_mean": mean(info.num_turns), "truncated_fraction": mean(info.truncated),
+            "tool_errors_mean": mean(info.tool_errors)}
 
 
 def iteration_samples(prompts: list[str], responses: list[str], rewards: list[float],

@@ -7,9 +7,25 @@ L = P + T. Every mask is 1 on real tokens and 0 on padding.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TurnInfo:
+    """Multi-turn episodes (``TextGenerationEnv(..., interaction=...)``): what happened in
+    each, for the reward and for logging. Their ``Episodes`` hold the whole transcript after
+    the prompt as the "response": ``response_mask`` is 1 on the model's tokens only, the
+    replies are context (1 in ``attention_mask``)."""
+
+    turns: list[list[str]]         # B lists: the model's turns as text
+    replies: list[list[str]]       # B lists: the interaction's replies (as given)
+    states: list[dict[str, Any]]   # B dicts: the interaction's state of each episode
+    num_turns: Tensor              # (B,) long: model turns
+    truncated: Tensor              # (B,) bool: stopped by max_turns or max_episode_tokens
+    tool_errors: Tensor            # (B,) long: failed tool calls
 
 
 @dataclass(frozen=True)
@@ -20,8 +36,10 @@ class Episodes:
     responses: list[str]           # B decoded responses (up to, not including, EOS)
     input_ids: Tensor              # (B, L) prompt then response tokens
     attention_mask: Tensor         # (B, L) 1 on real prompt and response tokens
-    response_mask: Tensor          # (B, T) 1 on response tokens up to and including EOS
-    scores: Tensor                 # (B,) reward of each response (penalties included)
+    response_mask: Tensor          # (B, T) 1 on response tokens up to and including EOS (in
+                                   # multi-turn episodes: on the model's tokens only)
+    scores: Tensor                 # (B,) reward of each response (penalties and turn rewards
+                                   # included)
     ended: Tensor                  # (B,) bool: the response emitted EOS
     reward_parts: dict[str, float]  # mean of each named part of a combined reward
     reward_seconds: float          # time spent in the reward function
@@ -29,6 +47,7 @@ class Episodes:
                                         # shaping; each row adds up to the score), or None
     logprobs: Tensor | None = None  # (B, T) log pi(token) from the sampling pass (record=True)
     hidden: Tensor | None = None    # (B, T, H) the sampler's trunk states that predicted them
+    turn_info: TurnInfo | None = None  # multi-turn episodes: turns, replies, flags (else None)
 
     @property
     def prompt_len(self) -> int:

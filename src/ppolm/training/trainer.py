@@ -22,7 +22,7 @@ from ppolm.maths.estimators import zero_signal_share
 from ppolm.maths.losses import sequence_kl
 from ppolm.observe.callbacks import Callback, CallbackList
 from ppolm.observe.default_callbacks import default_callbacks
-from ppolm.observe.metrics import MetricsWriter, iteration_samples
+from ppolm.observe.metrics import MetricsWriter, iteration_samples, turn_metrics
 from ppolm.observe.timer import Timer
 from ppolm.parallel.world import World, init_process_group
 from ppolm.policies.base import Policy
@@ -287,7 +287,7 @@ class Trainer(TrainerState):
                                            full_dist=cfg.kl_estimator == "full")
         values = self.values(seqs, fwd.hidden) if self.value_head is not None else None
         return ppo_loss(cfg, fwd, values, micro, adv, num_tokens, num_seqs or mask.shape[0],
-                        self.env.max_new_tokens, self.kl_ctl.value)
+                        self.env.max_model_tokens, self.kl_ctl.value)
 
     def average_weights(self) -> None:
         """Tail averaging (config.average_last = N): add the policy's weights to the running
@@ -329,6 +329,8 @@ class Trainer(TrainerState):
                                                            mask)
         if cfg.samples_per_prompt > 1:
             row["zero_signal_groups"] = zero_signal_share(rollout.scores, cfg.samples_per_prompt)
+        if episodes.turn_info is not None:      # multi-turn episodes
+            row.update(turn_metrics(episodes.turn_info, self.world, cfg.batch_size))
         self.history.append(row)        # metrics.jsonl: written by a callback (trackers.py)
         self.last_samples = iteration_samples(episodes.prompts, episodes.responses,
                                               rollout.scores.tolist(), kl_seq.tolist())
