@@ -16,14 +16,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppolm.errors import ConfigError, DataError, RewardError
-from ppolm.maths.rewards import score_increments, turn_token_scores
+from ppolm.errors import DataError, RewardError
+from ppolm.maths.rewards import score_increments
 from ppolm.policies.base import Policy
-from ppolm.rollout.interaction import Interaction
-from ppolm.rollout.multi_turn import MultiTurn, SamplingSettings, run_turns
 from ppolm.rollout.prompts import prompt_set
 from ppolm.rollout.prompts import read_prompts as read_prompts  # re-exported
-from ppolm.rollout.rewards import RewardFunction, check_scores, reward_columns
+from ppolm.rollout.rewards import (
+    RewardFunction,
+    as_reward,
+    check_scores,
+    reward_columns,
+    reward_fields,
+)
 from ppolm.rollout.sampling import StepTrunk, generate
 from ppolm.rollout.types import Episodes
 
@@ -39,7 +43,10 @@ class TextGenerationEnv:
             locally. See ``ppolm.rollout.prompts``.
         tokenizer: a ``transformers`` tokenizer; used left-padded. One with no pad token gets
             its EOS token as pad token.
-        reward_fn: a RewardFunction (or any callable ``(prompts, responses) -> list[float]``).
+        reward_fn: a RewardFunction (or any callable ``(prompts, responses) -> list[float]``);
+            a function written TRL's way (``reward(completions, **kwargs)``); or a list of
+            them, summed with ``reward_weights`` (keyword only; default 1.0 each) and logged
+            part by part as ``reward/<function name>``. See ``ppolm.rollout.rewards``.
         max_new_tokens: longest response.
         top_k, top_p: sampling filters (0 and 1.0 keep every token).
         missing_eos_penalty: a non-negative amount SUBTRACTED from the score of a response that
@@ -63,15 +70,6 @@ class TextGenerationEnv:
             unchanged; credit reaches the tokens that moved the score. The reward function is
             then called on about ``B x T`` texts per batch: cheap for rule or lexicon rewards
             (VADER), costly for a reward model.
-        interaction: an ``Interaction`` answering each model turn (keyword only; None: one
-            turn). The episode is then the whole transcript after the prompt, model turns and
-            replies as token ids, trained on the model's tokens only; the reward gets the
-            transcript as ``responses``, and ``turns`` / ``states`` if it names them. See
-            ``ppolm.rollout.multi_turn`` and docs/multi-turn.md.
-        max_turns: the most model turns of an episode (with an interaction).
-        max_episode_tokens: the most tokens after the prompt (with an interaction; default
-            ``max_turns * (max_new_tokens + 256)``); an episode that would pass it ends,
-            flagged truncated.
     """
 
     def __init__(self, prompts: Any, tokenizer: Any,
@@ -79,8 +77,8 @@ class TextGenerationEnv:
                  top_p: float = 1.0, missing_eos_penalty: float | None = None,
                  add_special_tokens: bool = True, seed: int = 0, ignore_eos: bool = False,
                  prefix_shaping: bool = False, *, stop_token_ids: list[int] | None = None,
-                 chat_template: bool = False, interaction: Interaction | None = None,
-                 max_turns: int = 4, max_episode_tokens: int | None = None) -> None:
+                 chat_template: bool = False, reward_weights: list[float] | None = None
+                 ) -> None:
         if max_new_tokens <= 0:
             raise DataError(f"max_new_tokens={max_new_tokens} must be > 0.")
         if top_k < 0 or not 0 < top_p <= 1:
@@ -94,6 +92,7 @@ class TextGenerationEnv:
                     "score of a response that never ends (as in TRL), so give a positive "
                     "number (e.g. 1.0), or None for no penalty.")
         self.stop_token_ids = _check_stop_token_ids(stop_token_ids)
+        reward_fn = as_reward(reward_fn, reward_weights)
         if not callable(reward_fn):
             raise RewardError(f"reward_fn must be a RewardFunction, got {reward_fn!r}.")
         if tokenizer.pad_token_id is None:
@@ -101,19 +100,13 @@ class TextGenerationEnv:
                 raise DataError("the tokenizer has neither a pad nor an EOS token; set one.")
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        self.turns = (None if interaction is None else MultiTurn(
-            interaction, tokenizer, max_new_tokens, max_turns, max_episode_tokens, seed))
-        if self.turns is not None and prefix_shaping:
-            raise ConfigError("prefix_shaping scores prefixes of one response; it does not "
-                              "apply to multi-turn episodes (use Reply(text, reward=...) for "
-                              "rewards during the episode).")
         found = prompt_set(prompts, tokenizer, add_special_tokens, chat_template)
         self.prompts, self.tokenizer, self.reward_fn = found.texts, tokenizer, reward_fn
         self.prompt_ids, self.columns = found.ids, found.columns        # columns: (N,) lists
+        self.prompt_messages = found.messages                            # (N,) lists or None
+        self.reward_fields = reward_fields(reward_fn)          # EPISODE_FIELDS it names
         # the columns the reward takes, decided once from its signature
-        self.reward_columns = (reward_columns(reward_fn, list(found.columns))
-                               if self.turns is None else
-                               self.turns.reward_columns(reward_fn, list(found.columns)))
+        self.reward_columns = reward_columns(reward_fn, list(found.columns))
         self.max_new_tokens, self.top_k, self.top_p = max_new_tokens, top_k, top_p
         self.missing_eos_penalty = (None if missing_eos_penalty is None
                                     else float(missing_eos_penalty))
@@ -136,19 +129,11 @@ class TextGenerationEnv:
 
     def state_dict(self) -> dict[str, Any]:
         return {"order": list(self._order), "pos": self._pos,
-                "gen": self._order_gen.get_state(),
-                "episodes": self.turns.episodes if self.turns is not None else 0}
+                "gen": self._order_gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._order, self._pos = list(state["order"]), int(state["pos"])
         self._order_gen.set_state(state["gen"])
-        if self.turns is not None:      # the episodes' generators go on where they were
-            self.turns.episodes = int(state.get("episodes", 0))
-
-    @property
-    def max_model_tokens(self) -> int:
-        """The most tokens the policy samples in one episode."""
-        return self.max_new_tokens if self.turns is None else self.turns.max_model_tokens
 
     # --- the work ------------------------------------------------------------------------------
     def stop_ids(self, policy: Policy | None = None) -> list[int]:
@@ -206,9 +191,6 @@ class TextGenerationEnv:
         query = enc["input_ids"].to(device)                              # (B, P)
         query_mask = enc["attention_mask"].to(device)                    # (B, P)
         stops = self.stop_ids(policy)
-        if self.turns is not None:
-            return self.sample_turns(policy, idx, query, query_mask, stops, temperature,
-                                     generator, record)
         out = generate(
             policy, query, query_mask, self.max_new_tokens,
             None if self.ignore_eos else stops,
@@ -218,6 +200,10 @@ class TextGenerationEnv:
         stop_ids = torch.tensor(stops, dtype=torch.long, device=response.device)
         ended = (torch.isin(response, stop_ids) & response_mask.bool()).any(1)  # (B,)
         texts = self.decode(response, response_mask, stops)
+        if "completion_ids" in self.reward_fields:
+            columns["completion_ids"] = [[t for t, keep in zip(ids, m, strict=True) if keep]
+                                         for ids, m in zip(response.tolist(),
+                                                           response_mask.tolist(), strict=True)]
         t0 = time.perf_counter()
         # Prefixes first: a reward's parts() then describe the whole responses.
         potentials = (self.prefix_scores(prompts, response, response_mask, stops, columns)
@@ -238,42 +224,13 @@ class TextGenerationEnv:
             token_scores=token_scores.to(device) if token_scores is not None else None,
             logprobs=out.logprobs, hidden=out.hidden)
 
-    def sample_turns(self, policy: Policy, idx: list[int], query: Tensor, query_mask: Tensor,
-                     stops: list[int], temperature: float,
-                     generator: torch.Generator | None, record: bool) -> Episodes:
-        """``sample`` with an interaction: the episodes turn by turn (``run_turns``), scored
-        on their whole transcript, each ``Reply`` reward on its turn's last model token."""
-        assert self.turns is not None
-        prompts, prompt_ids = [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx]
-        states = self.turns.start(prompts)
-        settings = SamplingSettings(self.max_new_tokens, stops, self.tokenizer.pad_token_id,
-                                    temperature, self.top_k, self.top_p, self.ignore_eos)
-        tr = run_turns(policy, self.turns.interaction, prompts, prompt_ids, query, query_mask,
-                       states, self.tokenizer, self.turns.encode, settings, self.turns.max_turns,
-                       self.turns.caps(prompt_ids, policy), generator, record)
-        texts = self.decode(tr.tokens, tr.attention_mask, stops)
-        t0 = time.perf_counter()
-        scores = self.score(prompts, texts, {**self.columns_at(idx),
-                                             **self.turns.turn_columns(tr, states)})
-        reward_seconds = time.perf_counter() - t0
-        if self.missing_eos_penalty is not None:   # subtracted, as TRL does
-            scores = scores - self.missing_eos_penalty * (~tr.ended).to(scores.dtype).cpu()
-        token_scores = None
-        if tr.has_turn_rewards:
-            token_scores = turn_token_scores(scores, tr.turn_rewards, tr.model_mask.cpu())
-            scores = token_scores.sum(1)
-        device = query.device
-        return Episodes(
-            prompts=prompts, responses=texts, input_ids=torch.cat([query, tr.tokens], 1),
-            attention_mask=torch.cat([query_mask, tr.attention_mask], 1),
-            response_mask=tr.model_mask, scores=scores.float().to(device), ended=tr.ended,
-            reward_parts=self.reward_parts(), reward_seconds=reward_seconds,
-            token_scores=token_scores.float().to(device) if token_scores is not None else None,
-            logprobs=tr.logprobs, hidden=tr.hidden, turn_info=self.turns.info(tr, states))
-
     def columns_at(self, idx: list[int]) -> dict[str, list[Any]]:
-        """The columns the reward takes, at prompt indices ``idx`` (one value per episode)."""
-        return {k: [self.columns[k][i] for i in idx] for k in self.reward_columns}
+        """The columns the reward takes, at prompt indices ``idx`` (one value per episode),
+        and the prompts' messages when it names ``prompt_messages``."""
+        out = {k: [self.columns[k][i] for i in idx] for k in self.reward_columns}
+        if "prompt_messages" in self.reward_fields:
+            out["prompt_messages"] = [self.prompt_messages[i] for i in idx]
+        return out
 
     def prefix_scores(self, prompts: list[str], response: Tensor, response_mask: Tensor,
                       stop_ids: Iterable[int] | None = None,
@@ -281,24 +238,28 @@ class TextGenerationEnv:
         """The reward of every proper prefix of each response: ``phi[b, t]`` is the score of the
         text of its first ``t`` tokens (EOS dropped: the ids ``stop_ids``, by default those of
         ``stop_ids()``), for ``1 <= t < n_b`` (``n_b`` its tokens); 0 elsewhere. All prefixes
-        go to the reward function in one call.
+        go to the reward function in one call (with ``completion_ids``, each prefix's ids).
 
         Shapes: response, response_mask (B, T) -> phi (B, T) float64."""
         eos = set(self.stop_ids() if stop_ids is None else stop_ids)
         where: list[tuple[int, int]] = []
         items: list[tuple[str, str]] = []
+        prefix_ids: list[list[int]] = []
         for b, (ids, m) in enumerate(zip(response.tolist(), response_mask.tolist(),
                                          strict=True)):
             n = int(sum(m))
             for t in range(1, n):
                 where.append((b, t))
+                prefix_ids.append(ids[:t])
                 items.append((prompts[b], self.tokenizer.decode(
                     [i for i in ids[:t] if i not in eos], skip_special_tokens=True)))
         phi = torch.zeros(response.shape, dtype=torch.float64)
         if items:
             rows_of = [b for b, _ in where]
-            values = self.score([p for p, _ in items], [r for _, r in items],
-                                {k: [v[b] for b in rows_of] for k, v in (columns or {}).items()})
+            per_item = {k: [v[b] for b in rows_of] for k, v in (columns or {}).items()}
+            if "completion_ids" in per_item:
+                per_item["completion_ids"] = prefix_ids
+            values = self.score([p for p, _ in items], [r for _, r in items], per_item)
             rows, cols = zip(*where, strict=True)
             phi[list(rows), list(cols)] = values
         return phi

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ppolm.errors import DataError
+from ppolm.rollout.tools import tools_system_prompt
 
 PROMPT_COLUMN = "prompt"
 ROLES = ("system", "user", "assistant", "tool")
@@ -31,11 +32,13 @@ DATASETS_INSTALL = 'pip install "ppolm[datasets]" (or pip install datasets)'
 @dataclass
 class PromptSet:
     """Prompts ready for sampling: the text each one is (a message list rendered by the chat
-    template), its token ids, and the other columns, one value per prompt."""
+    template), its token ids, the other columns, one value per prompt, and each prompt's
+    message list when it was given as one (None for a string prompt)."""
 
     texts: list[str]
     ids: list[list[int]]
     columns: dict[str, list[Any]] = field(default_factory=dict)
+    messages: list[list[dict[str, str]] | None] = field(default_factory=list)
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -64,13 +67,18 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def load_prompts(source: Any) -> tuple[list[Any], dict[str, list[Any]]]:
-    """The prompts (strings or message lists) and the other columns of ``source``: a list, a
-    ``datasets.Dataset``, a path (.txt, .json, .jsonl, .parquet, .csv, or a dataset folder) or
-    a name that ``datasets.load_dataset`` finds (its "train" split)."""
+    """The prompts (strings or message lists) and the other columns of ``source``: a list (of
+    prompts, or of dicts read as table rows with a ``prompt`` key, as
+    ``datasets.Dataset.from_list`` reads them), a ``datasets.Dataset``, a path (.txt, .json,
+    .jsonl, .parquet, .csv, or a dataset folder) or a name that ``datasets.load_dataset`` finds
+    (its "train" split)."""
     if isinstance(source, (str, Path)):
         source = _open(source)
     if isinstance(source, list):
-        return source, {}
+        if source and all(isinstance(x, dict) for x in source):
+            source = _rows_of_dicts(source)
+        else:
+            return source, {}
     if type(source).__name__ in ("DatasetDict", "IterableDatasetDict"):
         raise DataError(f"prompts is a DatasetDict with splits {sorted(source)}: pass one "
                         "split, e.g. dataset['train'].")
@@ -81,38 +89,40 @@ def load_prompts(source: Any) -> tuple[list[Any], dict[str, list[Any]]]:
     if PROMPT_COLUMN not in names:
         raise DataError(f"the prompts dataset has no {PROMPT_COLUMN!r} column (columns: "
                         f"{names}); rename the one holding the prompts, e.g. "
-                        f"dataset.rename_column('question', 'prompt').")
+                        f"dataset.rename_column({_likely_prompt_column(names)!r}, 'prompt').")
     table = source.to_dict()
     prompts = table.pop(PROMPT_COLUMN)
     return list(prompts), {k: list(v) for k, v in table.items()}
 
 
 def prompt_set(source: Any, tokenizer: Any, add_special_tokens: bool = True,
-               chat_template: bool = False) -> PromptSet:
+               chat_template: bool = False, tools: list[dict[str, Any]] | None = None
+               ) -> PromptSet:
     """Load ``source`` (see ``load_prompts``) and tokenize it. A string prompt is tokenized
     as it is (with ``add_special_tokens``), or with ``chat_template`` wrapped as a user message;
-    a message list always goes through the chat template."""
+    a message list always goes through the chat template (with ``tools``: their JSON schemas,
+    see ``render_chat``)."""
     prompts, columns = load_prompts(source)
     if not prompts:
         raise DataError("prompts must be a non-empty list of strings or message lists (or a "
                         "prompts file or dataset).")
-    texts, ids = [], []
+    texts, ids, given = [], [], []
     for i, p in enumerate(prompts):
+        given.append(None if isinstance(p, str) else check_messages(p, i))
         if isinstance(p, str) and not chat_template:
             if not p.strip():
                 raise DataError(f"prompt {i} is {p!r}: every prompt must be a non-empty string.")
             texts.append(p)
             ids.append(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"])
             continue
-        messages = check_messages([{"role": "user", "content": p}] if isinstance(p, str)
-                                  else p, i)
-        text = render_chat(tokenizer, messages)
+        messages = given[-1] or check_messages([{"role": "user", "content": p}], i)
+        text = render_chat(tokenizer, messages, tools)
         texts.append(text)
         ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     for i, row in enumerate(ids):
         if not row:
             raise DataError(f"prompt {i} ({texts[i]!r}) tokenizes to no tokens.")
-    return PromptSet(texts, ids, columns)
+    return PromptSet(texts, ids, columns, given)
 
 
 def check_messages(messages: Any, index: int) -> list[dict[str, str]]:
@@ -133,14 +143,27 @@ def check_messages(messages: Any, index: int) -> list[dict[str, str]]:
     return out
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def render_chat(tokenizer: Any, messages: list[dict[str, str]],
+                tools: list[dict[str, Any]] | None = None) -> str:
     """The text of ``messages`` in the tokenizer's chat template, ending with the assistant's
-    turn (``add_generation_prompt=True``)."""
+    turn (``add_generation_prompt=True``). ``tools`` (JSON schemas) go to the template; one
+    that does not render them (SmolLM2's) gets them in the system message instead
+    (``ppolm.rollout.tools.tools_system_prompt``)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("chat message prompts need a tokenizer with a chat template; this one "
                         "has none (give string prompts instead).")
     text: str = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                               tokenize=False)
+    if tools:
+        with_tools: str = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                        add_generation_prompt=True)
+        if with_tools != text:
+            return with_tools
+        head, rest = ((messages[0]["content"] + "\n\n", messages[1:])
+                      if messages[0]["role"] == "system" else ("", messages))
+        system = {"role": "system", "content": head + tools_system_prompt(tools)}
+        text = tokenizer.apply_chat_template([system, *rest], add_generation_prompt=True,
+                                             tokenize=False)
     return text
 
 
@@ -168,9 +191,36 @@ def _table_file(p: Path) -> Any:
         names = list(dict.fromkeys(k for r in rows for k in r))
         if PROMPT_COLUMN not in names:
             raise DataError(f"the prompts file {str(p)!r} has no {PROMPT_COLUMN!r} field "
-                            f"(fields: {names}).")
+                            f"(fields: {names}); name the field holding the prompts "
+                            f"{PROMPT_COLUMN!r} (e.g. rename {_likely_prompt_column(names)!r}).")
         return _Rows(names, rows)
     return _load_dataset(TABLE_FILES[p.suffix], data_files=str(p))
+
+
+#: Column names that usually hold the prompts, for the hint of a missing-column error.
+PROMPT_LIKE = ("question", "query", "instruction", "input", "text", "messages", "problem")
+
+
+def _likely_prompt_column(names: list[str]) -> str:
+    """The column most likely to hold the prompts, to name in an error's example."""
+    return next((n for n in PROMPT_LIKE if n in names), names[0] if names else "question")
+
+
+def _rows_of_dicts(rows: list[dict[str, Any]]) -> _Rows:
+    """A list of dicts read as table rows (``Dataset.from_list``'s input): each needs a
+    ``prompt`` key; its other keys become columns. One chat conversation passed bare (dicts of
+    ``role`` and ``content``) is named as such."""
+    if all(set(r) <= {"role", "content", "name", "tool_calls"} and "role" in r for r in rows):
+        raise DataError("prompts is a list of chat messages, i.e. ONE conversation; give a list "
+                        "of conversations (prompts=[messages]), or rows with a 'prompt' key.")
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    lacking = next((i for i, r in enumerate(rows) if PROMPT_COLUMN not in r), None)
+    if lacking is not None:
+        raise DataError(f"prompts is a list of dicts, read as table rows, but row {lacking} has "
+                        f"no {PROMPT_COLUMN!r} key (keys: {names}); name the key holding the "
+                        f"prompts {PROMPT_COLUMN!r} (e.g. rename {_likely_prompt_column(names)!r}),"
+                        " as for datasets.Dataset.from_list(rows) or a JSONL file.")
+    return _Rows(names, rows)
 
 
 class _Rows:
