@@ -20,7 +20,8 @@ import torch
 import yaml
 
 from conftest import toy_trainer
-from ppolm import PPOConfig, Trainer
+from ppolm import PPOConfig, Trainer, ValueHead
+from ppolm.checkpoint.export import load_value_head
 from ppolm.checkpoint.folders import COMPLETE, STATE_FILE, latest_checkpoint, load_state
 from ppolm.errors import CheckpointError, ConfigError
 from ppolm.observe.metrics import read_metrics
@@ -79,12 +80,15 @@ def test_a_checkpoint_holds_the_policy_files_the_state_dict_and_the_config(tmp_p
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
     assert ckpt is not None and ckpt.name == "iter-0000002"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        ["policy", STATE_FILE, "config.yaml", COMPLETE])        # no value_head.pt any more
+        ["policy", "value_head.safetensors", STATE_FILE, "rng-rank-0.pt", "config.yaml",
+         COMPLETE])
     assert (ckpt / "policy/policy.pt").is_file()
     state = load_state(ckpt)
-    assert set(state) == set(t.state_dict()) - {"policy"}    # the policy is its own files
-    assert state["iteration"] == 2
-    assert_same_weights(state["value_head"], t.value_head.state_dict())
+    # the models are their own files; the generators are the rank's own file
+    assert set(state) == set(t.state_dict()) - {"rng"} | {"format", "sharded", "world_size"}
+    assert set(state["engine"]) == {"optimizer"}
+    assert state["iteration"] == 2 and not state["sharded"] and state["world_size"] == 1
+    assert torch.equal(load_value_head(ckpt).linear.weight, t.value_head.linear.weight)
     assert PPOConfig.from_yaml(ckpt / "config.yaml") == t.config
     assert set(yaml.safe_load((ckpt / "config.yaml").read_text())) == {"algorithm", "system",
                                                                         "run"}
@@ -257,6 +261,33 @@ def test_corrupt_or_missing_checkpoints(tmp_path):
         build(tmp_path / "a", iterations=1).resume()
     with pytest.raises(CheckpointError, match="not a complete ppolm checkpoint"):
         build(tmp_path / "a").resume(tmp_path)
+
+
+def test_checkpoints_of_another_layout_or_world_are_refused_clearly(tmp_path):
+    t = build(tmp_path, iterations=1, save_every=1)
+    t.train()
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    state = load_state(ckpt)
+    # a sharded checkpoint (torchrun) resumed in one process
+    torch.save({**state, "sharded": True, "world_size": 2}, ckpt / STATE_FILE)
+    with pytest.raises(CheckpointError, match="shards of 2 ranks.*export_policy"):
+        build(tmp_path, iterations=1).resume()
+    # an earlier version's layout (value head and generators inside trainer_state.pt)
+    old = {k: v for k, v in state.items() if k not in ("format", "sharded", "world_size")}
+    torch.save(old, ckpt / STATE_FILE)
+    with pytest.raises(CheckpointError, match="earlier version of ppolm"):
+        build(tmp_path, iterations=1).resume()
+
+
+def test_a_value_head_pt_of_an_earlier_version_is_still_read(tmp_path):
+    """(export_policy wrote value_head.pt, the head's state dict, before it wrote
+    value_head.safetensors as save_model does)."""
+    head = ValueHead(8, init_std=0.5)
+    torch.save(head.state_dict(), tmp_path / "value_head.pt")
+    assert torch.equal(load_value_head(tmp_path).linear.weight, head.linear.weight)
+    (tmp_path / "value_head.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="Cannot read the value head"):
+        load_value_head(tmp_path)
 
 
 def test_corrupt_gguf_file_is_a_checkpoint_error(tmp_path):

@@ -147,6 +147,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, s
     from transformers import AutoModelForCausalLM
 
     from ppolm import ValueHead
+    from ppolm.checkpoint.export import load_value_head
     from ppolm.checkpoint.sharded import export_policy
 
     vocab = len(worker.char_tokenizer(worker.ALPHABET))
@@ -156,8 +157,27 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, s
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, b[f"policy.model.{k}"]), k
-    value_head = torch.load(tmp_path / "export" / "value_head.pt")
-    assert torch.equal(value_head["linear.weight"], b["value_head.linear.weight"])
+    # the value head as save_model writes it (value_head.safetensors, the critic's own files)
+    value_head = load_value_head(tmp_path / "export")
+    assert torch.equal(value_head.linear.weight, b["value_head.linear.weight"])
+    critic = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "critic")
+    for k, v in critic.state_dict().items():
+        assert torch.equal(v, b[f"value_head.critic.model.{k}"]), k
+
+
+def test_the_distributed_engine_state_gives_a_fresh_engine_the_same_next_update(tmp_path):
+    """DDP and FSDP2 on 2 ranks: a fresh engine (other weights, fresh AdamW) given a copy of
+    the state_dict takes bitwise the next step of the engine that gave it; given the weights
+    alone it does not (the AdamW state is part of it)."""
+    done = launch("engine_state", tmp_path)
+    assert done.returncode == 0, done.stderr[-6000:]
+    found = torch.load(tmp_path / "engine_state.pt", weights_only=True)
+    for strategy in ("ddp", "fsdp"):
+        r = found[strategy]
+        assert r["before"] > 1e-3, strategy                 # the engines started apart
+        assert r["loaded"] == 0.0, strategy                 # weights and AdamW state
+        assert r["weights_only"] > 1e-6, strategy
+    assert found["fsdp"]["sharded"] == "DTensor" and found["ddp"]["sharded"] == "Tensor"
 
 
 def test_one_rank_under_torchrun_writes_sharded_checkpoints_and_resumes_exactly(tmp_path):

@@ -8,6 +8,8 @@ comparison, under plain ``python``). ``python worker.py MODE OUT``:
 * ``bad_reward``: a run whose reward raises on rank 1 only.
 * ``train``: a short run with checkpoints in OUT (resumed when OUT has one), rank 0 writing the
   final weights to OUT/final.pt.
+* ``engine_state``: the distributed engine's state_dict loaded into a fresh engine gives the
+  same next update (OUT/engine_state.pt).
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ def rows(episodes: Episodes, part: slice) -> Episodes:
 def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from ppolm.checkpoint.sharded import models
+    from ppolm.engines.base import trained_modules
 
-    trained = models(trainer.policy, trainer.value_head)
+    trained = trained_modules(trainer.policy, trainer.value_head)
     if not dist.is_initialized():
         return {k: v.detach().clone() for k, v in trained.state_dict().items()}
     return get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True,
@@ -136,6 +138,88 @@ def train(out: Path) -> None:
         torch.save(state, out / "final.pt")
 
 
+def engine_step(engine, batch: int) -> None:
+    """One update of ``engine`` on this rank's half of a batch of random tokens."""
+    from ppolm.engines import Sequences
+
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, 6, (4, 8), generator=g)
+    adv = torch.randn(4, 4, generator=g)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    part = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    ids, adv = ids[part], adv[part]
+    policy, value_head = engine.trained["policy"], engine.trained["value_head"]
+    with engine.update():
+        engine.zero_grad()
+        fwd = engine.forward_response(policy, Sequences(ids, torch.ones_like(ids), 4), 1.0)
+        values = engine.value(value_head, fwd.hidden)
+        engine.backward(-(fwd.logprobs * adv).mean() + (values - adv).pow(2).mean())
+        assert engine.step().applied
+
+
+def engine_state(out: Path) -> None:
+    """For DDP and FSDP2: engine A takes two steps; B (other weights, a fresh optimizer) loads
+    a copy of A's state_dict; C loads A's weights only; each then takes the same step. Rank 0
+    writes the largest differences of the whole (gathered) weights and AdamW states."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from ppolm.engines import OptimizerSettings
+    from ppolm.engines.distributed import DistributedEngine
+    from ppolm.parallel.world import init_process_group
+
+    init_process_group(torch.device("cpu"), 120)     # (a Trainer starts it itself)
+
+    def build(strategy: str, seed: int) -> DistributedEngine:
+        policy = tiny_llama(6)
+        torch.manual_seed(seed)               # other weights for B and C
+        for p in policy.parameters():
+            p.data.normal_(0, 0.02)
+        value_head = ValueHead(policy.hidden_size)
+        engine = DistributedEngine("cpu", strategy)  # type: ignore[arg-type]
+        engine.setup(policy, value_head, policy.reference_model(), OptimizerSettings(1e-2))
+        return engine
+
+    def whole(engine: DistributedEngine) -> dict[str, torch.Tensor]:
+        models, optim = get_state_dict(engine.trained, engine.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        flat = {f"models.{k}": v for k, v in models.items()}
+        for name, s in optim.get("state", {}).items():
+            flat.update({f"optimizer.{name}.{k}": v for k, v in s.items()})
+        # (copies: whole tensors on the CPU are the live ones)
+        return {k: v.detach().clone() for k, v in flat.items()}
+
+    def diff(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> float:
+        assert x.keys() == y.keys()
+        return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
+
+    found = {}
+    for strategy in ("ddp", "fsdp"):
+        a, b, c = build(strategy, 0), build(strategy, 1), build(strategy, 1)
+        engine_step(a, 1)
+        engine_step(a, 2)
+        before = whole(a), whole(b)
+        assert a.sharded and set(a.state_dict()) == {"models", "optimizer"}
+        b.load_state_dict(copy.deepcopy(a.state_dict()))
+        c.load_state_dict({"models": copy.deepcopy(a.state_dict()["models"]),
+                           "optimizer": c.state_dict()["optimizer"]})
+        for engine in (a, b, c):
+            engine_step(engine, 3)
+        wa, wb, wc = whole(a), whole(b), whole(c)
+        if dist.get_rank() == 0:
+            found[strategy] = {
+                "before": diff({k: v for k, v in before[0].items() if k.startswith("models.")},
+                               {k: v for k, v in before[1].items() if k.startswith("models.")}),
+                "loaded": diff(wa, wb),
+                "weights_only": diff({k: v for k, v in wa.items() if k.startswith("models.")},
+                                     {k: v for k, v in wc.items() if k.startswith("models.")}),
+                "sharded": [type(v).__name__ for v in a.state_dict()["models"].values()][0]}
+    if dist.get_rank() == 0:
+        torch.save(found, out / "engine_state.pt")
+
+
 if __name__ == "__main__":
     mode, folder = sys.argv[1], Path(sys.argv[2])
-    {"update": update, "bad_reward": bad_reward, "train": train}[mode](folder)
+    {"update": update, "bad_reward": bad_reward, "train": train,
+     "engine_state": engine_state}[mode](folder)

@@ -3,13 +3,19 @@ adapters alone), tokenizer and generation config, so that ``AutoModelForCausalLM
 ``AutoTokenizer`` and ``pipeline("text-generation", model=path)`` load it as it is; the value
 head beside it in its own file, which ``transformers`` ignores.
 
-Files and models only: the Trainer's ``save_model`` calls ``save_model`` here.
+Files and models only: the Trainer's ``save_model`` calls ``save_model`` here, and a checkpoint
+written by one process holds its models in the same files (``ModelFiles``).
 """
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from ppolm.errors import CheckpointError, ConfigError
 from ppolm.policies.base import Policy
@@ -18,7 +24,9 @@ from ppolm.policies.lora import merged_copy
 from ppolm.policies.value import ValueHead
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+OLD_VALUE_HEAD_FILE = "value_head.pt"          # (written by earlier versions; still read)
 CRITIC_FOLDER = "critic"
+POLICY_FOLDER = "policy"
 
 
 def save_model(policy: Policy, tokenizer: Any, path: str | Path,
@@ -62,7 +70,7 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> None:
 
 def save_value_head(value_head: ValueHead, folder: Path) -> None:
     """The value head's linear map (``linear.weight`` (1, H), ``linear.bias`` (1,)) in
-    ``value_head.safetensors``; a separate critic's trunk under ``critic/``."""
+    ``value_head.safetensors``; a separate critic's trunk under ``critic/`` (its own files)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in value_head.linear.state_dict(
@@ -72,15 +80,67 @@ def save_value_head(value_head: ValueHead, folder: Path) -> None:
         value_head.critic.save(folder / CRITIC_FOLDER)
 
 
+def _linear_state(folder: Path) -> dict[str, Tensor]:
+    """The value head's linear map from ``folder``: ``value_head.safetensors``, or the
+    ``value_head.pt`` of a folder written by an earlier ppolm (its state dict; tensors only)."""
+    from safetensors.torch import load_file
+
+    file = folder / VALUE_HEAD_FILE
+    try:
+        if file.is_file():
+            tensors = load_file(str(file))
+        elif (folder / OLD_VALUE_HEAD_FILE).is_file():
+            tensors = torch.load(folder / OLD_VALUE_HEAD_FILE, map_location="cpu",
+                                 weights_only=True)
+        else:
+            raise CheckpointError(f"No value head at {str(file)!r}.")
+        return {k.removeprefix("linear."): v for k, v in tensors.items()
+                if k.startswith("linear.")}
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"Cannot read the value head in {str(folder)!r}: {e}") from None
+
+
 def load_value_head(folder: str | Path) -> ValueHead:
     """The value head written by ``save_model`` (on the policy's trunk; a separate critic's
     trunk is in ``critic/``, loaded as a policy of its own)."""
-    from safetensors.torch import load_file
-
-    file = Path(folder) / VALUE_HEAD_FILE
-    if not file.is_file():
-        raise CheckpointError(f"No value head at {str(file)!r}.")
-    tensors = load_file(str(file))
-    head = ValueHead(int(tensors["linear.weight"].shape[1]))
-    head.linear.load_state_dict({k.removeprefix("linear."): v for k, v in tensors.items()})
+    linear = _linear_state(Path(folder))
+    head = ValueHead(int(linear["weight"].shape[1]))
+    head.linear.load_state_dict(linear)
     return head
+
+
+def read_value_head(value_head: ValueHead, folder: Path) -> None:
+    """Load what ``save_value_head`` wrote into ``value_head`` (its linear map, and a separate
+    critic's trunk from ``critic/``)."""
+    try:
+        value_head.linear.load_state_dict(_linear_state(folder))
+    except RuntimeError as e:                                # another shape
+        raise CheckpointError(f"The value head in {str(folder)!r} does not fit this run's: "
+                              f"{e}") from None
+    if value_head.critic is not None:
+        value_head.critic.load(folder / CRITIC_FOLDER)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The trained models as their own files, how a checkpoint written by one process holds
+    them: ``policy/`` (``policy.save``: ``save_pretrained``, a LoRA policy's adapters alone,
+    or ``policy.pt``; with the tokenizer) and the value head (``value_head.safetensors``, a
+    separate critic under ``critic/``). Several ranks write DCP shards instead
+    (``ppolm.checkpoint.sharded``)."""
+
+    policy: Policy
+    value_head: ValueHead | None
+    tokenizer: Any = None
+
+    def save(self, folder: Path) -> None:
+        self.policy.save(folder / POLICY_FOLDER)
+        save_tokenizer(self.tokenizer, folder / POLICY_FOLDER)
+        if self.value_head is not None:
+            save_value_head(self.value_head, folder)
+
+    def load(self, folder: Path) -> None:
+        """Load the files of ``folder`` into the models, in place."""
+        self.policy.load(folder / POLICY_FOLDER)
+        if self.value_head is not None:
+            read_value_head(self.value_head, folder)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,16 @@ COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
 
 
-def write_atomic(final: str | Path, write: Callable[[Path], None], marker: str = "") -> Path:
-    """Call ``write(folder)`` on a temporary folder, mark it complete (``marker`` as the
-    marker's text) and move it to ``final`` (replacing an older one); returns ``final``."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    return commit(tmp, final, marker)
+def temporary(final: Path) -> Path:
+    """The temporary folder beside ``final`` that a checkpoint is written into before
+    ``commit`` (the same name on every rank of a run: they write into one folder)."""
+    return final.parent / f".tmp-{final.name}"
+
+
+def fresh(folder: Path) -> None:
+    """Make ``folder`` an empty folder (deleting what a killed save left there)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
 
 
 def commit(tmp: Path, final: Path, marker: str = "") -> Path:
@@ -59,7 +58,8 @@ def load_state(folder: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"Checkpoint file {str(file)!r} is missing.")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        # weights_only: tensors and Python values only; unpickling runs no code from the file
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means a corrupt file
         raise CheckpointError(f"Checkpoint file {str(file)!r} is corrupt: {e}") from None
     if not isinstance(state, dict):

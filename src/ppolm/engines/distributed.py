@@ -22,9 +22,15 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ppolm.engines.base import OptimizerSettings, Sequences, trainable_parameters
+from ppolm.engines.base import (
+    OptimizerSettings,
+    Sequences,
+    trainable_parameters,
+    trained_modules,
+)
 from ppolm.engines.plain import PlainEngine, make_adamw
 from ppolm.errors import ConfigError
 from ppolm.policies.base import Policy
@@ -44,6 +50,7 @@ class DistributedEngine(PlainEngine):
     """
 
     name = "distributed"
+    sharded = True       # each rank's state: written by every rank with DCP (under DDP too)
 
     def __init__(self, device: torch.device | str, strategy: Strategy = "ddp", bf16: bool = True,
                  gradient_checkpointing: bool = False) -> None:
@@ -87,6 +94,7 @@ class DistributedEngine(PlainEngine):
             if value_head is not None:
                 self._wrap(value_head, ignore="critic." if critic is not None else None)
         # FSDP2 replaces the parameters by sharded ones: collect them after wrapping.
+        self.trained = trained_modules(policy, value_head)
         self.params = trainable_parameters(policy, value_head)
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer = make_adamw(self.params, optim)
@@ -158,9 +166,15 @@ class DistributedEngine(PlainEngine):
         # global counts, so the sum is wanted.
         (loss * self.world_size).backward()
 
+    # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("a distributed run's optimizer state is saved with "
-                                  "torch.distributed.checkpoint (ppolm.checkpoint.sharded)")
+        """The trained models' and AdamW's state through DCP's ``get_state_dict``: this rank's
+        shards under FSDP2 (DTensors), whole tensors under DDP; the optimizer's state keyed by
+        parameter names (``policy.…``) rather than positions, as DCP writes it."""
+        models, optimizer = get_state_dict(self.trained, self.optimizer)
+        return {"models": models, "optimizer": optimizer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError("see state_dict")
+        """Restore what ``state_dict`` returned (on every rank, the same world size)."""
+        set_state_dict(self.trained, self.optimizer, model_state_dict=state["models"],
+                       optim_state_dict=state["optimizer"])

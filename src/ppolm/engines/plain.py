@@ -22,6 +22,7 @@ from ppolm.engines.base import (
     Sequences,
     StepResult,
     trainable_parameters,
+    trained_modules,
 )
 from ppolm.maths.losses import token_entropy, token_logprobs
 from ppolm.policies.base import Policy
@@ -52,6 +53,7 @@ class PlainEngine(Engine):
     def setup(self, policy: Policy, value_head: ValueHead | None, reference: Policy,
               optim: OptimizerSettings) -> None:
         self.enable_checkpointing(policy, value_head)
+        self.trained = trained_modules(policy, value_head)
         self.params = trainable_parameters(policy, value_head)
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer = make_adamw(self.params, optim)

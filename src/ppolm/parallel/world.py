@@ -171,6 +171,16 @@ class World:
                 raise cls(f"{what} failed on rank {rank}: {message}")
         return out  # type: ignore[no-any-return]
 
+    def on_main(self, fn: Callable[[], None], what: str) -> None:
+        """Run ``fn`` on rank 0 alone (writing a file the ranks share), the others waiting for
+        it; when it raises, raise on every rank (as ``together``)."""
+        self.together(lambda: fn() if self.is_main else None, what)
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (nothing to wait for in one process)."""
+        if self.distributed:
+            dist.barrier()
+
     # --- the whole batch ---------------------------------------------------------------------
     def gather_rollout(self, rollout: Rollout) -> Rollout:
         """Every rank's rollout, rank after rank, as one Rollout of the whole batch: prompts

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ppolm.checkpoint import export
 from ppolm.config.ppo import PPOConfig
 from ppolm.engines.base import Engine, OptimizerSettings, Sequences
 from ppolm.engines.factory import make_engine, resolve_device
@@ -36,7 +37,7 @@ from ppolm.training.schedule import lr_factor
 from ppolm.training.trainer_state import TrainerState
 
 
-class Trainer(TrainerState):
+class Trainer:
     """PPO for a language-model policy.
 
     Args:
@@ -88,8 +89,6 @@ class Trainer(TrainerState):
         self.sample_gen = torch.Generator(self.device).manual_seed(
             config.seed + 7919 * self.world.rank)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
-        self.iteration = 0            # iterations completed
-        self.bad_updates = 0          # non-finite updates in a row
         self.history: list[dict[str, Any]] = []
         self.last_samples: list[dict[str, Any]] = []   # the last iteration's first samples
         self.average = TailAverage()  # of the last config.average_last iterates
@@ -98,6 +97,11 @@ class Trainer(TrainerState):
         self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl"
                                      if self.output_dir is not None and self.world.is_main
                                      else None)
+        # The counters, the state_dict and the checkpoint files (trainer_state.py).
+        self.state = TrainerState(config, self.world, self.engine, env, self.policy,
+                                  self.value_head, self.scheduler, self.kl_ctl, self.average,
+                                  {"sample": self.sample_gen, "shuffle": self.shuffle_gen},
+                                  self.metrics.path)
 
     # --- the loop --------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
@@ -239,13 +243,13 @@ class Trainer(TrainerState):
         result = self.engine.step(loss_finite=math.isfinite(totals["loss"]))
         if result.applied:
             self.scheduler.step()
-            self.bad_updates = 0
+            self.state.bad_updates = 0
         else:
             # Skip the update rather than apply NaN/inf to the weights (as veRL does).
-            self.bad_updates += 1
-            if self.bad_updates >= self.config.max_bad_updates:
+            self.state.bad_updates += 1
+            if self.state.bad_updates >= self.config.max_bad_updates:
                 raise TrainingError(
-                    f"{self.bad_updates} non-finite updates in a row (loss {totals['loss']}, "
+                    f"{self.state.bad_updates} non-finite updates in a row (loss {totals['loss']}, "
                     f"grad norm {result.grad_norm}) at iteration {self.iteration + 1}; check the "
                     "rewards and lower learning_rate. The last checkpoint is kept.")
         totals["grad_norm"] = result.grad_norm
@@ -335,3 +339,44 @@ class Trainer(TrainerState):
         self.last_samples = iteration_samples(episodes.prompts, episodes.responses,
                                               rollout.scores.tolist(), kl_seq.tolist())
         return row
+
+    # --- state and files: the TrainerState's (trainer_state.py) -------------------------------
+    @property
+    def iteration(self) -> int:
+        """Iterations completed."""
+        return self.state.iteration
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self.state.iteration = value
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs (``TrainerState.state_dict``)."""
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (copied: no tensor shared with its giver)."""
+        self.state.load_state_dict(state)
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint (default: output_dir/checkpoints/iter-NNNNNNN, keeping the newest
+        ``keep_checkpoints``; ``TrainerState.save``); returns its folder."""
+        final = self.state.save(path)
+        self.callbacks.on_save(self, final)
+        return final
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Continue from a checkpoint (default: the newest complete one under output_dir) on
+        the next ``train()``; returns the iteration reached."""
+        return self.state.resume(path)
+
+    def start_fresh(self) -> None:
+        """Refuse to mix a new run with an earlier one in output_dir (``overwrite`` deletes
+        it); ``train()`` calls it before a new run's first iteration."""
+        self.state.start_fresh()
+
+    def save_model(self, path: str | Path, merge: bool = True) -> Path:
+        """The policy as a Hugging Face model folder (LoRA merged; ``merge=False``: the adapters
+        alone), its tokenizer and the value head (``ppolm.checkpoint.export.save_model``)."""
+        return export.save_model(self.policy, self.env.tokenizer, path, self.value_head,
+                                 merge=merge)

@@ -1,6 +1,8 @@
-"""The Trainer's state and files: ``state_dict``/``load_state_dict`` (everything a resume
-needs), checkpoints written and resumed, and the refusal to mix a new run with an earlier one in
-the same output_dir. A base class of ``ppolm.Trainer``: the loop lives in ``trainer.py``."""
+"""A Trainer's state and its checkpoints: ``TrainerState`` (``trainer.state``) holds the
+counters, gives everything a resume needs as one ``state_dict`` (the engine's: the trained
+models and the optimizer; the schedule, the KL controller, the prompt order, the weight average,
+every random generator), writes and resumes checkpoints through ``ppolm.checkpoint.layout``
+(files and dicts only), and refuses to mix a new run with an earlier one in one output_dir."""
 
 from __future__ import annotations
 
@@ -9,16 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ppolm.checkpoint import export
-from ppolm.checkpoint import folders as checkpoint
-from ppolm.checkpoint import sharded as dcp
+from ppolm.checkpoint import folders, layout
+from ppolm.checkpoint.export import ModelFiles
 from ppolm.config.ppo import PPOConfig
 from ppolm.engines.base import Engine
 from ppolm.errors import CheckpointError, ConfigError
-from ppolm.observe.callbacks import CallbackList
-from ppolm.observe.metrics import MetricsWriter, truncate_metrics
+from ppolm.observe.metrics import truncate_metrics
 from ppolm.parallel.world import World
 from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
@@ -29,147 +28,105 @@ from ppolm.training.seeding import rng_state, set_rng_state
 
 
 class TrainerState:
-    """State and checkpoint files of a Trainer (the attributes below are set by ``Trainer``)."""
+    """The state of a run and its checkpoint files.
 
-    config: PPOConfig
-    env: TextGenerationEnv
-    policy: Policy
-    value_head: ValueHead | None
-    engine: Engine
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    kl_ctl: KLController
-    average: TailAverage
-    sample_gen: torch.Generator
-    shuffle_gen: torch.Generator
-    device: torch.device
-    iteration: int
-    bad_updates: int
-    output_dir: Path | None
-    metrics: MetricsWriter
-    callbacks: CallbackList
-    world: World
+    Args:
+        config: the run's PPOConfig (output_dir, keep_checkpoints, overwrite; written as
+            config.yaml).
+        world: the ranks of the run.
+        engine: the engine, set up (its ``state_dict``: the trained models and the optimizer;
+            ``sharded``: how its state is written).
+        env: the environment (its prompt order; its tokenizer goes beside the policy).
+        policy, value_head: the trained models (their own files in a one-process checkpoint).
+        scheduler, kl_ctl, average: the learning-rate schedule, the KL controller, the weight
+            average.
+        generators: the Trainer's own random generators, by name.
+        metrics_path: metrics.jsonl (cut back to the checkpoint on resume); None on the ranks
+            that write none.
+    """
+
+    def __init__(self, config: PPOConfig, world: World, engine: Engine, env: TextGenerationEnv,
+                 policy: Policy, value_head: ValueHead | None,
+                 scheduler: torch.optim.lr_scheduler.LambdaLR, kl_ctl: KLController,
+                 average: TailAverage, generators: dict[str, torch.Generator],
+                 metrics_path: Path | None) -> None:
+        self.config, self.world, self.engine, self.env = config, world, engine, env
+        self.models = ModelFiles(policy, value_head, env.tokenizer)
+        self.scheduler, self.kl_ctl, self.average = scheduler, kl_ctl, average
+        self.generators = generators
+        self.metrics_path = metrics_path
+        self.output_dir = Path(config.output_dir) if config.output_dir is not None else None
+        self.iteration = 0            # iterations completed
+        self.bad_updates = 0          # non-finite updates in a row
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs: the models' trainable state, the engine's (optimizer),
-        the schedule, the KL controller, the prompt order, the weight average, every random
-        generator and the counters."""
+        """Everything a resume needs: the engine's state (``engine``: the trained models'
+        weights and the optimizer's state), the schedule, the KL controller, the prompt order,
+        the weight average, this rank's random generators (``rng``) and the counters."""
         return {
-            "policy": self.policy.state_dict(),
-            "value_head": self.value_head.state_dict() if self.value_head is not None else {},
-            "engine": self.engine.state_dict(), **self.state_dict_rest(),
-        }
-
-    def state_dict_rest(self) -> dict[str, Any]:
-        """``state_dict`` without the models and the engine's optimizer."""
-        return {
+            "engine": self.engine.state_dict(),
             "iteration": self.iteration, "bad_updates": self.bad_updates,
             "scheduler": self.scheduler.state_dict(),
             "kl": self.kl_ctl.state_dict(), "env": self.env.state_dict(),
             "average": self.average.state_dict(),
-            "rng": rng_state(sample=self.sample_gen, shuffle=self.shuffle_gen),
+            "rng": rng_state(**self.generators),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned (``policy`` may be left out when the policy's
-        weights were loaded another way). The state is copied: this Trainer shares no tensor
-        with the one that gave it."""
-        state = copy.deepcopy(state)
+        """Restore what ``state_dict`` returned. The state is copied: this run shares no
+        tensor with the one that gave it."""
+        self._load(copy.deepcopy(state))
+
+    def _load(self, state: dict[str, Any]) -> None:
         try:
-            if "policy" in state:
-                self.policy.load_state_dict(state["policy"])
-            if self.value_head is not None:
-                self.value_head.load_state_dict(state["value_head"])
             self.engine.load_state_dict(state["engine"])
-            self._load_rest(state)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.kl_ctl.load_state_dict(state["kl"])
+            self.env.load_state_dict(state["env"])
+            self.average.load_state_dict(state["average"], self.engine.device)
+            set_rng_state(state["rng"], **self.generators)
+            self.iteration, self.bad_updates = state["iteration"], state["bad_updates"]
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"The saved state does not fit this run: {e}") from None
-
-    def _load_rest(self, state: dict[str, Any]) -> None:
-        """The state beside the models and the optimizer."""
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.kl_ctl.load_state_dict(state["kl"])
-        self.env.load_state_dict(state["env"])
-        self.average.load_state_dict(state["average"], self.device)
-        set_rng_state(state["rng"], sample=self.sample_gen, shuffle=self.shuffle_gen)
-        self.iteration, self.bad_updates = state["iteration"], state["bad_updates"]
 
     # --- files -------------------------------------------------------------------------------
     def save(self, path: str | Path | None = None) -> Path:
         """Write a checkpoint (default: output_dir/checkpoints/iter-NNNNNNN, keeping the newest
-        ``keep_checkpoints``): the policy's own files (with LoRA its adapters) and the
-        tokenizer under ``policy/``, the rest of ``state_dict()``, the config. Returns its
-        folder."""
+        ``keep_checkpoints``; layout in ``ppolm.checkpoint.layout``). Every rank calls it
+        together. Returns its folder."""
         if path is None and self.output_dir is None:
             raise ConfigError("trainer.save() needs a path, or an output_dir in the config.")
-        folder = self._checkpoints()
-        final = Path(path) if path else folder / f"iter-{self.iteration:07d}"
-        if self.world.distributed:
-            self._save_sharded(final)
-        else:
-            self._save_one(final)
-        if path is None and self.world.is_main:
-            checkpoint.prune(folder, self.config.keep_checkpoints)
-        self.callbacks.on_save(self, final)
+        root = self.checkpoints()
+        final = Path(path) if path else root / f"iter-{self.iteration:07d}"
+        layout.save(final, self.state_dict(), sharded_state=self.engine.sharded,
+                    world=self.world, models=self.models, write_config=self.config.to_yaml,
+                    marker=str(self.iteration))
+        if path is None:
+            self.world.on_main(lambda: folders.prune(root, self.config.keep_checkpoints),
+                               "pruning old checkpoints")
         return final
-
-    def _save_one(self, final: Path) -> None:
-        state = self.state_dict()
-        del state["policy"]                          # written as the policy's own files
-
-        def write(tmp: Path) -> None:
-            self.policy.save(tmp / "policy")
-            export.save_tokenizer(self.env.tokenizer, tmp / "policy")
-            checkpoint.save_state(state, tmp)
-            self.config.to_yaml(tmp / "config.yaml")
-
-        checkpoint.write_atomic(final, write, str(self.iteration))
-
-    def _trained(self) -> nn.Module:
-        return dcp.models(self.policy, self.value_head)
-
-    def _rest(self) -> dict[str, Any]:
-        state = self.state_dict_rest()
-        del state["rng"]
-        return state
-
-    def _save_sharded(self, final: Path) -> None:
-        dcp.save(final, self._trained(), self.engine.optimizer, self._rest(),
-                 rng_state(sample=self.sample_gen, shuffle=self.shuffle_gen),
-                 self.config.to_yaml, str(self.iteration))
-
-    def save_model(self, path: str | Path, merge: bool = True) -> Path:
-        """Write the policy as a Hugging Face model folder that ``AutoModelForCausalLM``,
-        ``AutoTokenizer`` and ``pipeline("text-generation", model=path)`` load: weights (LoRA
-        merged; ``merge=False``: the adapters alone), tokenizer, generation config, and the
-        value head beside them (see ``ppolm.checkpoint.export.save_model``)."""
-        return export.save_model(self.policy, self.env.tokenizer, path, self.value_head,
-                                 merge=merge)
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default: the newest complete one under output_dir/checkpoints)
-        and continue from it on the next ``train()``; returns the iteration reached."""
+        to continue from it; returns the iteration reached."""
         if path is None:
             if self.output_dir is None:
                 raise ConfigError("trainer.resume() needs a path, or an output_dir in the config.")
-            found = checkpoint.latest_checkpoint(self._checkpoints())
-            if found is None:
+            path = folders.latest_checkpoint(self.checkpoints())
+            if path is None:
                 raise CheckpointError(f"No complete checkpoint under "
-                                      f"{str(self._checkpoints())!r} to resume from.")
-            path = found
-        if self.world.distributed:
-            state, rng = dcp.load(Path(path), self._trained(), self.engine.optimizer)
-            self._load_rest({**state, "rng": rng})
-        else:
-            state = checkpoint.load_state(path)
-            self.policy.load(Path(path) / "policy")
-            self.policy.to(self.device)
-            self.load_state_dict(state)
-        if self.metrics.path is not None:
-            truncate_metrics(self.metrics.path, self.iteration)
+                                      f"{str(self.checkpoints())!r} to resume from.")
+        # (read from files: nothing shared, no copy needed)
+        self._load(layout.load(Path(path), self.engine.state_dict(),
+                               sharded_state=self.engine.sharded, world=self.world,
+                               models=self.models))
+        if self.metrics_path is not None:
+            truncate_metrics(self.metrics_path, self.iteration)
         return self.iteration
 
-    def _checkpoints(self) -> Path:
+    def checkpoints(self) -> Path:
+        """The folder of the run's checkpoints."""
         return (self.output_dir or Path(".")) / "checkpoints"
 
     def start_fresh(self) -> None:
@@ -179,9 +136,9 @@ class TrainerState:
         self.world.together(self._start_fresh, "checking output_dir")
 
     def _start_fresh(self) -> None:
-        if self.output_dir is None or self.metrics.path is None:     # (ranks other than 0)
+        if self.output_dir is None or self.metrics_path is None:     # (ranks other than 0)
             return
-        found = checkpoint.earlier_run(self._checkpoints(), self.metrics.path)
+        found = folders.earlier_run(self.checkpoints(), self.metrics_path)
         if found is None:
             return
         if not self.config.overwrite:
@@ -189,4 +146,4 @@ class TrainerState:
                 f"output_dir {str(self.output_dir)!r} holds an earlier run ({found}). Continue "
                 "it with --resume (trainer.resume()), start over with overwrite=true (deletes "
                 "it), or choose another output_dir.")
-        checkpoint.clear_run(self._checkpoints(), self.metrics.path)
+        folders.clear_run(self.checkpoints(), self.metrics_path)
