@@ -83,6 +83,10 @@ class Engine(ABC):
     device: torch.device
     optimizer: torch.optim.Optimizer
     params: list[nn.Parameter]
+    trained: nn.ModuleDict          # the trained modules (``trained_modules``), set in setup
+    # Whether ``state_dict`` holds this rank's shards of a state spread over a process group
+    # (written by every rank with torch.distributed.checkpoint) rather than the whole state.
+    sharded: bool = False
 
     @abstractmethod
     def setup(self, policy: Policy, value_head: ValueHead | None, reference: Policy,
@@ -141,11 +145,26 @@ class Engine(ABC):
         the gradients) when ``loss_finite`` is False or the norm is not finite."""
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resume needs of the engine (the optimizer's state)."""
-        return {"optimizer": self.optimizer.state_dict()}
+        """What a resume needs of the engine: ``models``, the trained modules' state
+        (``policy.*``, ``value_head.*``), and ``optimizer``, its state. Tensors are the live
+        ones (as torch's state dicts): copy the dict to hand it on."""
+        return {"models": self.trained.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned; ``models`` may be left out when the weights
+        were loaded another way (the model files of a one-process checkpoint)."""
+        if "models" in state:
+            self.trained.load_state_dict(state["models"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def trained_modules(policy: Policy, value_head: ValueHead | None) -> nn.ModuleDict:
+    """The trained models under the names of an engine's state (``policy``, ``value_head``;
+    the same modules, no copy)."""
+    found: dict[str, nn.Module] = {"policy": policy}
+    if value_head is not None:
+        found["value_head"] = value_head
+    return nn.ModuleDict(found)
 
 
 def trainable_parameters(*modules: nn.Module | None) -> list[nn.Parameter]:
@@ -153,3 +172,10 @@ def trainable_parameters(*modules: nn.Module | None) -> list[nn.Parameter]:
     found = {id(p): p for m in modules if m is not None for p in m.parameters()
              if p.requires_grad}
     return list(found.values())
+
+
+def response_slice(hidden: Tensor, response_len: int) -> Tensor:
+    """The states predicting the last ``response_len`` tokens: position i predicts token i + 1.
+    Shapes: (B, L, H) -> (B, T, H)."""
+    L = hidden.shape[1]
+    return hidden[:, L - response_len - 1: L - 1]
