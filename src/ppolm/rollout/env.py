@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppolm.errors import DataError, RewardError
-from ppolm.maths.rewards import score_increments
+from ppolm.errors import ConfigError, DataError, RewardError
+from ppolm.maths.rewards import score_increments, turn_token_scores
 from ppolm.policies.base import Policy
+from ppolm.rollout.interaction import Interaction
+from ppolm.rollout.multi_turn import MultiTurn, SamplingSettings, run_turns
 from ppolm.rollout.prompts import prompt_set
 from ppolm.rollout.prompts import read_prompts as read_prompts  # re-exported
 from ppolm.rollout.rewards import (
@@ -70,6 +72,15 @@ class TextGenerationEnv:
             unchanged; credit reaches the tokens that moved the score. The reward function is
             then called on about ``B x T`` texts per batch: cheap for rule or lexicon rewards
             (VADER), costly for a reward model.
+        interaction: an ``Interaction`` answering each model turn (keyword only; None: one
+            turn). The episode is then the whole transcript after the prompt, model turns and
+            replies as token ids, trained on the model's tokens only; the reward gets the
+            transcript as ``responses``, and ``turns`` / ``states`` if it names them. See
+            ``ppolm.rollout.multi_turn`` and docs/multi-turn.md.
+        max_turns: the most model turns of an episode (with an interaction).
+        max_episode_tokens: the most tokens after the prompt (with an interaction; default
+            ``max_turns * (max_new_tokens + 256)``); an episode that would pass it ends,
+            flagged truncated.
     """
 
     def __init__(self, prompts: Any, tokenizer: Any,
@@ -77,8 +88,9 @@ class TextGenerationEnv:
                  top_p: float = 1.0, missing_eos_penalty: float | None = None,
                  add_special_tokens: bool = True, seed: int = 0, ignore_eos: bool = False,
                  prefix_shaping: bool = False, *, stop_token_ids: list[int] | None = None,
-                 chat_template: bool = False, reward_weights: list[float] | None = None
-                 ) -> None:
+                 chat_template: bool = False, reward_weights: list[float] | None = None,
+                 interaction: Interaction | None = None,
+                 max_turns: int = 4, max_episode_tokens: int | None = None) -> None:
         if max_new_tokens <= 0:
             raise DataError(f"max_new_tokens={max_new_tokens} must be > 0.")
         if top_k < 0 or not 0 < top_p <= 1:
@@ -100,13 +112,21 @@ class TextGenerationEnv:
                 raise DataError("the tokenizer has neither a pad nor an EOS token; set one.")
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
+        self.turns = (None if interaction is None else MultiTurn(
+            interaction, tokenizer, max_new_tokens, max_turns, max_episode_tokens, seed))
+        if self.turns is not None and prefix_shaping:
+            raise ConfigError("prefix_shaping scores prefixes of one response; it does not "
+                              "apply to multi-turn episodes (use Reply(text, reward=...) for "
+                              "rewards during the episode).")
         found = prompt_set(prompts, tokenizer, add_special_tokens, chat_template)
         self.prompts, self.tokenizer, self.reward_fn = found.texts, tokenizer, reward_fn
         self.prompt_ids, self.columns = found.ids, found.columns        # columns: (N,) lists
         self.prompt_messages = found.messages                            # (N,) lists or None
         self.reward_fields = reward_fields(reward_fn)          # EPISODE_FIELDS it names
         # the columns the reward takes, decided once from its signature
-        self.reward_columns = reward_columns(reward_fn, list(found.columns))
+        self.reward_columns = (reward_columns(reward_fn, list(found.columns))
+                               if self.turns is None else
+                               self.turns.reward_columns(reward_fn, list(found.columns)))
         self.max_new_tokens, self.top_k, self.top_p = max_new_tokens, top_k, top_p
         self.missing_eos_penalty = (None if missing_eos_penalty is None
                                     else float(missing_eos_penalty))
@@ -129,11 +149,19 @@ class TextGenerationEnv:
 
     def state_dict(self) -> dict[str, Any]:
         return {"order": list(self._order), "pos": self._pos,
-                "gen": self._order_gen.get_state()}
+                "gen": self._order_gen.get_state(),
+                "episodes": self.turns.episodes if self.turns is not None else 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._order, self._pos = list(state["order"]), int(state["pos"])
         self._order_gen.set_state(state["gen"])
+        if self.turns is not None:      # the episodes' generators go on where they were
+            self.turns.episodes = int(state.get("episodes", 0))
+
+    @property
+    def max_model_tokens(self) -> int:
+        """The most tokens the policy samples in one episode."""
+        return self.max_new_tokens if self.turns is None else self.turns.max_model_tokens
 
     # --- the work ------------------------------------------------------------------------------
     def stop_ids(self, policy: Policy | None = None) -> list[int]:
@@ -191,6 +219,9 @@ class TextGenerationEnv:
         query = enc["input_ids"].to(device)                              # (B, P)
         query_mask = enc["attention_mask"].to(device)                    # (B, P)
         stops = self.stop_ids(policy)
+        if self.turns is not None:
+            return self.sample_turns(policy, idx, query, query_mask, stops, temperature,
+                                     generator, record)
         out = generate(
             policy, query, query_mask, self.max_new_tokens,
             None if self.ignore_eos else stops,
@@ -223,6 +254,39 @@ class TextGenerationEnv:
             reward_parts=self.reward_parts(), reward_seconds=reward_seconds,
             token_scores=token_scores.to(device) if token_scores is not None else None,
             logprobs=out.logprobs, hidden=out.hidden)
+
+    def sample_turns(self, policy: Policy, idx: list[int], query: Tensor, query_mask: Tensor,
+                     stops: list[int], temperature: float,
+                     generator: torch.Generator | None, record: bool) -> Episodes:
+        """``sample`` with an interaction: the episodes turn by turn (``run_turns``), scored
+        on their whole transcript, each ``Reply`` reward on its turn's last model token."""
+        assert self.turns is not None
+        prompts, prompt_ids = [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx]
+        states = self.turns.start(prompts)
+        settings = SamplingSettings(self.max_new_tokens, stops, self.tokenizer.pad_token_id,
+                                    temperature, self.top_k, self.top_p, self.ignore_eos)
+        tr = run_turns(policy, self.turns.interaction, prompts, prompt_ids, query, query_mask,
+                       states, self.tokenizer, self.turns.encode, settings, self.turns.max_turns,
+                       self.turns.caps(prompt_ids, policy), generator, record)
+        texts = self.decode(tr.tokens, tr.attention_mask, stops)
+        t0 = time.perf_counter()
+        scores = self.score(prompts, texts, {**self.columns_at(idx),
+                                             **self.turns.turn_columns(tr, states)})
+        reward_seconds = time.perf_counter() - t0
+        if self.missing_eos_penalty is not None:   # subtracted, as TRL does
+            scores = scores - self.missing_eos_penalty * (~tr.ended).to(scores.dtype).cpu()
+        token_scores = None
+        if tr.has_turn_rewards:
+            token_scores = turn_token_scores(scores, tr.turn_rewards, tr.model_mask.cpu())
+            scores = token_scores.sum(1)
+        device = query.device
+        return Episodes(
+            prompts=prompts, responses=texts, input_ids=torch.cat([query, tr.tokens], 1),
+            attention_mask=torch.cat([query_mask, tr.attention_mask], 1),
+            response_mask=tr.model_mask, scores=scores.float().to(device), ended=tr.ended,
+            reward_parts=self.reward_parts(), reward_seconds=reward_seconds,
+            token_scores=token_scores.float().to(device) if token_scores is not None else None,
+            logprobs=tr.logprobs, hidden=tr.hidden, turn_info=self.turns.info(tr, states))
 
     def columns_at(self, idx: list[int]) -> dict[str, list[Any]]:
         """The columns the reward takes, at prompt indices ``idx`` (one value per episode),
