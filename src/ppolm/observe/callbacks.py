@@ -6,7 +6,11 @@ Subclass ``Callback`` and override what you need; pass instances as
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 from ppolm.config.ppo import PPOConfig
@@ -71,9 +75,11 @@ class Callback:
     def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> bool | None:
         """After an iteration's metrics are computed and the KL coefficient adapted. Return True
         to stop training after this iteration (a checkpoint is written when the run has an
-        output_dir). A callback may add numbers to ``metrics`` (e.g. ``eval/*``): the
-        Trainer's own callbacks (trackers, metrics.jsonl), called after the given ones, record
-        them."""
+        output_dir); None or False to go on. ONLY ``True`` stops: any other value (say, the
+        ``metrics`` dict) is ignored with a warning, so returning what ``transformers``
+        callbacks return does not end a run by accident. A callback may add numbers to
+        ``metrics`` (e.g. ``eval/*``): the Trainer's own callbacks (trackers, metrics.jsonl),
+        called after the given ones, record them."""
         return None
 
     def on_save(self, trainer: Trainer, path: Path) -> None:
@@ -89,6 +95,7 @@ class CallbackList(Callback):
 
     def __init__(self, callbacks: list[Callback] | None = None) -> None:
         self.callbacks = list(callbacks or [])
+        self.warned: set[int] = set()      # callbacks told their return value is ignored
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise ConfigError(f"callbacks must be ppolm.Callback instances, got {cb!r}.")
@@ -109,10 +116,46 @@ class CallbackList(Callback):
         self.call("on_train_begin", trainer)
 
     def on_iteration_end(self, trainer: Trainer, metrics: dict[str, Any]) -> bool | None:
-        return any([bool(stop) for stop in self.call("on_iteration_end", trainer, metrics)])
+        stop = False
+        for cb, value in zip(self.callbacks, self.call("on_iteration_end", trainer, metrics),
+                             strict=True):
+            if value is None or _is_bool(value):
+                stop = stop or bool(value)
+            elif id(cb) not in self.warned:
+                self.warned.add(id(cb))
+                warn_user(f"{type(cb).__name__}.on_iteration_end returned a "
+                          f"{type(value).__name__}, not True, False or None; only True stops "
+                          "training, so the run goes on (return None to go on, True to stop).",
+                          UserWarning)
+        return stop
 
     def on_save(self, trainer: Trainer, path: Path) -> None:
         self.call("on_save", trainer, path)
 
     def on_train_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
         self.call("on_train_end", trainer, history)
+
+
+def _is_bool(value: Any) -> bool:
+    """A Python or NumPy bool (``metrics["kl"] > 5`` computed with NumPy is one)."""
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy"
+                                       and kind.__name__ in ("bool", "bool_"))
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(__file__)) + os.sep   # .../ppolm/, as frames name it
+
+
+def warn_user(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first frame outside ppolm (the user's line that
+    called ``train()``, not ppolm's internals), with the progress bar cleared while it prints
+    so the warning does not land inside the bar. Python 3.12's ``skip_file_prefixes`` does
+    the first part; ppolm supports 3.10."""
+    from tqdm import tqdm
+
+    frame: FrameType | None = sys._getframe(1)
+    level = 2                                 # stacklevel 2: the caller of this function
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    with tqdm.external_write_mode(file=sys.stderr):
+        warnings.warn(message, category, stacklevel=level)

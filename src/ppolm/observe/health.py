@@ -18,12 +18,11 @@ before the monitor adds to the metrics; without it that check stays silent.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 from ppolm.errors import ConfigError
-from ppolm.observe.callbacks import Callback, Trainer
+from ppolm.observe.callbacks import Callback, Trainer, warn_user
 from ppolm.observe.metrics import MetricsWriter, truncate_metrics
 
 #: The conditions checked, by the name each warning carries.
@@ -164,7 +163,7 @@ class HealthMonitor(Callback):
         """Record a warning and issue it as a PPOHealthWarning."""
         self.warnings.append({"iteration": iteration, "name": name, "message": message})
         MetricsWriter(self.path).write(self.warnings[-1])
-        warnings.warn(message, PPOHealthWarning, stacklevel=3)
+        warn_user(message, PPOHealthWarning)
 
     # --- the conditions: None (unknown), False (fine) or the message -------------------------
     def kl_target(self, config: Any) -> tuple[float, str]:
