@@ -20,8 +20,9 @@ from ppolm import (
     ValueHead,
 )
 from ppolm.engines.fast_cpu import engine as fast_engine
-from ppolm.engines.fast_cpu.engine import check_compile, supports_compile
+from ppolm.engines.fast_cpu.engine import check_compile
 from ppolm.engines.fast_cpu.forward import forward_response, trunk_hidden
+from ppolm.engines.fast_cpu.views import view_of
 from ppolm.errors import ConfigError
 from ppolm.policies.pretrained import freeze_lower_layers
 
@@ -45,7 +46,8 @@ def test_compiled_trunk_gives_the_eager_hidden_states_and_gradients(tok, kind):
     torch.manual_seed(0)
     eager, compiled = make(), make()
     compiled.load_state_dict(eager.state_dict())
-    assert supports_compile(compiled)
+    views = {eager: view_of(eager), compiled: view_of(compiled)}
+    assert views[compiled].compiles
     on_embeds = torch.compile(fast_engine._on_embeds)     # what the engine compiles
     ids = torch.randint(0, len(tok), (3, 9))
     mask = torch.ones_like(ids)
@@ -53,7 +55,7 @@ def test_compiled_trunk_gives_the_eager_hidden_states_and_gradients(tok, kind):
     outs = []
     for policy in (eager, compiled):
         run = on_embeds if policy is compiled else None
-        hidden = trunk_hidden(policy, ids, mask, on_embeds=run)
+        hidden = trunk_hidden(views[policy], ids, mask, on_embeds=run)
         (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
         outs.append((hidden.detach(), {n: p.grad for n, p in policy.named_parameters()}))
     real = mask.bool()
@@ -64,8 +66,8 @@ def test_compiled_trunk_gives_the_eager_hidden_states_and_gradients(tok, kind):
     graphs = unique_graphs()
     assert graphs >= 1
     # the response forward through it gives the eager logprobs (the same graph serves it)
-    want = forward_response(eager, ids, mask, 4, 0.7)
-    got = forward_response(compiled, ids, mask, 4, 0.7, on_embeds=on_embeds)
+    want = forward_response(views[eager], ids, mask, 4, 0.7)
+    got = forward_response(views[compiled], ids, mask, 4, 0.7, on_embeds=on_embeds)
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
     assert unique_graphs() == graphs
     # outside the engine's function the policy is eager: no new graph, even for a new shape
@@ -127,11 +129,11 @@ def test_trainer_with_compile_makes_the_eager_update(tok, frozen):
 
 
 def test_compile_refused_for_a_policy_without_it(tok):
-    lstm = LSTMPolicy(len(tok), hidden_size=8)
-    assert not supports_compile(lstm)
+    lstm = view_of(LSTMPolicy(len(tok), hidden_size=8))
+    assert not lstm.compiles
     with pytest.raises(ConfigError, match="LSTMPolicy does not support torch.compile"):
-        check_compile(TransformerPolicy(len(tok), hidden_size=8), lstm)
-    check_compile(TransformerPolicy(len(tok), hidden_size=8), None)     # no error
+        check_compile(view_of(TransformerPolicy(len(tok), hidden_size=8)), lstm)
+    check_compile(view_of(TransformerPolicy(len(tok), hidden_size=8)))     # no error
     env = TextGenerationEnv(["a"], tok, CallableReward(lambda ps, rs: [0.0] * len(rs)),
                             max_new_tokens=2)
     with pytest.raises(ConfigError, match="LSTMPolicy does not support torch.compile"):

@@ -11,6 +11,7 @@ from ppolm.engines.fast_cpu import fused, grad_buffers
 from ppolm.engines.fast_cpu.forward import forward_response
 from ppolm.engines.fast_cpu.fused import head_logprobs
 from ppolm.engines.fast_cpu.grad_buffers import accumulate_into_grad
+from ppolm.engines.fast_cpu.views import view_of
 
 
 def reference(hidden, weight, bias, tokens, temperature):
@@ -81,8 +82,10 @@ def test_forward_response_fused_and_plain_paths_agree(layout):
     policy = TransformerPolicy(20, hidden_size=16, n_layers=1, n_heads=2, max_length=16)
     ids = torch.randint(1, 20, (3, 7))
     mask = torch.ones_like(ids)
-    fast = forward_response(policy, ids, mask, 4, 0.8)
-    plain = forward_response(policy, ids, mask, 4, 0.8, entropy_grad=True)
+    view = view_of(policy)
+    assert view.head_params() is not None                     # the fused path is taken
+    fast = forward_response(view, ids, mask, 4, 0.8)
+    plain = forward_response(view, ids, mask, 4, 0.8, entropy_grad=True)
     assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-6)
     assert torch.allclose(fast.entropy, plain.entropy, atol=1e-5)
     assert plain.entropy.requires_grad and not fast.entropy.requires_grad

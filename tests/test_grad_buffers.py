@@ -114,7 +114,7 @@ def test_buffers_give_the_dense_gradient(kind, ent_coef, linears):
     # reallocated) by the later minibatches.
     assert kept[0] == kept[1] == kept[2]
     assert set(kept[0]) == {w for w in buffers.weights if w.grad is not None}
-    head = trainer.policy.head_params()
+    head = trainer.engine.view(trainer.policy).head_params()
     assert head is not None and head[0] in kept[0]
     if kind == "transformer":                # tied token table (the head's weight) and positions
         assert trainer.policy.tok_emb.weight is head[0]

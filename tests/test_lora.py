@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_llama
 from ppolm import CallableReward, HFPolicy, PPOConfig, TextGenerationEnv, Trainer, ValueHead
 from ppolm.engines import PlainEngine, Sequences
+from ppolm.engines.fast_cpu.views import view_of
 from ppolm.errors import CheckpointError, ConfigError
 from ppolm.policies.lora import AdapterDisabled, lora_config
 
@@ -160,7 +161,7 @@ def test_yaml_spec_builds_a_lora_policy(tok, tmp_path):
     cfg = trainer.policy.model.peft_config["default"]
     assert cfg.r == 8 and cfg.lora_alpha == 16 and set(cfg.target_modules) == {"q_proj",
                                                                                 "v_proj"}
-    assert cfg.layers_to_transform == [1] and trainer.policy.frozen_depth() == 1
+    assert cfg.layers_to_transform == [1] and view_of(trainer.policy).frozen_depth() == 1
 
 
 @pytest.mark.parametrize(("values", "message"), [

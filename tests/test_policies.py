@@ -11,6 +11,7 @@ from conftest import tiny_gpt2, tiny_llama
 from ppolm import HFPolicy, LSTMPolicy, PlainEngine, TransformerPolicy, ValueHead
 from ppolm.engines import Sequences
 from ppolm.engines.fast_cpu import forward as fast_forward
+from ppolm.engines.fast_cpu.views import view_of
 from ppolm.errors import CheckpointError, ConfigError
 
 VOCAB = 14
@@ -37,7 +38,7 @@ def plain_response(policy, ids, mask, T, temperature):
 
 def fast_response(policy, ids, mask, T, temperature):
     """The fast CPU engine's response forward (trunk, then the fused head)."""
-    return fast_forward.forward_response(policy, ids, mask, T, temperature)
+    return fast_forward.forward_response(view_of(policy), ids, mask, T, temperature)
 
 
 PATHS = {"plain": plain_response, "fast_cpu": fast_response}

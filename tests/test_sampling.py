@@ -97,6 +97,7 @@ def test_sampling_matches_a_forward_pass(tok):
     the last position) equal a forward pass over the finished sequences, to float rounding."""
     # Imported here: the engines refactor moves it (from ppolm.policies.base).
     from ppolm.engines.fast_cpu.forward import forward_response
+    from ppolm.engines.fast_cpu.views import view_of
 
     torch.manual_seed(0)
     policy = HFPolicy(tiny_llama(len(tok)))
@@ -107,7 +108,7 @@ def test_sampling_matches_a_forward_pass(tok):
                    generator=torch.Generator().manual_seed(1), record=True)
     full = torch.cat([ids, out.tokens], 1)
     with torch.no_grad():
-        fwd = forward_response(policy, full, torch.cat([mask, out.mask], 1), 5, 0.7)
+        fwd = forward_response(view_of(policy), full, torch.cat([mask, out.mask], 1), 5, 0.7)
     torch.testing.assert_close(out.logprobs, fwd.logprobs, atol=2e-5, rtol=0)
     torch.testing.assert_close(out.hidden, fwd.hidden, atol=2e-5, rtol=0)
 

@@ -384,10 +384,10 @@ def test_frozen_lower_layers_run_once_per_rollout_with_the_same_numbers(tok, tmp
     _, ra = fast.collect()
     _, rb = slow.collect()
     assert torch.equal(ra.input_ids, rb.input_ids) and (ra.attention_mask[:, 0] == 0).any()
-    kept = fast.engine._bottom
-    assert slow.engine._bottom is None and kept.shape == (*ra.input_ids.shape, 32)
+    kept = fast.engine.kept_bottom
+    assert slow.engine.kept_bottom is None and kept.shape == (*ra.input_ids.shape, 32)
     # Every position the sampler fed to the model (all but the last) holds trunk_bottom's output.
-    bottom = fast.policy.trunk_bottom(ra.input_ids, ra.attention_mask, 1)
+    bottom = fast.engine.view(fast.policy).trunk_bottom(ra.input_ids, ra.attention_mask, 1)
     real = ra.attention_mask[:, :-1].bool()
     assert torch.allclose(kept[:, :-1][real], bottom[:, :-1][real], atol=1e-5)
     tol = 1e-6 if source == "forward" else 1e-5
@@ -425,7 +425,7 @@ def test_frozen_split_is_refused_where_it_would_change_the_numbers(tok, tmp_path
     # GPT-2 adds position embeddings to inputs_embeds: the probe sees trunk_top(trunk_bottom)
     # differ from the trunk, so the trainer runs the whole trunk.
     gpt2 = frozen_trainer("gpt2", tok, tmp_path / "g")
-    assert gpt2.policy.frozen_depth() == 1 and gpt2.engine.depth == 0
+    assert gpt2.engine.view(gpt2.policy).frozen_depth() == 1 and gpt2.engine.depth == 0
     # A reference with other lower weights keeps its own whole forward.
     torch.manual_seed(1)
     other = HFPolicy(tiny_llama(len(tok)))
@@ -437,23 +437,25 @@ def test_frozen_split_is_refused_where_it_would_change_the_numbers(tok, tmp_path
     assert torch.allclose(rollout.ref_logprobs, ref.logprobs * rollout.response_mask)
 
 
-def test_a_policy_that_cannot_record_its_split_gets_it_from_one_forward(tok, tmp_path):
-    """A custom policy with trunk_bottom/trunk_top but no trunk_and_bottom still reuses its
+def test_a_view_that_cannot_record_its_split_gets_it_from_one_forward(tok, tmp_path):
+    """A view with trunk_bottom/trunk_top but no trunk_and_bottom still reuses its policy's
     frozen layers with the sampler's logprobs: the rollout runs the lower layers once."""
-    from ppolm.policies.base import Policy
+    from ppolm.engines.fast_cpu.views import FastView, HFView
     from ppolm.policies.pretrained import freeze_lower_layers
 
-    class NoRecord(HFPolicy):
-        trunk_and_bottom = Policy.trunk_and_bottom
+    class NoRecord(HFView):
+        trunk_and_bottom = FastView.trunk_and_bottom
 
     torch.manual_seed(0)
-    policy = freeze_lower_layers(NoRecord(tiny_llama(len(tok))), 1)
+    policy = freeze_lower_layers(HFPolicy(tiny_llama(len(tok))), 1)
     env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=8)
     trainer = Trainer(policy, env, PPOConfig(iterations=1, batch_size=16, minibatch_size=8,
                                              progress=False, output_dir=str(tmp_path)))
     assert trainer.engine.depth == 1
+    view = trainer.engine.views[policy] = NoRecord(policy)
+    assert not view.records_bottom
     episodes, rollout = trainer.collect()
     assert episodes.logprobs is not None
-    assert torch.equal(trainer.engine._bottom,
-                       policy.trunk_bottom(rollout.input_ids, rollout.attention_mask, 1))
+    assert torch.equal(trainer.engine.kept_bottom,
+                       view.trunk_bottom(rollout.input_ids, rollout.attention_mask, 1))
     assert trainer.train()[0]["ratio_dev_first"] < 1e-5

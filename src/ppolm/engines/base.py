@@ -172,10 +172,3 @@ def trainable_parameters(*modules: nn.Module | None) -> list[nn.Parameter]:
     found = {id(p): p for m in modules if m is not None for p in m.parameters()
              if p.requires_grad}
     return list(found.values())
-
-
-def response_slice(hidden: Tensor, response_len: int) -> Tensor:
-    """The states predicting the last ``response_len`` tokens: position i predicts token i + 1.
-    Shapes: (B, L, H) -> (B, T, H)."""
-    L = hidden.shape[1]
-    return hidden[:, L - response_len - 1: L - 1]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,6 +27,13 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def response_slice(hidden: Tensor, response_len: int) -> Tensor:
+    """The states predicting the last ``response_len`` tokens: position i predicts token i + 1.
+    Shapes: (B, L, H) -> (B, T, H)."""
+    L = hidden.shape[1]
+    return hidden[:, L - response_len - 1: L - 1]
+
+
 class PolicyOutput(NamedTuple):
     """What ``Policy.forward`` returns."""
 
@@ -38,7 +44,11 @@ class PolicyOutput(NamedTuple):
 class Policy(nn.Module, ABC):
     """A causal language model: ``trunk`` (ids -> hidden states) then ``head`` (-> logits).
 
-    Subclasses set ``vocab_size``, ``hidden_size`` and ``max_length`` (None if unbounded).
+    Subclasses set ``vocab_size``, ``hidden_size`` and ``max_length`` (None if unbounded),
+    and write ``trunk``, ``head``, ``save`` and ``load``; ``layers``,
+    ``enable_gradient_checkpointing`` and ``reference_model`` have defaults. That is the whole
+    contract, the same for every engine: the trainable parameters are the module's parameters
+    that require grad, and device moves are ``nn.Module``'s.
     """
 
     vocab_size: int
@@ -58,61 +68,6 @@ class Policy(nn.Module, ABC):
     def head(self, hidden: Tensor) -> Tensor:
         """Next-token logits. Shapes: (..., H) -> (..., V)."""
 
-    def head_params(self) -> tuple[Tensor, Tensor | None] | None:
-        """(weight (V, H), bias (V,) or None) when ``head`` is one linear map, else None.
-
-        With them, an engine may compute logprobs without keeping the logits (see
-        ``ppolm.engines.fast_cpu.fused``); None means only ``head`` gives the logits. A
-        subclass that overrides ``head`` must return None here (the built-in policies do so
-        by themselves).
-        """
-        return None
-
-    # --- optional: the whole-sequence trunk from input embeddings (an engine may compile it:
-    # the token lookup stays outside the graph) ------------------------------------------------
-    def input_embeds(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The trunk's input embeddings. Shapes: (B, L), (B, L) -> (B, L, H)."""
-        raise NotImplementedError(f"{type(self).__name__} has no separate embedding step.")
-
-    def trunk_on_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        """``trunk`` over whole sequences (no cache) from ``input_embeds``'s output:
-        ``trunk_on_embeds(input_embeds(x)) == trunk(x)``. Shapes: (B, L, H), (B, L) -> (B, L, H)."""
-        raise NotImplementedError(f"{type(self).__name__} has no separate embedding step.")
-
-    # --- optional: the trunk split at a depth (a forward pass in two parts) -----------------
-    def frozen_depth(self) -> int:
-        """How many of the trunk's lower blocks (embeddings included) have no trainable
-        parameter, so their output is a fixed function of the tokens (0: none, or a policy
-        that cannot split its trunk)."""
-        return 0
-
-    def trunk_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int) -> Tensor:
-        """Hidden states after the embeddings and the first ``depth`` blocks, for every
-        position. Shapes: (B, L), (B, L) -> (B, L, H)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot split its trunk.")
-
-    def trunk_top(self, bottom: Tensor, input_ids: Tensor, attention_mask: Tensor, depth: int,
-                  on_embeds: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        """The rest of the trunk on ``trunk_bottom``'s output: ``trunk_top(trunk_bottom(x))``
-        equals ``trunk(x)``. ``on_embeds`` stands in for ``trunk_on_embeds`` over the upper
-        blocks (an engine passes a compiled one). Shapes: bottom (B, L, H), input_ids,
-        attention_mask (B, L) -> (B, L, H)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot split its trunk.")
-
-    def trunk_and_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int,
-                         cache: Any = None, use_cache: bool = False
-                         ) -> tuple[Tensor, Tensor, Any]:
-        """``trunk`` that also returns ``trunk_bottom``'s output for the new tokens, from the
-        same pass (the sampler keeps it, so the rollout needs no forward of its own).
-
-        Shapes: as ``trunk``; returns hidden (B, Lnew, H), bottom (B, Lnew, H), cache."""
-        raise NotImplementedError(f"{type(self).__name__} cannot split its trunk.")
-
-    def bottom_parameters(self, depth: int) -> list[Tensor]:
-        """The parameters ``trunk_bottom(..., depth)`` uses, in a fixed order (to check that a
-        reference model shares them)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot split its trunk.")
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int | None = None,
                 logits: bool = True) -> PolicyOutput:
         """Hidden states and logits over whole sequences (no cache); with ``response_len`` = T,
@@ -123,8 +78,7 @@ class Policy(nn.Module, ABC):
         (B, T, V)."""
         hidden, _ = self.trunk(input_ids, attention_mask)             # (B, L, H)
         if response_len is not None:
-            L = input_ids.shape[1]
-            hidden = hidden[:, L - response_len - 1: L - 1]            # (B, T, H)
+            hidden = response_slice(hidden, response_len)              # (B, T, H)
         return PolicyOutput(hidden, self.head(hidden) if logits else None)
 
     def layers(self) -> list[nn.Module]:

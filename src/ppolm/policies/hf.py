@@ -5,11 +5,9 @@ The only module that imports `transformers` model code.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import re
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,6 @@ class HFPolicy(Policy):
             model = wrap(model, peft_config)
         self.model = model
         self.model.eval()
-        self._slices: dict[tuple[Any, ...], nn.ModuleList] = {}    # _only's decoder-layer slices
         cfg = self.lm.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
             raise CheckpointError(f"{type(model).__name__} rescales its logits after the head; "
@@ -94,95 +91,22 @@ class HFPolicy(Policy):
             use_cache=use_cache, output_hidden_states=hidden_states,
             **{self._cache_arg: cache})
 
-    # --- a trunk split at a frozen depth (the Trainer checks trunk_top(trunk_bottom) == trunk
-    # on a probe before using it: models that add to inputs_embeds, e.g. GPT-2's positions,
-    # fail the check and are never split) -------------------------------------------------------
-    def _layers(self) -> tuple[str, nn.ModuleList] | None:
-        return decoder_layers(self.lm.base_model)
+    def layer_states(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
+                     use_cache: bool = False) -> tuple[Tensor, tuple[Tensor, ...], Any]:
+        """``trunk`` that also returns, from the same pass, the input of every decoder layer
+        (``states[d]``: the input of layer d; the embeddings' output for d = 0).
 
-    def frozen_depth(self) -> int:
-        found = self._layers()
-        embed = self.lm.get_input_embeddings()
-        if found is None or any(p.requires_grad for p in embed.parameters()):
-            return 0
-        if len(set(getattr(self.lm.config, "layer_types", None) or [])) > 1:
-            return 0      # per-layer attention kinds are looked up by index: no slicing
-        depth = 0
-        for layer in found[1]:
-            if any(p.requires_grad for p in layer.parameters()):
-                break
-            depth += 1
-        return min(depth, len(found[1]) - 1)      # the final block stays in trunk_top
-
-    @contextlib.contextmanager
-    def _only(self, layers: slice, final_norm: bool) -> Iterator[None]:
-        """Run the base model with a slice of its decoder layers (and without its final norm)."""
-        found = self._layers()
-        assert found is not None
-        name, full = found
-        base = self.lm.base_model
-        norm_name = final_norm_name(base)
-        norm = getattr(base, norm_name) if norm_name else None
-        # The same slice object each time (a compiled graph is guarded on the modules it runs).
-        key = (layers.start, layers.stop, id(full))
-        if key not in self._slices:
-            self._slices[key] = nn.ModuleList(list(full)[layers])
-        setattr(base, name, self._slices[key])
-        if norm_name and not final_norm:
-            setattr(base, norm_name, _IDENTITY)
-        try:
-            yield
-        finally:
-            setattr(base, name, full)
-            if norm_name:
-                setattr(base, norm_name, norm)
-
-    def trunk_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int) -> Tensor:
-        embeds = self.input_embeds(input_ids, attention_mask)                            # (B, L, H)
-        with self._only(slice(0, depth), final_norm=False):
-            return self.trunk_on_embeds(embeds, attention_mask)
-
-    def trunk_top(self, bottom: Tensor, input_ids: Tensor, attention_mask: Tensor, depth: int,
-                  on_embeds: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        with self._only(slice(depth, None), final_norm=True):
-            return (on_embeds or self.trunk_on_embeds)(bottom, attention_mask)
-
-    def input_embeds(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        out: Tensor = self.lm.get_input_embeddings()(input_ids)                # (B, L, H)
-        return out
-
-    def trunk_on_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        out = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                    position_ids=positions_from_mask(attention_mask),
-                                    use_cache=False)
-        hidden: Tensor = out.last_hidden_state
-        return hidden
-
-    def trunk_and_bottom(self, input_ids: Tensor, attention_mask: Tensor, depth: int,
-                         cache: Any = None, use_cache: bool = False
-                         ) -> tuple[Tensor, Tensor, Any]:
-        # hidden_states[d] is the input of decoder layer d (before the final norm for d < N).
+        Shapes: as ``trunk``; returns hidden (B, Lnew, H), states (N + 1 of (B, Lnew, H)),
+        cache."""
         out = self._base(input_ids, attention_mask, cache, use_cache, hidden_states=True)
-        return (out.last_hidden_state, out.hidden_states[depth],
+        return (out.last_hidden_state, tuple(out.hidden_states),
                 out[self._cache_arg] if use_cache else None)
-
-    def bottom_parameters(self, depth: int) -> list[Tensor]:
-        found = self._layers()
-        assert found is not None
-        return [*self.lm.get_input_embeddings().parameters(),
-                *(p for layer in list(found[1])[:depth] for p in layer.parameters())]
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.lm.get_output_embeddings()(hidden)
 
-    def head_params(self) -> tuple[Tensor, Tensor | None] | None:
-        if type(self).head is not HFPolicy.head:     # a subclass makes its own logits
-            return None
-        head = self.lm.get_output_embeddings()
-        return (head.weight, head.bias) if isinstance(head, nn.Linear) else None
-
     def layers(self) -> list[nn.Module]:
-        found = self._layers()
+        found = decoder_layers(self.lm.base_model)
         return list(found[1]) if found is not None else []
 
     def enable_gradient_checkpointing(self) -> list[nn.Module]:
@@ -210,9 +134,6 @@ class HFPolicy(Policy):
                     load_adapters(self.model, Path(path) / name, adapter_name=name)
         else:
             self.model.load_state_dict(_load(Path(path), {}).state_dict())
-
-
-_IDENTITY = nn.Identity()      # stands in for the final norm in trunk_bottom
 
 
 def decoder_layers(base: nn.Module) -> tuple[str, nn.ModuleList] | None:

@@ -85,11 +85,6 @@ class LSTMPolicy(TorchPolicy):
     def head(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 
-    def head_params(self) -> tuple[Tensor, Tensor | None] | None:
-        if type(self).head is not LSTMPolicy.head:   # a subclass makes its own logits
-            return None
-        return self.lm_head.weight, self.lm_head.bias
-
 
 def _contiguous(mask: Tensor) -> bool:
     """True when each row's real tokens form one contiguous run."""

@@ -77,28 +77,15 @@ class TransformerPolicy(TorchPolicy):
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache | None = None,
               use_cache: bool = False) -> tuple[Tensor, KVCache | None]:
-        x = self.input_embeds(input_ids, attention_mask)                           # (B, Lq, H)
-        allowed = _allowed(attention_mask, input_ids.shape[1])              # (B, 1, Lq, Lk)
+        past = attention_mask.shape[1] - input_ids.shape[1]
+        pos = positions_from_mask(attention_mask)[:, past:]                 # (B, Lq)
+        x = self.tok_emb(input_ids) + self.pos_emb(pos)                     # (B, Lq, H)
+        allowed = allowed_keys(attention_mask, input_ids.shape[1])          # (B, 1, Lq, Lk)
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, allowed, cache[i] if cache is not None else None)
             new_cache.append(kv)
         return self.ln_f(x), (new_cache if use_cache else None)
-
-    def input_embeds(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Token plus position embeddings of the new tokens (the last Lq of the mask's columns).
-        Shapes: (B, Lq), (B, Lk) -> (B, Lq, H)."""
-        past = attention_mask.shape[1] - input_ids.shape[1]
-        pos = positions_from_mask(attention_mask)[:, past:]                 # (B, Lq)
-        out: Tensor = self.tok_emb(input_ids) + self.pos_emb(pos)
-        return out
-
-    def trunk_on_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        x, allowed = embeds, _allowed(attention_mask, embeds.shape[1])
-        for block in self.blocks:
-            x, _ = block(x, allowed, None)
-        out: Tensor = self.ln_f(x)
-        return out
 
     def layers(self) -> list[nn.Module]:
         return list(self.blocks)
@@ -106,13 +93,8 @@ class TransformerPolicy(TorchPolicy):
     def head(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 
-    def head_params(self) -> tuple[Tensor, Tensor | None] | None:
-        if type(self).head is not TransformerPolicy.head:   # a subclass makes its own logits
-            return None
-        return self.lm_head.weight, None
 
-
-def _allowed(attention_mask: Tensor, new: int) -> Tensor:
+def allowed_keys(attention_mask: Tensor, new: int) -> Tensor:
     """Which keys each of the ``new`` last queries may attend to: query i (absolute position
     past + i) sees real keys j <= past + i, and always itself, so rows of left padding never
     attend to nothing (which would give NaN). Shapes: (B, Lk) -> (B, 1, new, Lk) bool."""

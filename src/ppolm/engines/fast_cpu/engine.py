@@ -20,19 +20,19 @@ from ppolm.engines.base import (
     ResponseForward,
     Sequences,
     StepResult,
-    response_slice,
     trainable_parameters,
     trained_modules,
 )
 from ppolm.engines.fast_cpu.attention import cpu_bf16_supported, float32_attention
 from ppolm.engines.fast_cpu.clipping import clip_factor, grad_norm, step_with_factor
 from ppolm.engines.fast_cpu.forward import OnEmbeds, forward_response, trunk_hidden
-from ppolm.engines.fast_cpu.frozen import BottomRecorder, frozen_split, samples_bottom
+from ppolm.engines.fast_cpu.frozen import BottomRecorder, frozen_split
 from ppolm.engines.fast_cpu.grad_buffers import GradBuffers
 from ppolm.engines.fast_cpu.memory import keep_freed_memory
 from ppolm.engines.fast_cpu.optim import AdamW
+from ppolm.engines.fast_cpu.views import FastView, view_of
 from ppolm.errors import ConfigError
-from ppolm.policies.base import Policy
+from ppolm.policies.base import Policy, response_slice
 from ppolm.policies.value import ValueHead
 from ppolm.rollout.sampling import StepTrunk
 
@@ -41,7 +41,12 @@ class FastCPUEngine(Engine):
     """Persistent gradient buffers, AdamW over the touched rows of token tables, clipping
     inside the fused step, the fused LM head, frozen lower layers run once per rollout, and
     (opt-in) bf16 autocast, ``torch.compile`` of the trunks and malloc keeping freed memory.
-    One process, CPU only; models are used as they are given (no DDP/FSDP/PEFT wrappers)."""
+    One process, CPU only; models are used as they are given (no DDP/FSDP/PEFT wrappers).
+
+    What it needs of a model beyond the Policy contract (a linear head, the trunk from input
+    embeddings, the frozen-layer split) it asks of the model's view (``views.view_of``), kept
+    in ``views`` for the engine's life; a policy kind without a view of its own runs with the
+    generic one."""
 
     name = "fast_cpu"
 
@@ -58,6 +63,7 @@ class FastCPUEngine(Engine):
         self.max_grad_norm: float | None = None
         self.depth, self.ref_shares_bottom = 0, False
         self.on_embeds: OnEmbeds | None = None
+        self.views: dict[Policy, FastView] = {}
         self._recorder: BottomRecorder | None = None
         self._bottom: Tensor | None = None          # (B, L, H) of the last batch seen whole
         self._bottom_of: Tensor | None = None       # that batch's input_ids
@@ -67,11 +73,12 @@ class FastCPUEngine(Engine):
         s = self.settings
         self.critic = value_head.critic if value_head is not None else None
         self.policy, self.reference = policy, reference
+        views = [self.view(m) for m in (policy, reference, self.critic) if m is not None]
         if s.compile:
-            check_compile(policy, reference, self.critic)
+            check_compile(*views)
             self.on_embeds = torch.compile(_on_embeds)
         kept = s.keep_freed_memory and keep_freed_memory()
-        head = policy.head_params()
+        head = self.view(policy).head_params()
         modules = [m for m in (policy, value_head) if m is not None]
         self.buffers = GradBuffers(*modules, heads=[head[0]] if head else [],
                                    linears=not kept and not s.compile)
@@ -82,7 +89,20 @@ class FastCPUEngine(Engine):
                                weight_decay=optim.weight_decay, fused=True,
                                row_tables=self.buffers.row_tables, rows=self.buffers.rows)
         self.depth, self.ref_shares_bottom = frozen_split(
-            policy, reference, self.device, s.reuse_frozen_layers)
+            self.view(policy), self.view(reference), self.device, s.reuse_frozen_layers)
+
+    def view(self, model: Policy) -> FastView:
+        """The engine's view of ``model``: made once per model (it keeps modules a compiled
+        graph is guarded on), from ``views.view_of`` unless one is in ``views`` already."""
+        if model not in self.views:
+            self.views[model] = view_of(model)
+        return self.views[model]
+
+    @property
+    def kept_bottom(self) -> Tensor | None:
+        """The frozen layers' output for the current rollout's whole batch, kept for its other
+        passes (None before one, or without a split). Shapes: (B, L, H)."""
+        return self._bottom
 
     # --- contexts ------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -110,8 +130,9 @@ class FastCPUEngine(Engine):
             self.buffers.release()
 
     def sampling_trunk(self, policy: Policy) -> StepTrunk | None:
-        if self.depth and policy is self.policy and samples_bottom(policy):
-            self._recorder = BottomRecorder(policy, self.depth)
+        view = self.view(policy)
+        if self.depth and policy is self.policy and view.records_bottom:
+            self._recorder = BottomRecorder(view, self.depth)
             return self._recorder
         return None
 
@@ -121,14 +142,14 @@ class FastCPUEngine(Engine):
                          ) -> ResponseForward:
         bottom = self._bottom_for(model, seqs)
         with self.autocast():
-            return forward_response(model, seqs.input_ids, seqs.attention_mask,
+            return forward_response(self.view(model), seqs.input_ids, seqs.attention_mask,
                                     seqs.response_len, temperature, entropy_grad=entropy_grad,
                                     full_dist=full_dist, bottom=bottom, depth=self.depth,
                                     on_embeds=self.on_embeds)
 
     def forward_hidden(self, model: Policy, seqs: Sequences) -> Tensor:
         with self.autocast():
-            hidden = trunk_hidden(model, seqs.input_ids, seqs.attention_mask,
+            hidden = trunk_hidden(self.view(model), seqs.input_ids, seqs.attention_mask,
                                   on_embeds=self.on_embeds)
         return response_slice(hidden, seqs.response_len)
 
@@ -151,8 +172,8 @@ class FastCPUEngine(Engine):
             bottom = self._recorder.bottom(L) if self._recorder is not None else None
             self._recorder = None
             if bottom is None or bottom.shape[0] != seqs.input_ids.shape[0]:
-                bottom = self.policy.trunk_bottom(seqs.input_ids, seqs.attention_mask,
-                                                  self.depth)                 # (B, L, H)
+                bottom = self.view(self.policy).trunk_bottom(
+                    seqs.input_ids, seqs.attention_mask, self.depth)           # (B, L, H)
         if seqs.index is None:
             self._bottom, self._bottom_of = bottom, seqs.input_ids
         return bottom
@@ -188,25 +209,20 @@ class FastCPUEngine(Engine):
         return StepResult(norm, applied=True)
 
 
-def _on_embeds(policy: Policy, embeds: Tensor, attention_mask: Tensor) -> Tensor:
+def _on_embeds(view: FastView, embeds: Tensor, attention_mask: Tensor) -> Tensor:
     """A trunk's whole-sequence pass from its input embeddings (what the engine compiles: one
     function for the policy, the reference and the critic)."""
-    return policy.trunk_on_embeds(embeds, attention_mask)
+    return view.trunk_on_embeds(embeds, attention_mask)
 
 
-def supports_compile(policy: Policy) -> bool:
-    """Whether the policy has the separate embedding step the compiled trunk needs."""
-    return type(policy).trunk_on_embeds is not Policy.trunk_on_embeds
-
-
-def check_compile(*policies: Policy | None) -> None:
-    """A ConfigError for a policy that cannot compile its trunk, or on a CPU without the C++
-    compiler that torch.compile builds its kernels with."""
+def check_compile(*views: FastView) -> None:
+    """A ConfigError for a model whose view cannot compile its trunk, or on a CPU without the
+    C++ compiler that torch.compile builds its kernels with."""
     if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
         raise ConfigError("compile=True on CPU needs a C++ compiler (torch.compile builds its "
                           "kernels with one): install g++, or leave compile off.")
-    for policy in policies:
-        if policy is not None and not supports_compile(policy):
-            raise ConfigError(f"compile=True: {type(policy).__name__} does not support "
+    for view in views:
+        if not view.compiles:
+            raise ConfigError(f"compile=True: {type(view.policy).__name__} does not support "
                               "torch.compile of its trunk (transformers policies and "
                               "TransformerPolicy do); leave compile off.")

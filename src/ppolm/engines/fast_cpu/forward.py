@@ -9,36 +9,38 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ppolm.engines.base import ResponseForward, response_slice
+from ppolm.engines.base import ResponseForward
 from ppolm.engines.fast_cpu.fused import head_logprobs
+from ppolm.engines.fast_cpu.views import FastView
 from ppolm.maths.losses import token_entropy, token_logprobs
-from ppolm.policies.base import Policy
+from ppolm.policies.base import response_slice
 
-# A whole-sequence trunk pass from input embeddings: (policy, embeds (B, L, H), mask (B, L))
+# A whole-sequence trunk pass from input embeddings: (view, embeds (B, L, H), mask (B, L))
 # -> hidden (B, L, H); ``torch.compile`` of it, or None for the eager trunk.
-OnEmbeds = Callable[[Policy, Tensor, Tensor], Tensor]
+OnEmbeds = Callable[[FastView, Tensor, Tensor], Tensor]
 
 
-def trunk_hidden(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
+def trunk_hidden(view: FastView, input_ids: Tensor, attention_mask: Tensor,
                  bottom: Tensor | None = None, depth: int = 0,
                  on_embeds: OnEmbeds | None = None) -> Tensor:
-    """The trunk's hidden states over whole sequences: from ``bottom`` (the output of the lower
-    ``depth`` blocks) when given, through ``on_embeds`` when given (the token lookup stays
-    outside it, where the update makes its gradient sparse). Shapes: (B, L) -> (B, L, H)."""
+    """The hidden states of the trunk of ``view``'s policy over whole sequences: from ``bottom``
+    (the output of the lower ``depth`` blocks) when given, through ``on_embeds`` when given
+    (the token lookup stays outside it, where the update makes its gradient sparse).
+    Shapes: (B, L) -> (B, L, H)."""
     if bottom is not None:
-        run = (lambda e, m: on_embeds(policy, e, m)) if on_embeds is not None else None
-        return policy.trunk_top(bottom, input_ids, attention_mask, depth, on_embeds=run)
+        run = (lambda e, m: on_embeds(view, e, m)) if on_embeds is not None else None
+        return view.trunk_top(bottom, input_ids, attention_mask, depth, on_embeds=run)
     if on_embeds is not None:
-        return on_embeds(policy, policy.input_embeds(input_ids, attention_mask), attention_mask)
-    hidden, _ = policy.trunk(input_ids, attention_mask)
+        return on_embeds(view, view.input_embeds(input_ids, attention_mask), attention_mask)
+    hidden, _ = view.policy.trunk(input_ids, attention_mask)
     return hidden
 
 
-def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
+def forward_response(view: FastView, input_ids: Tensor, attention_mask: Tensor,
                      response_len: int, temperature: float, entropy_grad: bool = False,
                      full_dist: bool = False, bottom: Tensor | None = None, depth: int = 0,
                      on_embeds: OnEmbeds | None = None) -> ResponseForward:
-    """Logprobs of the last ``response_len`` tokens of each row, under ``policy``.
+    """Logprobs of the last ``response_len`` tokens of each row, under ``view``'s policy.
 
     Only the positions predicting response tokens are projected to the vocabulary, with the
     logits divided by ``temperature`` as when sampling. Unless the entropy is part of the loss
@@ -49,15 +51,16 @@ def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
     entropy, (B, T, H) hidden.
     """
     T = response_len
-    hidden = trunk_hidden(policy, input_ids, attention_mask, bottom, depth, on_embeds)
+    hidden = trunk_hidden(view, input_ids, attention_mask, bottom, depth, on_embeds)
     hidden = response_slice(hidden, T)                                 # (B, T, H)
     B, H = hidden.shape[0], hidden.shape[2]
     L = input_ids.shape[1]
     flat = hidden.reshape(B * T, H)                                    # (B*T, H), contiguous
     tokens = input_ids[:, L - T:].reshape(B * T)                       # (B*T,)
-    params = policy.head_params()
+    params = view.head_params()
     if full_dist:
-        dist = torch.log_softmax(policy.head(flat).float() / temperature, dim=-1)   # (B*T, V)
+        logits = view.policy.head(flat).float() / temperature           # (B*T, V)
+        dist = torch.log_softmax(logits, dim=-1)
         logprobs = dist.gather(-1, tokens[:, None]).squeeze(-1)
         return ResponseForward(logprobs=logprobs.view(B, T),
                                entropy=token_entropy(dist).view(B, T), hidden=hidden,
@@ -65,7 +68,7 @@ def forward_response(policy: Policy, input_ids: Tensor, attention_mask: Tensor,
     if params is not None and not entropy_grad:
         logprobs, entropy = head_logprobs(flat, params[0], params[1], tokens, temperature)
     else:
-        logits = policy.head(flat).float() / temperature               # (B*T, V)
+        logits = view.policy.head(flat).float() / temperature           # (B*T, V)
         logprobs = token_logprobs(logits, tokens)
         entropy = token_entropy(torch.log_softmax(logits, dim=-1))
     return ResponseForward(logprobs=logprobs.view(B, T), entropy=entropy.view(B, T),
