@@ -29,6 +29,7 @@ from ppolm.rollout.rewards import (
                           WeightedReward,
 )
 from ppolm.rollout.tokenization import char_tokenizer
+from ppolm.rollout.tools import ToolInteraction
 from ppolm.rollout.types import Advantages, Episodes, Rollout
 from ppolm.training.kl_control import KLController
 from ppolm.training.trainer import Trainer
@@ -40,7 +41,8 @@ __all__ = [
     "DataError", "Engine", "Episodes", "EvalCallback", "EvalResult", "FastCPUEngine", "HFPolicy",
     "HealthMonitor", "Interaction", "KLController", "LSTMPolicy", "PPOConfig", "PPOHealthWarning",
     "PPOLMError", "PlainEngine", "Policy", "Reply", "RewardError", "RewardFunction", "Rollout",
-    "SentimentReward", "SequenceClassifierReward", "TextGenerationEnv", "Trainer",
+    "SentimentReward", "SequenceClassifierReward", "TextGenerationEnv", "ToolInteraction",
+    "Trainer",
     "TrainingError", "TransformerPolicy", "ValueHead", "WeightPath", "WeightedReward",
     "char_tokenizer", "chat_prompts", "compute_gae", "distinct_n", "entropy", "evaluate",
     "fit_kl_budget", "freeze_lower_layers", "kl_penalty", "load_gguf", "load_smollm2",

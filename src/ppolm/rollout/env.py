@@ -118,7 +118,8 @@ class TextGenerationEnv:
             raise ConfigError("prefix_shaping scores prefixes of one response; it does not "
                               "apply to multi-turn episodes (use Reply(text, reward=...) for "
                               "rewards during the episode).")
-        found = prompt_set(prompts, tokenizer, add_special_tokens, chat_template)
+        found = prompt_set(prompts, tokenizer, add_special_tokens, chat_template,
+                           self.turns.interaction.tool_schemas() if self.turns else None)
         self.prompts, self.tokenizer, self.reward_fn = found.texts, tokenizer, reward_fn
         self.prompt_ids, self.columns = found.ids, found.columns        # columns: (N,) lists
         self.prompt_messages = found.messages                            # (N,) lists or None

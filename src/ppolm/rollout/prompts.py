@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ppolm.errors import DataError
+from ppolm.rollout.tools import tools_system_prompt
 
 PROMPT_COLUMN = "prompt"
 ROLES = ("system", "user", "assistant", "tool")
@@ -95,10 +96,12 @@ def load_prompts(source: Any) -> tuple[list[Any], dict[str, list[Any]]]:
 
 
 def prompt_set(source: Any, tokenizer: Any, add_special_tokens: bool = True,
-               chat_template: bool = False) -> PromptSet:
+               chat_template: bool = False, tools: list[dict[str, Any]] | None = None
+               ) -> PromptSet:
     """Load ``source`` (see ``load_prompts``) and tokenize it. A string prompt is tokenized
     as it is (with ``add_special_tokens``), or with ``chat_template`` wrapped as a user message;
-    a message list always goes through the chat template."""
+    a message list always goes through the chat template (with ``tools``: their JSON schemas,
+    see ``render_chat``)."""
     prompts, columns = load_prompts(source)
     if not prompts:
         raise DataError("prompts must be a non-empty list of strings or message lists (or a "
@@ -113,7 +116,7 @@ def prompt_set(source: Any, tokenizer: Any, add_special_tokens: bool = True,
             ids.append(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"])
             continue
         messages = given[-1] or check_messages([{"role": "user", "content": p}], i)
-        text = render_chat(tokenizer, messages)
+        text = render_chat(tokenizer, messages, tools)
         texts.append(text)
         ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     for i, row in enumerate(ids):
@@ -140,14 +143,27 @@ def check_messages(messages: Any, index: int) -> list[dict[str, str]]:
     return out
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def render_chat(tokenizer: Any, messages: list[dict[str, str]],
+                tools: list[dict[str, Any]] | None = None) -> str:
     """The text of ``messages`` in the tokenizer's chat template, ending with the assistant's
-    turn (``add_generation_prompt=True``)."""
+    turn (``add_generation_prompt=True``). ``tools`` (JSON schemas) go to the template; one
+    that does not render them (SmolLM2's) gets them in the system message instead
+    (``ppolm.rollout.tools.tools_system_prompt``)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("chat message prompts need a tokenizer with a chat template; this one "
                         "has none (give string prompts instead).")
     text: str = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                               tokenize=False)
+    if tools:
+        with_tools: str = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                        add_generation_prompt=True)
+        if with_tools != text:
+            return with_tools
+        head, rest = ((messages[0]["content"] + "\n\n", messages[1:])
+                      if messages[0]["role"] == "system" else ("", messages))
+        system = {"role": "system", "content": head + tools_system_prompt(tools)}
+        text = tokenizer.apply_chat_template([system, *rest], add_generation_prompt=True,
+                                             tokenize=False)
     return text
 
 

@@ -4,10 +4,13 @@ reward."""
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ppolm.rollout.interaction import Interaction
 from ppolm.rollout.rewards import RewardFunction, SentimentReward
 
 ALPHABET = "abcdefghij"
@@ -54,6 +57,8 @@ class ToyTask:
     reward: RewardFunction
     max_new_tokens: int
     optimum: float
+    interaction: Interaction | None = None      # multi-turn tasks: the environment's side
+    max_turns: int = 1
 
 
 def continue_prompts(alphabet: str = ALPHABET, length: int = 3) -> list[str]:
@@ -62,17 +67,48 @@ def continue_prompts(alphabet: str = ALPHABET, length: int = 3) -> list[str]:
     return ["".join(alphabet[(s + i) % n] for i in range(length)) for s in range(n)]
 
 
+class SecretLookup(Interaction):
+    """Each episode has a secret digit, told only to a model that asks for it: a first turn
+    holding '?' gets the reply '=<secret>'; any other turn ends the episode. The information
+    comes only from the environment: a policy succeeds only by asking and then using the
+    answer."""
+
+    def reset(self, prompt: str, rng: random.Random) -> dict[str, Any]:
+        return {"secret": str(rng.randrange(10))}
+
+    def reply(self, prompt: str, turns: list[str], state: dict[str, Any]) -> str | None:
+        return "=" + state["secret"] if len(turns) == 1 and "?" in turns[0] else None
+
+
+class SecretReward(RewardFunction):
+    """1.0 when the model asked for the secret and its answer (the turn after the reply)
+    starts with it, else 0.0: a guess without asking earns nothing."""
+
+    def __call__(self, prompts: list[str], responses: list[str],
+                 turns: list[list[str]] | None = None,
+                 states: list[dict[str, Any]] | None = None, **columns: Any) -> list[float]:
+        if turns is None or states is None:
+            raise ValueError("SecretReward scores multi-turn episodes (interaction="
+                             "SecretLookup()): it needs their turns and states.")
+        return [float(len(t) == 2 and t[1][:1] == s["secret"])
+                for t, s in zip(turns, states, strict=True)]
+
+
 def make_task(name: str) -> ToyTask:
-    """A built-in toy task by name: 'continue' or 'target_char'."""
+    """A built-in toy task by name: 'continue', 'target_char' or 'lookup' (two turns: ask
+    for a secret digit, then answer it; see ``SecretLookup``)."""
     if name == "continue":
         return ToyTask("continue", ALPHABET, continue_prompts(), ContinueSequenceReward(length=6),
                        max_new_tokens=6, optimum=1.0)
     if name == "target_char":
         return ToyTask("target_char", ALPHABET, continue_prompts(), TargetCharReward("a", 8),
                        max_new_tokens=8, optimum=1.0)
+    if name == "lookup":
+        return ToyTask("lookup", "ab0123456789?=", ["a", "b", "ab", "ba"], SecretReward(),
+                       max_new_tokens=2, optimum=1.0, interaction=SecretLookup(), max_turns=2)
     from ppolm.errors import ConfigError
 
-    raise ConfigError(f"Unknown toy task {name!r}; use 'continue' or 'target_char'.")
+    raise ConfigError(f"Unknown toy task {name!r}; use 'continue', 'target_char' or 'lookup'.")
 
 
 DATA_DIR = Path(__file__).parent.parent / "data"
@@ -122,8 +158,6 @@ def arithmetic_prompts(split: str = "train", n: int = 256, low: int = 1, high: i
     """Additions of two integers in [low, high], "What is A + B? Reply with the number only."
     'train' and 'eval' are drawn from disjoint halves of a fixed shuffle of all pairs: the same
     lists on every call, no held-out question seen in training."""
-    import random
-
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
