@@ -9,7 +9,9 @@ written by one process holds its models in the same files (``ModelFiles``).
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ def save_model(policy: Policy, tokenizer: Any, path: str | Path,
       weights (loads with ``AutoModelForCausalLM``; the policy itself keeps its adapters);
       with ``merge=False`` the adapters alone (``adapter_config.json`` and
       ``adapter_model.safetensors``: load with ``peft.AutoPeftModelForCausalLM`` or
-      ``PeftModel.from_pretrained(base, path)``).
+      ``PeftModel.from_pretrained(base, path)``), whose ``base_model_name_or_path`` names the
+      base as another machine finds it (``portable_name``).
     * Any other ``HFPolicy``: the whole model.
     * Always: the tokenizer and the model's ``generation_config``; the value head's linear
       map as ``value_head.safetensors`` and a separate critic's trunk under ``critic/``.
@@ -56,9 +59,38 @@ def save_model(policy: Policy, tokenizer: Any, path: str | Path,
         save_tokenizer(tokenizer, folder)
         if value_head is not None:
             save_value_head(value_head, folder)
+        portable_adapters(folder)
     except OSError as e:
         raise CheckpointError(f"Cannot write the model to {str(folder)!r}: {e}") from None
     return folder
+
+
+#: A snapshot in the local Hugging Face cache: .../models--{org}--{name}/snapshots/{revision}.
+HUB_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
+
+
+def portable_name(name: str) -> str:
+    """The base model's name as another machine finds it: the Hub id of a snapshot in the
+    local Hugging Face cache (what ``HFPolicy("org/name")`` loads), else ``name`` as it is (a
+    path the user gave, or a name ``load_smollm2`` set)."""
+    found = HUB_SNAPSHOT.search(name)
+    return f"{found[1]}/{found[2]}" if found else name
+
+
+def portable_adapters(folder: Path) -> None:
+    """Rewrite the ``base_model_name_or_path`` of every adapter folder under ``folder`` (the
+    policy's, a critic adapter's) with ``portable_name``, and the same path in peft's model
+    card beside it, so that the adapters do not point at a cache folder of this machine."""
+    for config in folder.rglob("adapter_config.json"):
+        values = json.loads(config.read_text())
+        old = values.get("base_model_name_or_path")
+        if not isinstance(old, str) or portable_name(old) == old:
+            continue
+        values["base_model_name_or_path"] = portable_name(old)
+        config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+        card = config.parent / "README.md"
+        if card.is_file():
+            card.write_text(card.read_text().replace(old, portable_name(old)))
 
 
 def save_tokenizer(tokenizer: Any, folder: Path) -> None:

