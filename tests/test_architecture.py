@@ -7,9 +7,11 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "ppolm"
-# From the bottom up; a module may import from its own layer and those before it.
+# From the bottom up; a module may import from its own layer and those before it. Evaluation
+# (evaluate, EvalCallback, the KL budget, the report) needs no trainer, and the Trainer makes an
+# EvalCallback from its eval_dataset, so evaluation sits below training.
 LAYERS = ["errors", "maths", "config", "policies", "rollout", "parallel", "engines",
-          "checkpoint", "observe", "training", "evaluation", "run", "cli", "__main__", "__init__"]
+          "checkpoint", "observe", "evaluation", "training", "run", "cli", "__main__", "__init__"]
 
 
 def modules() -> dict[str, Path]:

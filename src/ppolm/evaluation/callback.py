@@ -41,7 +41,8 @@ class EvalCallback(Callback):
     """Evaluate the policy on held-out prompts every ``every`` iterations and after the last.
 
     Args:
-        prompts: the held-out prompts, or a prompts file (.txt, .jsonl, .json).
+        prompts: the held-out prompts (a list, a ``datasets.Dataset`` whose other columns
+            reach the reward, as in training), or a prompts file (.txt, .jsonl, .json).
         every: evaluate after every this many iterations (and after the last one).
         keep_best: a metric name (e.g. ``"eval/score_mean"``, or any training metric): the
             iteration where it is best so far is saved as a checkpoint in output_dir/best
@@ -61,14 +62,17 @@ class EvalCallback(Callback):
     output_dir/eval/iter-NNNNNNN.json (figures and samples).
     """
 
-    def __init__(self, prompts: list[str] | str | Path, every: int = 10, *,
+    def __init__(self, prompts: Any, every: int = 10, *,
                  keep_best: str | None = None, mode: Literal["max", "min"] = "max",
                  seed: int = 0, batch_size: int = 32, samples_per_prompt: int = 1,
                  reward_fn: Any = None, add_special_tokens: bool = True) -> None:
+        if callable(getattr(prompts, "to_list", None)):      # a datasets.Dataset
+            prompts = prompts.to_list()         # its rows: the columns reach the reward
         self.prompts = read_prompts(prompts) if isinstance(prompts, (str, Path)) else prompts
         if not isinstance(self.prompts, list) or not self.prompts:
-            raise ConfigError("EvalCallback prompts must be a non-empty list of strings or a "
-                              "prompts file.")
+            raise ConfigError("EvalCallback prompts must be a non-empty list (of strings, "
+                              "message lists or rows with a 'prompt' key), a datasets.Dataset "
+                              "or a prompts file.")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ConfigError(f"EvalCallback every={every!r} must be an integer >= 1.")
         if mode not in ("max", "min"):

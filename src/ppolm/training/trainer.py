@@ -18,6 +18,7 @@ from ppolm.config.ppo import PPOConfig
 from ppolm.engines.base import Engine, OptimizerSettings, Sequences
 from ppolm.engines.factory import make_engine, resolve_device
 from ppolm.errors import ConfigError, TrainingError
+from ppolm.evaluation.callback import EvalCallback
 from ppolm.maths.advantages import explained_variance
 from ppolm.maths.estimators import zero_signal_share
 from ppolm.maths.losses import sequence_kl
@@ -52,18 +53,24 @@ class Trainer:
         engine: how the numbers are computed; default the one ``config.engine`` names.
         callbacks: ``ppolm.Callback`` instances called at fixed points of the loop, in order,
             before the ones the config asks for (health checks, trackers, metrics.jsonl).
+        eval_dataset: held-out prompts (a list, a ``datasets.Dataset``, a prompts file), as
+            TRL's: an ``EvalCallback(eval_dataset)`` is made for you, first of the callbacks
+            (``eval/*`` metrics every 10 iterations and after the last). For its other
+            settings, pass an ``EvalCallback`` in ``callbacks`` instead.
     """
 
     def __init__(self, policy: Policy, env: TextGenerationEnv, config: PPOConfig,
                  value_head: ValueHead | None = None, reference: Policy | None = None,
-                 engine: Engine | None = None, callbacks: list[Callback] | None = None
-                 ) -> None:
+                 engine: Engine | None = None, callbacks: list[Callback] | None = None,
+                 eval_dataset: Any = None) -> None:
         self.config, self.env = config, env
         self.device = resolve_device(config.device)
         init_process_group(self.device, config.dist_timeout)     # under torchrun only
         self.world = World.current()
         self.world.check_config(config)
         given = list(callbacks or [])      # (the defaults record the run on rank 0 only)
+        if eval_dataset is not None:
+            given.insert(0, EvalCallback(eval_dataset))
         self.callbacks = CallbackList(given + default_callbacks(config, given))
         self.engine = engine or make_engine(config, self.device)
         env.check_policy(policy)
@@ -102,6 +109,12 @@ class Trainer:
                                   self.value_head, self.scheduler, self.kl_ctl, self.average,
                                   {"sample": self.sample_gen, "shuffle": self.shuffle_gen},
                                   self.metrics.path)
+
+    @property
+    def model(self) -> Any:
+        """The model trained, as TRL's ``trainer.model``: an ``HFPolicy``'s ``transformers``
+        model (a ``peft.PeftModel`` with LoRA); the policy itself for other policies."""
+        return getattr(self.policy, "model", self.policy)
 
     # --- the loop --------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
