@@ -267,3 +267,16 @@ def test_an_interaction_that_never_replies_changes_nothing(tok, engine):
     for (name, p), q in zip(plain.policy.state_dict().items(),
                             never.policy.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_evaluate_runs_multi_turn_episodes(tok):
+    from ppolm import evaluate
+
+    torch.manual_seed(0)
+    policy = TransformerPolicy(len(tok), hidden_size=32)
+    result = evaluate(policy, tok, PROMPTS, secret_reward, reference=policy, max_new_tokens=3,
+                      interaction=Lookup(), max_turns=2, samples_per_prompt=4)
+    again = evaluate(policy, tok, PROMPTS, secret_reward, max_new_tokens=3,
+                     interaction=Lookup(), max_turns=2, samples_per_prompt=4)
+    assert result.n == 16 and result.kl == pytest.approx(0.0, abs=1e-5)
+    assert [s.response for s in result.samples] == [s.response for s in again.samples]

@@ -90,3 +90,19 @@ def test_critic_free_advantages_use_the_total_reward_on_model_tokens():
     adv = grpo_advantages(totals, mask, group_size=4)
     z = (totals - totals.mean()) / (totals.std() + 1e-6)
     assert torch.allclose(adv, z[:, None] * mask)
+
+
+def test_the_worked_example_of_the_docs():
+    # docs/multi-turn.md, "Credit assignment": turns of 2, 1 and 2 model tokens, replies of 2
+    # and 3 tokens, a turn reward of 0.5 after turn 1, the score 1.0 at the end; gamma 1,
+    # lambda 0.5, no KL.
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0, 0, 0, 1, 1]], dtype=torch.float64)
+    values, rewards = torch.zeros_like(mask), torch.zeros_like(mask)
+    values[0, [0, 1, 4, 8, 9]] = torch.tensor([0.2, 0.4, 0.6, 0.7, 0.9], dtype=torch.float64)
+    rewards[0, 1], rewards[0, 9] = 0.5, 1.0
+    adv, ret = compute_gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    model = mask.bool()
+    assert torch.allclose(adv[model], torch.tensor(
+        [0.60625, 0.8125, 0.225, 0.25, 0.1], dtype=torch.float64))
+    assert torch.allclose(ret[model], torch.tensor(
+        [0.80625, 1.2125, 0.825, 0.95, 1.0], dtype=torch.float64))

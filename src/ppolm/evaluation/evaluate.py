@@ -37,6 +37,7 @@ from ppolm.errors import DataError
 from ppolm.maths.losses import sequence_kl
 from ppolm.policies.base import Policy
 from ppolm.rollout.env import TextGenerationEnv
+from ppolm.rollout.interaction import Interaction
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 32, add_special_tokens: bool = True,
              positive_threshold: float = 0.05, samples_per_prompt: int = 1,
-             out: str | Path | None = None, engine: Engine | None = None) -> EvalResult:
+             out: str | Path | None = None, engine: Engine | None = None,
+             interaction: Interaction | None = None, max_turns: int = 4,
+             max_episode_tokens: int | None = None) -> EvalResult:
     """Sample ``samples_per_prompt`` responses per prompt (all prompts in order, then again;
     one generator seeded by ``seed``), score them, and measure the figures of the module
     docstring; write them to ``out`` (JSON) if given.
@@ -115,7 +118,9 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
     reference's from a forward pass over the finished responses); the policy itself as its own
     reference gives a KL of 0 up to float rounding. ``engine``: the forward passes through
     it (a Trainer's ``trainer.engine``, set up with this policy and reference); default a
-    ``PlainEngine`` on the policy's device.
+    ``PlainEngine`` on the policy's device. ``interaction``, ``max_turns``,
+    ``max_episode_tokens``: multi-turn episodes, as ``TextGenerationEnv`` takes them (their
+    generators seeded from ``seed``); the response length counts the model's tokens.
     """
     if batch_size <= 0:
         raise DataError(f"batch_size={batch_size} must be > 0.")
@@ -128,7 +133,9 @@ def evaluate(policy: Policy, tokenizer: Any, prompts: list[str], reward_fn: Any,
                                                                       n_prompts)))
                for k in range(samples_per_prompt) for start in range(0, n_prompts, batch_size)]
     env = TextGenerationEnv(prompts, tokenizer, reward_fn, max_new_tokens=max_new_tokens,
-                            top_k=top_k, top_p=top_p, add_special_tokens=add_special_tokens)
+                            top_k=top_k, top_p=top_p, add_special_tokens=add_special_tokens,
+                            seed=seed, interaction=interaction, max_turns=max_turns,
+                            max_episode_tokens=max_episode_tokens)
     env.check_policy(policy)
     device = next(policy.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)

@@ -38,11 +38,9 @@ class Reply:
 
 
 class Interaction:
-    """Subclass and implement ``reply``; ``reset`` is optional.
-
-    Class attributes a subclass may set:
-        reply_role: the chat role of its replies ("user"; a ToolInteraction's are "tool").
-    """
+    """Subclass and implement ``reply``; ``reset`` is optional. A subclass may set
+    ``reply_role``, the chat role its replies are rendered with ("user"; a ToolInteraction's
+    are "tool")."""
 
     reply_role: str = "user"
 
