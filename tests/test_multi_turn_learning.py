@@ -1,7 +1,7 @@
 """A task whose information comes only from the environment, learned end to end: on 'lookup'
 (``ppolm.rollout.tasks.SecretLookup``) each episode has a secret digit that the model is told
 only if its first turn asks ('?'); the reward is 1 when its second turn starts with the secret.
-A random policy succeeds about 1 time in 100 (it must ask, then hit the digit), so reaching 0.9
+A random policy succeeds about 6 times in 1000 (it must ask, then hit the digit), so 0.9
 means it learned to ask and to use the answer: credit across two turns, the reply between them
 as context. The transformer and the LSTM policies, with GAE (a critic) and with GRPO."""
 
