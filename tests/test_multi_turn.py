@@ -280,3 +280,26 @@ def test_evaluate_runs_multi_turn_episodes(tok):
                      interaction=Lookup(), max_turns=2, samples_per_prompt=4)
     assert result.n == 16 and result.kl == pytest.approx(0.0, abs=1e-5)
     assert [s.response for s in result.samples] == [s.response for s in again.samples]
+
+
+def test_a_run_with_an_interaction_that_draws_resumes_exactly(tok):
+    import copy
+
+    def trainer(seed=0):
+        torch.manual_seed(0)
+        env = TextGenerationEnv(PROMPTS, tok, secret_reward, max_new_tokens=3,
+                                interaction=Lookup(), max_turns=2)
+        return Trainer(TransformerPolicy(len(tok), hidden_size=32), env,
+                       PPOConfig(iterations=1, batch_size=8, minibatch_size=4, seed=seed,
+                                 progress=False, device="cpu"))
+
+    a = trainer()
+    a.train()
+    b = trainer(seed=3)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    a.config.iterations = b.config.iterations = 3
+    ha, hb = a.train(), b.train()
+    assert [r["score_mean"] for r in ha[-2:]] == [r["score_mean"] for r in hb]
+    assert a.env.state_dict()["episodes"] == b.env.state_dict()["episodes"] == 24
+    for p, q in zip(a.policy.parameters(), b.policy.parameters(), strict=True):
+        assert torch.equal(p, q)
