@@ -78,7 +78,10 @@ class Policy(nn.Module, ABC):
         (B, T, V)."""
         hidden, _ = self.trunk(input_ids, attention_mask)             # (B, L, H)
         if response_len is not None:
-            hidden = response_slice(hidden, response_len)              # (B, T, H)
+            # A copy, not a view of the trunk's states: FSDP2 hooks the outputs of the module
+            # it wraps, and an in-place op on a view would bypass that hook (torch warns on
+            # every such pass). (B, T, H) is small beside the (B, T, V) logits made from it.
+            hidden = response_slice(hidden, response_len).clone()      # (B, T, H)
         return PolicyOutput(hidden, self.head(hidden) if logits else None)
 
     def layers(self) -> list[nn.Module]:

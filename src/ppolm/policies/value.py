@@ -68,5 +68,9 @@ class ValueHead(nn.Module):
         # float32 under autocast too: GAE and the value loss read these values.
         with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") and \
                 torch.is_autocast_enabled(device) else contextlib.nullcontext():
-            out: Tensor = self.linear(hidden.float()).squeeze(-1)
-        return out
+            # The linear map over (B*T, H) rows: its output is then a tensor of its own, not
+            # a view (a linear over (B, T, H) returns a view of its flat result), which FSDP2,
+            # when it wraps the linear, needs to hook it safely (it warns otherwise).
+            B, T, H = hidden.shape
+            out: Tensor = self.linear(hidden.float().reshape(B * T, H))      # (B*T, 1)
+        return out.view(B, T)
