@@ -212,6 +212,23 @@ def test_one_rank_under_torchrun_writes_sharded_checkpoints_and_resumes_exactly(
     assert [r["iteration"] for r in rows] == [1, 2, 3]
 
 
+def test_each_rank_seeds_its_episodes_from_their_place_in_the_whole_batch(tmp_path):
+    """Two iterations of the multi-turn lookup task on 2 ranks x 4 episodes: the interaction's
+    generators draw what one process drawing the batches of 8 draws, rank 0 the first half of
+    each batch and rank 1 the second (each rank counting only its own episodes would have had
+    both ranks draw the same)."""
+    two = launch("lookup", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-6000:]
+    one = launch("lookup", tmp_path / "one", nproc=None)
+    assert one.returncode == 0, one.stderr[-6000:]
+    whole = json.loads((tmp_path / "one" / "draws-0.json").read_text())
+    rank0, rank1 = (json.loads((tmp_path / "two" / f"draws-{r}.json").read_text())
+                    for r in (0, 1))
+    assert len(whole) == 16 and len(rank0) == len(rank1) == 8
+    assert not set(rank0) & set(rank1)
+    assert rank0[:4] + rank1[:4] + rank0[4:] + rank1[4:] == whole
+
+
 def torchrun_cli(out: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run([*TORCHRUN, str(nproc), "-m", "ppolm", "train",
                            f"ppo.output_dir={out}", "ppo.progress=false", *overrides],

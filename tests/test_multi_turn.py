@@ -199,6 +199,31 @@ def test_each_episode_has_its_own_generator_and_resume_continues_it(tok):
     assert len(set(first + second)) > 3              # not one draw repeated
 
 
+def test_a_share_of_the_batch_draws_what_the_whole_batch_draws_there(tok):
+    """Under torchrun each rank samples its share of the batch: its episodes' generators are
+    those of their places in the whole batch, and its count moves on by the whole batch."""
+    torch.manual_seed(0)
+    policy = TransformerPolicy(len(tok), hidden_size=32)
+
+    def env():
+        return TextGenerationEnv(PROMPTS, tok, secret_reward, max_new_tokens=3,
+                                 interaction=Lookup(), seed=3)
+
+    def secrets(e, indices, share):
+        return [s["secret"] for s in e.sample(
+            policy, len(indices), 1.0, torch.device("cpu"), torch.Generator().manual_seed(0),
+            indices=indices, share=share).turn_info.states]
+
+    whole, ranks = env(), [env(), env()]
+    expected = [secrets(whole, [0, 1, 2, 3, 0, 1, 2, 3], None) for _ in range(2)]
+    for it in range(2):
+        got = [secrets(r, [0, 1, 2, 3], (4 * k, 8)) for k, r in enumerate(ranks)]
+        assert got[0] + got[1] == expected[it]
+    assert ranks[1].state_dict()["episodes"] == whole.state_dict()["episodes"] == 16
+    with pytest.raises(DataError, match="share"):
+        env().sample(policy, 4, 1.0, torch.device("cpu"), indices=[0, 1, 2, 3], share=(6, 8))
+
+
 class Raises(Interaction):
     def reply(self, prompt, turns, state):
         raise KeyError("boom")

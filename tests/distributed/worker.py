@@ -10,6 +10,8 @@ comparison, under plain ``python``). ``python worker.py MODE OUT``:
   final weights to OUT/final.pt.
 * ``engine_state``: the distributed engine's state_dict loaded into a fresh engine gives the
   same next update (OUT/engine_state.pt).
+* ``lookup``: two iterations of the multi-turn 'lookup' task; each rank writes the draws of
+  its episodes' generators, in order, to OUT/draws-RANK.json.
 """
 
 from __future__ import annotations
@@ -219,7 +221,34 @@ def engine_state(out: Path) -> None:
         torch.save(found, out / "engine_state.pt")
 
 
+def lookup(out: Path) -> None:
+    import json
+    import random
+    from typing import Any
+
+    from ppolm.rollout.tasks import SecretLookup, make_task
+
+    draws: list[float] = []
+
+    class Recorded(SecretLookup):
+        """The lookup task, keeping one more draw of each episode's generator."""
+
+        def reset(self, prompt: str, rng: random.Random) -> dict[str, Any]:
+            state = super().reset(prompt, rng)
+            draws.append(rng.random())
+            return state
+
+    task = make_task("lookup")
+    tok = char_tokenizer(task.alphabet)
+    env = TextGenerationEnv(task.prompts, tok, task.reward, max_new_tokens=task.max_new_tokens,
+                            interaction=Recorded(), max_turns=task.max_turns, seed=3)
+    Trainer(tiny_llama(len(tok)), env, PPOConfig(
+        iterations=2, batch_size=8, minibatch_size=8, ppo_epochs=1, progress=False,
+        engine="plain")).train()
+    (out / f"draws-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(draws))
+
+
 if __name__ == "__main__":
     mode, folder = sys.argv[1], Path(sys.argv[2])
     {"update": update, "bad_reward": bad_reward, "train": train,
-     "engine_state": engine_state}[mode](folder)
+     "engine_state": engine_state, "lookup": lookup}[mode](folder)

@@ -198,7 +198,7 @@ class TextGenerationEnv:
     def sample(self, policy: Policy, n: int, temperature: float, device: torch.device,
                generator: torch.Generator | None = None, indices: list[int] | None = None,
                record: bool = False, trunk: StepTrunk | None = None,
-               samples_per_prompt: int = 1) -> Episodes:
+               samples_per_prompt: int = 1, share: tuple[int, int] | None = None) -> Episodes:
         """Sample ``n`` responses and score them: one for each of the next ``n`` prompts, or,
         with ``samples_per_prompt`` = k, k for each of the next ``n / k`` prompts, a prompt's
         k episodes side by side (a group).
@@ -206,7 +206,10 @@ class TextGenerationEnv:
         With ``indices``, use those prompts instead (``n`` and ``samples_per_prompt`` are then
         ignored and the prompt order is left untouched), as an evaluation over a fixed set does.
         ``record``: also return the sampler's logprobs and states; ``trunk``: the decoding
-        steps' trunk (see ``ppolm.rollout.sampling.generate``)."""
+        steps' trunk (see ``ppolm.rollout.sampling.generate``). ``share``: under torchrun, (the
+        first of these episodes in the batch, the batch's episodes), so that each multi-turn
+        episode's generator is seeded from its place in the whole run (see
+        ``MultiTurn.start``)."""
         k = samples_per_prompt
         if k < 1 or n % k:
             raise DataError(f"n={n} episodes is not a whole number of groups of "
@@ -222,7 +225,7 @@ class TextGenerationEnv:
         stops = self.stop_ids(policy)
         if self.turns is not None:
             return self.sample_turns(policy, idx, query, query_mask, stops, temperature,
-                                     generator, record)
+                                     generator, record, share)
         out = generate(
             policy, query, query_mask, self.max_new_tokens,
             None if self.ignore_eos else stops,
@@ -258,12 +261,13 @@ class TextGenerationEnv:
 
     def sample_turns(self, policy: Policy, idx: list[int], query: Tensor, query_mask: Tensor,
                      stops: list[int], temperature: float,
-                     generator: torch.Generator | None, record: bool) -> Episodes:
+                     generator: torch.Generator | None, record: bool,
+                     share: tuple[int, int] | None = None) -> Episodes:
         """``sample`` with an interaction: the episodes turn by turn (``run_turns``), scored
         on their whole transcript, each ``Reply`` reward on its turn's last model token."""
         assert self.turns is not None
         prompts, prompt_ids = [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx]
-        states = self.turns.start(prompts)
+        states = self.turns.start(prompts, share)
         settings = SamplingSettings(self.max_new_tokens, stops, self.tokenizer.pad_token_id,
                                     temperature, self.top_k, self.top_p, self.ignore_eos)
         tr = run_turns(policy, self.turns.interaction, prompts, prompt_ids, query, query_mask,

@@ -300,10 +300,16 @@ class MultiTurn:
             return [self.max_episode_tokens] * len(prompt_ids)
         return [min(self.max_episode_tokens, policy.max_length - len(p)) for p in prompt_ids]
 
-    def start(self, prompts: list[str]) -> list[dict[str, Any]]:
-        """The states of the next ``len(prompts)`` episodes of the run, each ``reset`` with its
-        own generator."""
-        first, self.episodes = self.episodes, self.episodes + len(prompts)
+    def start(self, prompts: list[str], share: tuple[int, int] | None = None
+              ) -> list[dict[str, Any]]:
+        """The states of the batch's episodes ``prompts``, each ``reset`` with its own
+        generator. ``share``: (the first of them in the batch, the batch's episodes) when they
+        are one rank's share of it, so that the ranks draw what one process drawing the whole
+        batch would; None: they are the whole batch."""
+        offset, total = share if share is not None else (0, len(prompts))
+        if not 0 <= offset <= total - len(prompts):
+            raise DataError(f"share={share} does not hold {len(prompts)} episodes.")
+        first, self.episodes = self.episodes + offset, self.episodes + total
         return [call_reset(self.interaction, p, episode_rng(self.seed, first + b))
                 for b, p in enumerate(prompts)]
 

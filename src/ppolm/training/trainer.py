@@ -197,14 +197,16 @@ class Trainer:
         """This rank's episodes: the batch, or under torchrun its share of the batch's prompt
         groups (every rank walks the same prompt order and takes its own part of it)."""
         cfg, k = self.config, self.config.samples_per_prompt
-        indices = None
+        indices, share = None, None
         if self.world.distributed:
             groups = self.world.share(self.env.next_indices(cfg.batch_size // k))
             indices = [i for i in groups for _ in range(k)]
+            # this rank's episodes' place in the batch (an interaction's generators)
+            share = (self.world.rank * len(indices), cfg.batch_size)
         return self.env.sample(self.policy, cfg.batch_size, cfg.temperature, self.device,
                                self.sample_gen, indices=indices, record=record,
                                trunk=self.engine.sampling_trunk(self.policy),
-                               samples_per_prompt=k)
+                               samples_per_prompt=k, share=share)
 
     def values(self, seqs: Sequences, policy_hidden: Tensor) -> Tensor:
         """V(s) at the positions predicting the response tokens: the value head on the
