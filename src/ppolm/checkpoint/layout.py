@@ -81,7 +81,7 @@ def load(folder: Path, template: dict[str, Any], *, sharded_state: bool, world: 
     file = rng_file(folder, world.rank)
     try:
         state["rng"] = torch.load(file, weights_only=True)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # missing, corrupt, or naming a global weights_only refuses
         raise CheckpointError(f"Cannot read {str(file)!r}: {e}") from None
     return state
 
