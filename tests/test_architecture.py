@@ -96,3 +96,16 @@ def test_no_module_shares_a_name_with_a_package():
     clash = [name for name, p in modules().items()
              if p.name != "__init__.py" and p.stem in packages and p.parent != SRC]
     assert not clash, clash
+
+
+def test_the_loop_in_the_architecture_page_is_the_source():
+    """docs/architecture.md's loop snippet: each code line is a line of trainer.py, so the page
+    cannot drift from the loop it describes."""
+    doc = (SRC.parent.parent / "docs" / "architecture.md").read_text()
+    block = doc.split("## The loop", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    source = {line.strip() for line in (SRC / "training" / "trainer.py").read_text().splitlines()}
+    code = [line.strip() for line in block.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+    assert len(code) >= 10
+    missing = [line for line in code if line not in source]
+    assert not missing, f"lines of the architecture page's loop not in trainer.py: {missing}"
