@@ -211,6 +211,22 @@ def test_one_rank_under_torchrun_writes_sharded_checkpoints_and_resumes_exactly(
     rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").open()]
     assert [r["iteration"] for r in rows] == [1, 2, 3]
 
+    # export_run: the newest checkpoint's shards, in one process, as a model folder
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ppolm.checkpoint.run_export import export_run
+
+    out = export_run(tmp_path / "split", tmp_path / "exported")
+    assert {"config.json", "generation_config.json", "tokenizer.json"} <= {
+        f.name for f in out.iterdir()}
+    for folder, prefix in ((out, "policy.model."), (out / "critic", "value_head.critic.model.")):
+        loaded = AutoModelForCausalLM.from_pretrained(folder)
+        for k, v in loaded.state_dict().items():
+            assert torch.equal(v, b[f"{prefix}{k}"]), k
+    head = load_file(out / "value_head.safetensors")
+    assert torch.equal(head["linear.weight"], b["value_head.linear.weight"])
+
 
 def test_each_rank_seeds_its_episodes_from_their_place_in_the_whole_batch(tmp_path):
     """Two iterations of the multi-turn lookup task on 2 ranks x 4 episodes: the interaction's

@@ -10,6 +10,7 @@ comparison, under plain ``python``). ``python worker.py MODE OUT``:
   final weights to OUT/final.pt.
 * ``engine_state``: the distributed engine's state_dict loaded into a fresh engine gives the
   same next update (OUT/engine_state.pt).
+* ``lora_export``: a LoRA run under DDP with checkpoints, and the live policy's save_model.
 * ``lookup``: two iterations of the multi-turn 'lookup' task; each rank writes the draws of
   its episodes' generators, in order, to OUT/draws-RANK.json.
 """
@@ -140,6 +141,22 @@ def train(out: Path) -> None:
         torch.save(state, out / "final.pt")
 
 
+def lora_export(out: Path) -> None:
+    """DDP on the ranks, a LoRA policy with a shared value head: a short run with
+    checkpoints in OUT; rank 0 then writes the live policy with save_model into OUT/live
+    (merged) and OUT/live-adapters (the adapters alone)."""
+    tok = char_tokenizer(ALPHABET)
+    env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=4)
+    config = PPOConfig(iterations=2, batch_size=8, minibatch_size=4, learning_rate=1e-2,
+                       progress=False, output_dir=str(out), save_every=1)
+    policy = tiny_llama(len(tok), lora=True)
+    trainer = Trainer(policy, env, config, value_head=ValueHead(policy.hidden_size))
+    trainer.train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        trainer.save_model(out / "live")
+        trainer.save_model(out / "live-adapters", merge=False)
+
+
 def engine_step(engine, batch: int) -> None:
     """One update of ``engine`` on this rank's half of a batch of random tokens."""
     from ppolm.engines import Sequences
@@ -251,4 +268,4 @@ def lookup(out: Path) -> None:
 if __name__ == "__main__":
     mode, folder = sys.argv[1], Path(sys.argv[2])
     {"update": update, "bad_reward": bad_reward, "train": train,
-     "engine_state": engine_state, "lookup": lookup}[mode](folder)
+     "engine_state": engine_state, "lookup": lookup, "lora_export": lora_export}[mode](folder)

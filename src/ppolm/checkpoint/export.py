@@ -171,6 +171,25 @@ class ModelFiles:
         if self.value_head is not None:
             save_value_head(self.value_head, folder)
 
+    def save_description(self, folder: Path) -> None:
+        """What a sharded checkpoint holds beside its DCP shards, so that one process can
+        rebuild the models without the run's code (``ppolm.checkpoint.run_export``): for a
+        transformers policy, ``policy/`` with its ``config.json``, ``generation_config.json``,
+        the tokenizer and each adapter's ``adapter_config.json`` (the weights are the shards').
+        Nothing for other policies."""
+        if not isinstance(self.policy, HFPolicy):
+            return
+        policy = folder / POLICY_FOLDER
+        policy.mkdir(parents=True, exist_ok=True)
+        self.policy.lm.config.save_pretrained(str(policy))
+        if getattr(self.policy.lm, "generation_config", None) is not None:
+            self.policy.lm.generation_config.save_pretrained(str(policy))
+        save_tokenizer(self.tokenizer, policy)
+        if self.policy.is_lora:             # peft's layout: the default adapter's at the top
+            for name, config in self.policy.model.peft_config.items():
+                config.save_pretrained(str(policy if name == "default" else policy / name))
+            portable_adapters(policy)
+
     def load(self, folder: Path) -> None:
         """Load the files of ``folder`` into the models, in place."""
         self.policy.load(folder / POLICY_FOLDER)

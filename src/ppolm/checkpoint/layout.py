@@ -9,7 +9,8 @@ this rank's random generators; the rest the same on every rank).
   (``ModelFiles``: ``policy/`` with the tokenizer, ``value_head.safetensors``, ``critic/``)
   and the optimizer's state in ``trainer_state.pt``. When it is sharded (``Engine.sharded``,
   under torchrun): ``models/``, DCP's files of the models and the optimizer, each rank writing
-  its shards (``ppolm.checkpoint.sharded``);
+  its shards (``ppolm.checkpoint.sharded``), and ``policy/`` the transformers model's
+  configs and tokenizer without weights (``ModelFiles.save_description``);
 * ``trainer_state.pt`` (rank 0): the schedule, KL controller, prompt order, weight average and
   counters, with the checkpoint's format, whether it is sharded and the world size;
 * ``rng-rank-K.pt``: each rank's random generators (each rank samples its own episodes);
@@ -56,7 +57,9 @@ def save(final: Path, state: dict[str, Any], *, sharded_state: bool, world: Worl
     world.barrier()                # every rank's files written
 
     def finish() -> None:
-        if not sharded_state:
+        if sharded_state:            # the models' configs and tokenizer, for run_export
+            models.save_description(tmp)
+        else:
             models.save(tmp)
         folders.save_state(shared, tmp)
         write_config(tmp / "config.yaml")

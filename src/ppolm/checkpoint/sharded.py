@@ -88,7 +88,7 @@ def read_metadata(folder: Path) -> Metadata:
     return metadata
 
 
-class _SafeLoadPlanner(DefaultLoadPlanner):
+class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner, with non-tensor values (which DCP unpickles with
     ``weights_only=False``) first checked by torch's ``weights_only`` unpickler: a value that
     passes holds tensors and plain Python values only, so DCP's own load of it runs no code."""
@@ -110,7 +110,7 @@ def _load(state: dict[str, Any], folder: Path, partial: bool = False) -> None:
     read_metadata(folder)
     try:
         dcp.load(state, checkpoint_id=str(folder / MODELS),
-                 planner=_SafeLoadPlanner(allow_partial_load=partial))
+                 planner=SafeLoadPlanner(allow_partial_load=partial))
     except dcp.CheckpointException as e:      # what DCP makes of any rank's error
         raise CheckpointError(f"Cannot load the shards of {str(folder)!r}: {e}") from None
 
