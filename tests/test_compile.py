@@ -48,7 +48,7 @@ def test_compiled_trunk_gives_the_eager_hidden_states_and_gradients(tok, kind):
     compiled.load_state_dict(eager.state_dict())
     views = {eager: view_of(eager), compiled: view_of(compiled)}
     assert views[compiled].compiles
-    on_embeds = torch.compile(fast_engine._on_embeds)     # what the engine compiles
+    on_embeds = torch.compile(fast_engine.trunk_on_embeds)     # what the engine compiles
     ids = torch.randint(0, len(tok), (3, 9))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0                                   # a left-padded row

@@ -189,7 +189,7 @@ def test_frozen_weights_cast_once_per_sampling_block(tok):
 
     def casts(cached: bool) -> int:
         with profile(record_shapes=True) as prof, torch.no_grad(), engine.autocast():
-            block = engine._casts_cached(trainer.policy) if cached else contextlib.nullcontext()
+            block = engine.casts_cached(trainer.policy) if cached else contextlib.nullcontext()
             with block:
                 for _ in range(5):                              # five sampling steps
                     frozen(x)

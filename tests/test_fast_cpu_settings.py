@@ -121,7 +121,7 @@ trainer = Trainer(TransformerPolicy(len(tok), hidden_size=16), env,
                             progress=False, device="cpu", **extra))
 assert isinstance(trainer.engine, FastCPUEngine)
 assert len(trainer.train()) == 1
-print("applied:", memory._applied)
+print("applied:", memory.applied())
 """
 
 

@@ -89,7 +89,7 @@ def test_buffers_give_the_dense_gradient(kind, ent_coef, linears):
         dense.append(grads(trainer))
         norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in dense[-1]
                                           if g is not None))))
-    assert not buffers._buffers              # no buffer yet: the block starts from none
+    assert not buffers.held              # no buffer yet: the block starts from none
     kept, rows_seen = [], 0
     with buffers.active():
         # The first minibatch finds which tables need a buffer; the later ones use them.
@@ -108,7 +108,7 @@ def test_buffers_give_the_dense_gradient(kind, ent_coef, linears):
                 rows_seen += 1
             got_norm = float(clipping.grad_norm(engine.params, buffers.rows))
             assert got_norm == pytest.approx(norm, rel=1e-6)
-            kept.append({m: b.data_ptr() for m, b in buffers._buffers.items()})
+            kept.append({m: b.data_ptr() for m, b in buffers.held.items()})
     assert rows_seen == (3 * len(buffers.row_tables))
     # Every table, linear and head that the loss reaches got a buffer, reused (not
     # reallocated) by the later minibatches.
@@ -131,7 +131,7 @@ def test_modules_restored_after_update():
     assert all(not m.sparse for m in buffers.embeddings)
     assert all("forward" not in m.__dict__ for m in buffers.linears)
     # no gradient is held between updates
-    assert not buffers._buffers and all(p.grad is None for p in trainer.engine.params)
+    assert not buffers.held and all(p.grad is None for p in trainer.engine.params)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -68,7 +68,7 @@ def test_checkpointing_runs_in_training_mode_with_dropout_still_off():
     trainer = Trainer(llama(dropout=0.5), env, PPOConfig(
         iterations=1, batch_size=8, minibatch_size=8, engine="plain", progress=False,
         gradient_checkpointing=True, rollout_logprobs="forward"))
-    layers = trainer.engine._checkpointed                                  # type: ignore
+    layers = trainer.engine.checkpointed_layers
     assert len(layers) == 4
     seen = []
     layers[0].register_forward_hook(lambda m, a, o: seen.append(m.training))

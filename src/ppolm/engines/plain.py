@@ -48,7 +48,7 @@ class PlainEngine(Engine):
         self.bf16 = bf16
         self.gradient_checkpointing = gradient_checkpointing
         self.max_grad_norm: float | None = None
-        self._checkpointed: list[nn.Module] = []
+        self.checkpointed_layers: list[nn.Module] = []
 
     def setup(self, policy: Policy, value_head: ValueHead | None, reference: Policy,
               optim: OptimizerSettings) -> None:
@@ -70,7 +70,7 @@ class PlainEngine(Engine):
         critic = value_head.critic if value_head is not None else None
         for model in (policy, critic):
             if model is not None:
-                self._checkpointed += model.enable_gradient_checkpointing()
+                self.checkpointed_layers += model.enable_gradient_checkpointing()
 
     def rollout(self) -> contextlib.AbstractContextManager[Any]:
         return self.autocast()
@@ -80,13 +80,13 @@ class PlainEngine(Engine):
         # Checkpointed layers recompute only in training mode, and the Trainer keeps every
         # module in eval mode (no dropout): the layers alone are put in training mode, their
         # submodules (dropout, attention) stay in eval mode.
-        for layer in self._checkpointed:
+        for layer in self.checkpointed_layers:
             layer.training = True
         try:
             with super().update():
                 yield
         finally:
-            for layer in self._checkpointed:
+            for layer in self.checkpointed_layers:
                 layer.training = False
 
     def _call(self, model: Policy, seqs: Sequences, logits: bool) -> Any:

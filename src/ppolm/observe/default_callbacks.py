@@ -13,7 +13,10 @@ from ppolm.parallel.world import World
 
 
 def make_trackers(config: PPOConfig) -> list[Tracker]:
-    """The trackers ``config.report_to`` names, in its order."""
+    """The trackers ``config.report_to`` names, in its order (the config refuses trackers
+    without an output_dir)."""
+    if config.output_dir is None:
+        return []
     return [TRACKER_CLASSES[name](config.output_dir, config.tracker_project)
             for name in config.report_to if name != "none"]
 

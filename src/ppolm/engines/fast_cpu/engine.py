@@ -76,7 +76,7 @@ class FastCPUEngine(Engine):
         views = [self.view(m) for m in (policy, reference, self.critic) if m is not None]
         if s.compile:
             check_compile(*views)
-            self.on_embeds = torch.compile(_on_embeds)
+            self.on_embeds = torch.compile(trunk_on_embeds)
         kept = s.keep_freed_memory and keep_freed_memory()
         head = self.view(policy).head_params()
         modules = [m for m in (policy, value_head) if m is not None]
@@ -116,7 +116,7 @@ class FastCPUEngine(Engine):
     @contextlib.contextmanager
     def rollout(self) -> Iterator[None]:
         self._recorder, self._bottom, self._bottom_of = None, None, None
-        with self.autocast(), self._casts_cached(self.policy):
+        with self.autocast(), self.casts_cached(self.policy):
             yield
         self._recorder = None
 
@@ -179,7 +179,7 @@ class FastCPUEngine(Engine):
         return bottom
 
     @contextlib.contextmanager
-    def _casts_cached(self, module: torch.nn.Module) -> Iterator[None]:
+    def casts_cached(self, module: torch.nn.Module) -> Iterator[None]:
         """Under CPU autocast without gradient, the bf16 casts of ``module``'s frozen weights
         kept for the whole block: autocast keeps a cast only for weights that require grad,
         and would cast a frozen one again at every decoding step. Marking them for the block
@@ -209,7 +209,7 @@ class FastCPUEngine(Engine):
         return StepResult(norm, applied=True)
 
 
-def _on_embeds(view: FastView, embeds: Tensor, attention_mask: Tensor) -> Tensor:
+def trunk_on_embeds(view: FastView, embeds: Tensor, attention_mask: Tensor) -> Tensor:
     """A trunk's whole-sequence pass from its input embeddings (what the engine compiles: one
     function for the policy, the reference and the critic)."""
     return view.trunk_on_embeds(embeds, attention_mask)

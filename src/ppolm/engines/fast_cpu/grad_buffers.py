@@ -164,6 +164,12 @@ class GradBuffers:
         self._rows: dict[Tensor, list[Tensor] | None] = {}
         self._hooked = False                          # inside active(): the hooks record
 
+    @property
+    def held(self) -> dict[Tensor, Tensor]:
+        """Each weight that has a persistent gradient buffer -> that buffer (a copy of the
+        mapping; empty between updates)."""
+        return dict(self._buffers)
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Sparse lookups, linears and the head adding into the buffers while the block runs;

@@ -54,3 +54,8 @@ def keep_freed_memory() -> bool:
     _applied = all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_MAX, 0), (_M_TOP_PAD, TOP_PAD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
     return _applied
+
+
+def applied() -> bool:
+    """Whether this process's malloc was told to keep freed memory (``keep_freed_memory``)."""
+    return _applied
