@@ -9,6 +9,7 @@ import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,6 +141,26 @@ def test_gradient_accumulation_equals_one_big_minibatch(kind, engine, tok, tmp_p
     assert stats_big["loss"] == pytest.approx(stats_small["loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["plain", "fast_cpu"])
+def test_hf_policy_update_lowers_the_loss_of_its_batch(tok, tmp_path, engine):
+    """One optimizer step on one minibatch moves the weights down the PPO loss of that
+    minibatch: the surrogate falls (a wrong-sign gradient would raise it)."""
+    trainer = make_trainer("llama", tok, tmp_path, batch_size=16, minibatch_size=16,
+                           ppo_epochs=1, learning_rate=1e-3, engine=engine)
+    _, rollout = trainer.collect()
+    advantages = trainer.compute_advantages(rollout)
+    num_tokens = rollout.response_mask.sum()
+
+    def policy_loss() -> float:
+        with trainer.engine.update(), torch.no_grad():
+            return trainer.loss(rollout, advantages, num_tokens)[1]["policy_loss"]
+
+    before = policy_loss()
+    trainer.update(rollout, advantages)
+    after = policy_loss()
+    assert after < before - 1e-4, (before, after)
+
+
 def test_hf_policy_iteration_changes_weights_with_finite_metrics(tok, tmp_path):
     trainer = make_trainer("llama", tok, tmp_path, iterations=2)
     before = copy.deepcopy(trainer.policy.state_dict())
@@ -240,11 +261,37 @@ def test_one_bad_update_is_skipped_and_counted(tok, tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.policy.parameters())
 
 
-def test_early_stop_on_target_approx_kl(tok, tmp_path):
-    trainer = make_trainer("transformer", tok, tmp_path, iterations=1, ppo_epochs=8,
-                           learning_rate=5e-2, target_approx_kl=1e-6)
+def _epoch_kls(trainer) -> list[float]:
+    """Run one iteration, recording each optimizer step's approx_kl; the mean per epoch."""
+    steps: list[float] = []
+    step = trainer.optimizer_step
+
+    def recording(minibatch, advantages):
+        out = step(minibatch, advantages)
+        steps.append(out["approx_kl"])
+        return out
+
+    trainer.optimizer_step = recording
     history = trainer.train()
-    assert history[0]["epochs_done"] < 8
+    per = trainer.config.num_minibatches
+    assert len(steps) == history[0]["epochs_done"] * per
+    return [float(np.mean(steps[i: i + per])) for i in range(0, len(steps), per)]
+
+
+def test_early_stop_on_target_approx_kl(tok, tmp_path):
+    """The epochs stop right after the first epoch whose mean approx KL exceeds the target,
+    and not before: a target set between the epochs' KLs of a run without one (same seed, same
+    updates up to the stop) stops that run at the first epoch above it."""
+    kw = dict(iterations=1, ppo_epochs=8, learning_rate=5e-3)
+    free = _epoch_kls(make_trainer("transformer", tok, tmp_path / "a", **kw))
+    assert len(free) == 8
+    target = max(free[:2])                     # not exceeded by epochs 1 and 2
+    above = [e for e, kl in enumerate(free) if kl > target]
+    assert above, free                          # the KL grows as the policy moves
+    stopped = _epoch_kls(make_trainer("transformer", tok, tmp_path / "b",
+                                      target_approx_kl=target, **kw))
+    assert len(stopped) == above[0] + 1 >= 3
+    np.testing.assert_allclose(stopped, free[: above[0] + 1], rtol=1e-5)
 
 
 def test_nan_reward_inside_a_rollout_skips_every_update(tok, tmp_path):
