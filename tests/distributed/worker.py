@@ -81,18 +81,31 @@ def update(out: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torchrun = "MASTER_ADDR" in os.environ            # one rank under torchrun included
-    # fsdp_ckpt: FSDP2 with gradient checkpointing
-    strategies = ["ddp", "fsdp", "fsdp_ckpt"] if torchrun else ["single"]
+    # fsdp_ckpt: FSDP2 with gradient checkpointing; fsdp_meta: FSDP2 on models built on the
+    # meta device (empty_policy), each rank reading its shards of the same weights from the
+    # safetensors files of a folder
+    strategies = ["ddp", "fsdp", "fsdp_ckpt", "fsdp_meta"] if torchrun else ["single"]
     runs = [(head, s) for head in ("shared", "separate") for s in strategies]
     runs.append(("shared", "ddp_lora" if torchrun else "single_lora"))   # LoRA: DDP only
     for head, strategy in runs:
         tok = char_tokenizer(ALPHABET)
         policy = tiny_llama(len(tok), lora=strategy.endswith("lora"))
-        value_head = ValueHead.separate(policy) if head == "separate" else None
         env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=4,
                                 seed=0)
         whole = env.sample(policy, 8, 1.0, torch.device("cpu"),
                            torch.Generator().manual_seed(123))
+        if strategy == "fsdp_meta":
+            from ppolm.policies.pretrained import empty_policy
+
+            folder = out / "tiny-llama"
+            if rank == 0:             # (transformers writes the weights on rank 0 alone)
+                policy.model.save_pretrained(folder)
+            dist.barrier()            # (the group the runs before started)
+            rng = torch.get_rng_state()       # (value heads drawn as after tiny_llama)
+            policy = empty_policy(folder)
+            torch.set_rng_state(rng)
+            assert all(p.is_meta for p in policy.parameters())
+        value_head = ValueHead.separate(policy) if head == "separate" else None
         config = PPOConfig(iterations=1, batch_size=8, minibatch_size=8, ppo_epochs=1,
                            learning_rate=1e-2, rollout_logprobs="forward", engine="plain",
                            distributed="fsdp" if "fsdp" in strategy else "ddp",

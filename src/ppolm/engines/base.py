@@ -16,14 +16,17 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from ppolm.errors import ConfigError
 from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
 from ppolm.rollout.sampling import StepTrunk
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,24 @@ class Engine(ABC):
     # Whether ``state_dict`` holds this rank's shards of a state spread over a process group
     # (written by every rank with torch.distributed.checkpoint) rather than the whole state.
     sharded: bool = False
+    # Whether ``setup`` takes models built on the meta device (``empty_policy``) and gives them
+    # their weights itself (the distributed engine: each rank reads its shards).
+    loads_meta: bool = False
+
+    def place(self, module: M) -> M:
+        """``module`` on ``self.device``, as the Trainer hands it to ``setup``. Parts built on
+        the meta device stay there for an engine that ``loads_meta``; other engines refuse
+        them."""
+        if not any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            return module.to(self.device)
+        if not self.loads_meta:
+            raise ConfigError(f"{type(module).__name__} was built on the meta device "
+                              "(empty_policy), whose weights only the distributed engine "
+                              "loads (under torchrun); in one process build it with "
+                              "HFPolicy(path).")
+        for child in module.children():           # a value head's linear map, say
+            self.place(child)
+        return module
 
     @abstractmethod
     def setup(self, policy: Policy, value_head: ValueHead | None, reference: Policy,

@@ -34,6 +34,8 @@ from ppolm.engines.base import (
 from ppolm.engines.plain import PlainEngine, make_adamw
 from ppolm.errors import ConfigError
 from ppolm.policies.base import Policy
+from ppolm.policies.hf import HFPolicy
+from ppolm.policies.pretrained import materialize
 from ppolm.policies.value import ValueHead
 
 Strategy = Literal["ddp", "fsdp"]
@@ -51,6 +53,7 @@ class DistributedEngine(PlainEngine):
 
     name = "distributed"
     sharded = True       # each rank's state: written by every rank with DCP (under DDP too)
+    loads_meta = True    # models of empty_policy: each rank reads its part of the weights
 
     def __init__(self, device: torch.device | str, strategy: Strategy = "ddp", bf16: bool = True,
                  gradient_checkpointing: bool = False) -> None:
@@ -71,11 +74,13 @@ class DistributedEngine(PlainEngine):
                               "adapter, ValueHead.adapter), which DDP and FSDP2 cannot wrap "
                               "apart from the policy; under torchrun use a value head on the "
                               "policy's states or ValueHead.separate.")
-        # Every rank starts from rank 0's weights (models built without a common seed too).
+        # Every rank starts from rank 0's weights (models built without a common seed too);
+        # models built on the meta device read the same files on every rank instead.
         for module in (policy, reference, value_head):
             if module is not None:
                 for t in module.state_dict().values():
-                    dist.broadcast(t, src=0)
+                    if not t.is_meta:
+                        dist.broadcast(t, src=0)
         if self.strategy == "fsdp":
             if not any(True for _ in reference.parameters()):
                 raise ConfigError("this policy's reference runs the policy's own weights (LoRA "
@@ -88,6 +93,9 @@ class DistributedEngine(PlainEngine):
                 self._shard_head(value_head.linear)
             self._roots = [policy]
         else:
+            for model in (policy, reference, critic):     # whole on every rank under DDP
+                if model is not None and _on_meta(model):
+                    _materialize(model, self.device)
             self._wrap(policy)
             if critic is not None:
                 self._wrap(critic)
@@ -128,6 +136,8 @@ class DistributedEngine(PlainEngine):
         for layer in model.layers():
             fully_shard(layer, **kw)
         fully_shard(model, **kw)
+        if _on_meta(model):          # sharded first: each rank then reads only its shards
+            _materialize(model, self.device)
         probe = torch.ones(1, 1, dtype=torch.long, device=self.device)
         with torch.no_grad():
             model(probe, torch.ones_like(probe))
@@ -178,3 +188,17 @@ class DistributedEngine(PlainEngine):
         """Restore what ``state_dict`` returned (on every rank, the same world size)."""
         set_state_dict(self.trained, self.optimizer, model_state_dict=state["models"],
                        optim_state_dict=state["optimizer"])
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """The weights of a model built on the meta device (``empty_policy``), read from its
+    files into this rank's tensors (all ranks together)."""
+    if not isinstance(model, HFPolicy):
+        raise ConfigError(f"{type(model).__name__} was built on the meta device; the "
+                          "distributed engine reads the weights of transformers models "
+                          "(ppolm.policies.pretrained.empty_policy) only.")
+    materialize(model, device)

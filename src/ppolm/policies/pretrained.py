@@ -106,6 +106,71 @@ def load_smollm2(cache_dir: str | Path | None = None) -> tuple[HFPolicy, Any]:
     return policy, tokenizer
 
 
+def empty_policy(name: str | Path) -> HFPolicy:
+    """The causal LM of a local folder (or of the Hugging Face cache, by its id) as an
+    ``HFPolicy`` built from its config on the meta device: no memory for the weights, which
+    stay in the folder's safetensors files until ``materialize`` reads them. For models that
+    one process cannot hold: under FSDP2 (``distributed="fsdp"``) the distributed engine
+    shards such a policy (and its reference and a separate critic, copies of it) and then each
+    rank reads its own slices of the weights. The model's ``name_or_path`` is the folder (what
+    ``materialize`` reads). In one process use ``HFPolicy(name)``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    folder = local_model_path(name)
+    if not list(folder.glob("*.safetensors")):
+        raise CheckpointError(f"{str(folder)!r} has no safetensors files: a model built on the "
+                              "meta device reads its weights from them (save it with "
+                              "save_pretrained, which writes them).")
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Cannot build a causal LM from {str(folder)!r}: {e}") from None
+    model.name_or_path = model.config.name_or_path = str(folder)
+    return HFPolicy(model.eval())
+
+
+def materialize(policy: HFPolicy, device: Any) -> None:
+    """Give a policy of ``empty_policy`` its weights on ``device``, in place: memory for this
+    process's part of each parameter (``to_empty``: the whole tensor, or this rank's shard once
+    FSDP2 has sharded the model), filled from the safetensors files of its folder by slices
+    (DCP's ``HuggingFaceStorageReader``, which reads with safetensors' ``get_slice``: no rank
+    reads what it does not hold). Tied weights stay tied (one parameter, read once); buffers
+    that no file holds (rotary tables) are computed again by ``transformers``. Under a process
+    group every rank calls it together."""
+    import torch.distributed.checkpoint as dcp
+
+    folder, lm = Path(policy.lm.name_or_path), policy.lm
+    policy.to_empty(device=device)
+    lm.tie_weights()        # (to_empty gives each module its own tensor when not sharded)
+    # transformers' initialisation skips tensors marked initialised: only the buffers it
+    # computes (rotary tables) are made, the parameters are read below.
+    for p in lm.parameters():
+        p._is_hf_initialized = True
+    lm.initialize_weights()
+    try:
+        in_files = set(dcp.HuggingFaceStorageReader(str(folder)).read_metadata()
+                       .state_dict_metadata)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Cannot read the safetensors files of {str(folder)!r}: {e}"
+                              ) from None
+    state = lm.state_dict()                    # the live tensors (DTensor shards under FSDP2)
+    held = lm.state_dict(keep_vars=True)
+    read = {id(held[k]) for k in state if k in in_files}
+    # a parameter no file holds: an error, unless it is tied to one that is read
+    missing = [k for k, _ in lm.named_parameters(remove_duplicate=False)
+               if k not in in_files and id(held.get(k)) not in read]
+    if missing:
+        raise CheckpointError(f"The safetensors files of {str(folder)!r} lack "
+                              f"{', '.join(missing[:3])}: they do not hold this model.")
+    dcp.load({k: v for k, v in state.items() if k in in_files},
+             storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
+
+
 def load_tokenizer(folder: str | Path) -> Any:
     """The tokenizer saved in a local model folder (or of a model in the local Hugging Face
     cache, by its id: see ``ppolm.policies.hf.local_model_path``)."""

@@ -75,13 +75,13 @@ class Trainer:
         self.engine = engine or make_engine(config, self.device)
         env.check_policy(policy)
         # Dropout off everywhere: it makes logprobs noisy and the PPO ratio wrong.
-        self.policy = policy.to(self.device).eval()
+        self.policy = self.engine.place(policy).eval()
         if config.critic_free and value_head is not None:
             raise ConfigError(f"advantage_estimator={config.advantage_estimator!r} uses no "
                               "value function; pass no value_head (or use 'gae').")
         self.value_head = (None if config.critic_free else
-                           (value_head or ValueHead(policy.hidden_size)).to(self.device).eval())
-        self.reference = (reference or policy.reference_model()).to(self.device).eval()
+                           self.engine.place(value_head or ValueHead(policy.hidden_size)).eval())
+        self.reference = self.engine.place(reference or policy.reference_model()).eval()
         if reference is not None:
             self.reference.requires_grad_(False)
         self.engine.setup(self.policy, self.value_head, self.reference, OptimizerSettings(
