@@ -46,9 +46,9 @@ class Policy(nn.Module, ABC):
 
     Subclasses set ``vocab_size``, ``hidden_size`` and ``max_length`` (None if unbounded),
     and write ``trunk``, ``head``, ``save`` and ``load``; ``layers``,
-    ``enable_gradient_checkpointing`` and ``reference_model`` have defaults. That is the whole
-    contract, the same for every engine: the trainable parameters are the module's parameters
-    that require grad, and device moves are ``nn.Module``'s.
+    ``enable_gradient_checkpointing``, ``reference_model`` and ``select_cache`` have
+    defaults. That is the whole contract, the same for every engine: the trainable parameters
+    are the module's parameters that require grad, and device moves are ``nn.Module``'s.
     """
 
     vocab_size: int
@@ -67,6 +67,13 @@ class Policy(nn.Module, ABC):
     @abstractmethod
     def head(self, hidden: Tensor) -> Tensor:
         """Next-token logits. Shapes: (..., H) -> (..., V)."""
+
+    def select_cache(self, cache: Any, rows: Tensor) -> Any:
+        """The cache ``trunk`` returned, cut to the batch rows ``rows`` (the sequences that go
+        on: a multi-turn episode's next turn continues from it), or None when this policy
+        cannot cut its cache (the next turn then runs the whole conversation again). The given
+        cache may be changed in place. Shapes: rows (B',) long."""
+        return None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int | None = None,
                 logits: bool = True) -> PolicyOutput:

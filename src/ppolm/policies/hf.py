@@ -81,6 +81,15 @@ class HFPolicy(Policy):
         out = self._base(input_ids, attention_mask, cache, use_cache)
         return out.last_hidden_state, (out[self._cache_arg] if use_cache else None)
 
+    def select_cache(self, cache: Any, rows: Tensor) -> Any:
+        """``Cache.batch_select_indices`` (in place), for the caches of transformers that have
+        it (``DynamicCache``); None for others."""
+        select = getattr(cache, "batch_select_indices", None)
+        if select is None:
+            return None
+        select(rows)
+        return cache
+
     def _base(self, input_ids: Tensor, attention_mask: Tensor, cache: Any, use_cache: bool,
               hidden_states: bool = False) -> Any:
         """The base model over the new tokens, position ids following the mask."""

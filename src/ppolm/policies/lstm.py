@@ -85,6 +85,9 @@ class LSTMPolicy(TorchPolicy):
     def head(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 
+    def select_cache(self, cache: LSTMState, rows: Tensor) -> LSTMState:
+        return cache[0][:, rows], cache[1][:, rows]
+
 
 def _contiguous(mask: Tensor) -> bool:
     """True when each row's real tokens form one contiguous run."""

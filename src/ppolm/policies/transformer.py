@@ -90,6 +90,9 @@ class TransformerPolicy(TorchPolicy):
     def layers(self) -> list[nn.Module]:
         return list(self.blocks)
 
+    def select_cache(self, cache: KVCache, rows: Tensor) -> KVCache:
+        return [(k[rows], v[rows]) for k, v in cache]
+
     def head(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 

@@ -29,7 +29,7 @@ from ppolm.rollout.interaction import (
     episode_rng,
 )
 from ppolm.rollout.rewards import reward_columns
-from ppolm.rollout.sampling import generate
+from ppolm.rollout.sampling import Past, generate
 from ppolm.rollout.types import TurnInfo
 
 # The assistant content of the conversation a reply is rendered after: any text works, one the
@@ -138,7 +138,10 @@ def run_turns(policy: Policy, interaction: Interaction, prompts: list[str],
     model turns, or when its reply and one more whole turn would pass its cap (``caps``:
     tokens after the prompt; then it is flagged truncated and the reply not appended).
     The first turn samples ``query`` as it is, so with no reply the episodes are exactly those
-    of one-turn sampling.
+    of one-turn sampling. Each later turn goes on from the cache of the turns before (the
+    episodes that go on cut out of it with ``policy.select_cache``) and feeds only the reply,
+    so a turn costs about its own tokens; a policy that cannot cut its cache runs the whole
+    conversation again instead.
 
     Shapes: query, query_mask (B, P) left-padded, the prompts' ids -> ``Transcripts``."""
     B, device = len(prompts), query.device
@@ -152,21 +155,28 @@ def run_turns(policy: Policy, interaction: Interaction, prompts: list[str],
     replies: list[list[str]] = [[] for _ in range(B)]
     truncated, ended = [False] * B, [False] * B
     active = list(range(B))
+    feed: list[list[int]] = [[] for _ in range(B)]   # what the next turn feeds to the cache
+    past: Past | None = None
     for turn in range(max_turns):
         if turn == 0:
             q, qm = query, query_mask
+        elif past is not None:
+            q, qm = left_pad([feed[i] for i in active], settings.pad_token_id, device)
         else:
             q, qm = left_pad([prompt_ids[i] + ids[i] for i in active], settings.pad_token_id,
                              device)
         out = generate(policy, q, qm, settings.max_new_tokens,
                        None if settings.ignore_eos else settings.stop_ids,
                        settings.pad_token_id, settings.temperature, settings.top_k,
-                       settings.top_p, generator, record=record)
-        lengths = out.mask.sum(1).tolist()
+                       settings.top_p, generator, record=record, past=past,
+                       keep=turn < max_turns - 1)
+        lengths, steps = out.mask.sum(1).tolist(), out.tokens.shape[1]
         going = []
         for j, i in enumerate(active):
             n = int(lengths[j])
             new = out.tokens[j, :n].tolist()
+            # the pass's last drawn token is not in the cache yet
+            feed[i] = new[-1:] if n == steps else []
             ids[i] += new
             model[i] += [1] * n
             if out.logprobs is not None and out.hidden is not None:
@@ -188,16 +198,28 @@ def run_turns(policy: Policy, interaction: Interaction, prompts: list[str],
                 truncated[i] = True
                 continue
             ids[i] += extra
+            feed[i] += extra
             model[i] += [0] * len(extra)
             if out.logprobs is not None and out.hidden is not None:
                 lps[i].append(out.logprobs.new_zeros(len(extra)))
                 hid[i].append(out.hidden.new_zeros(len(extra), out.hidden.shape[-1]))
             going.append(i)
+        kept = set(going)
+        past = _going_on(policy, out.past, [j for j, i in enumerate(active) if i in kept])
         active = going
         if not active:
             break
     return _assemble(ids, model, lps, hid, rewards, turns, replies, truncated, ended,
                      settings.pad_token_id, device)
+
+
+def _going_on(policy: Policy, past: Past | None, rows: list[int]) -> Past | None:
+    """``past`` cut to the batch rows ``rows``; None when the policy cannot cut its cache."""
+    if past is None or not rows or len(rows) == past.mask.shape[0]:
+        return past
+    index = torch.tensor(rows, dtype=torch.long, device=past.mask.device)
+    cache = policy.select_cache(past.cache, index)
+    return None if cache is None else Past(cache, past.mask[index], past.last[index])
 
 
 def _assemble(ids: list[list[int]], model: list[list[int]], lps: list[list[Tensor]],

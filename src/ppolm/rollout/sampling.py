@@ -72,6 +72,21 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 
 @dataclass(frozen=True)
+class Past:
+    """What decoding leaves for a continuation of the same rows (``generate(keep=True)``): the
+    cache of every token fed so far, its attention mask (0 where a row fed nothing: the holes
+    of rows that ended early or had less to feed), and each row's state after its last fed
+    token (the next-token state of a row that feeds nothing more).
+
+    The last token drawn in a pass is not in the cache (no step ran after it): a continuation
+    feeds it first. Shapes: mask (B, Lc) long, Lc the cache's length; last (B, H)."""
+
+    cache: Any
+    mask: Tensor
+    last: Tensor
+
+
+@dataclass(frozen=True)
 class Sampled:
     """What one sampling pass gives: the responses, and (with ``record=True``) what PPO's rollout
     needs from the policy, read off the same forward steps so no second forward pass is run.
@@ -83,6 +98,7 @@ class Sampled:
     mask: Tensor                    # (B, T) long, 1 up to and including EOS
     logprobs: Tensor | None = None  # (B, T) log pi(token) at the temperature (before top-k/p)
     hidden: Tensor | None = None    # (B, T, H) trunk states at the positions predicting them
+    past: Past | None = None        # with keep=True: what a continuation starts from
 
 
 def stop_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device
@@ -118,7 +134,8 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
              eos_token_id: int | Sequence[int] | None, pad_token_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              generator: torch.Generator | None = None, record: bool = False,
-             trunk: StepTrunk | None = None) -> Sampled:
+             trunk: StepTrunk | None = None, past: Past | None = None,
+             keep: bool = False) -> Sampled:
     """Sample up to ``max_new_tokens`` per row, stopping a row at its first EOS.
 
     ``eos_token_id`` is one id or a sequence of ids (models whose generation config lists
@@ -136,7 +153,14 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
     ``trunk`` replaces ``policy.trunk`` for the decoding steps (an engine that keeps something
     from them passes its own; it must return what ``policy.trunk`` would).
 
-    Shapes: input_ids, attention_mask (B, P) left-padded -> ``Sampled`` with T <= max_new_tokens.
+    ``keep=True`` also returns the ``Past`` (the cache); given as ``past``, the rows go on from
+    it: ``input_ids`` are then only the new tokens after the cached ones (the previous pass's
+    last drawn token, then whatever came after it), so a continuation costs its own tokens, not
+    the whole sequence again. A row may have no new token (all of its mask 0): its next token
+    comes from its ``past.last`` state.
+
+    Shapes: input_ids, attention_mask (B, P) left-padded (with ``past``: (B, Lnew), may be
+    empty) -> ``Sampled`` with T <= max_new_tokens.
     """
     B = input_ids.shape[0]
     device = input_ids.device
@@ -149,8 +173,18 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
 
     hiddens: list[Tensor] = []                                        # (B, H) each
     logprobs: list[Tensor] = []                                       # (B,) each
-    hidden, cache = step_forward(input_ids, attention_mask, None)
-    logits = next_logits(policy, hidden[:, -1])                      # (B, V)
+    if past is None:
+        hidden, cache = step_forward(input_ids, attention_mask, None)
+        state = hidden[:, -1]                                         # (B, H)
+    else:
+        attention_mask = torch.cat([past.mask, attention_mask], dim=1)
+        state, cache = past.last, past.cache
+        if input_ids.shape[1]:
+            hidden, cache = step_forward(input_ids, attention_mask, cache)
+            fed = attention_mask[:, -1].bool()[:, None]               # left-padded: any new
+            state = torch.where(fed, hidden[:, -1], state)
+    last = state                                                      # after the last fed token
+    logits = next_logits(policy, state)                               # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # The attention mask grows one column per step: preallocated, filled as rows stay alive.
     P = attention_mask.shape[1]
@@ -164,7 +198,7 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
         probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
         nxt = draw(probs, generator)                                  # (B,)
         if record:
-            hiddens.append(hidden[:, -1])
+            hiddens.append(state)
             if top_k or top_p < 1.0:        # the logprob under the unfiltered distribution
                 logprobs.append(logits.gather(1, nxt[:, None]).squeeze(1)
                                 - torch.logsumexp(logits, dim=-1))
@@ -183,11 +217,16 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
             break
         mask[:, P + step] = alive
         hidden, cache = step_forward(nxt[:, None], mask[:, : P + step + 1], cache)
-        logits = next_logits(policy, hidden[:, -1])
+        state = hidden[:, -1]
+        if keep:
+            last = torch.where(alive[:, None], state, last)
+        logits = next_logits(policy, state)
+    # (the last drawn token was not fed: the cache holds P + steps - 1 positions)
+    kept = Past(cache, mask[:, : P + steps - 1], last) if keep else None
     if not record:
-        return Sampled(tokens=tokens[:, :steps], mask=alive_cols[:, :steps])
+        return Sampled(tokens=tokens[:, :steps], mask=alive_cols[:, :steps], past=kept)
     return Sampled(tokens=tokens[:, :steps], mask=alive_cols[:, :steps],
-                   logprobs=torch.stack(logprobs, 1), hidden=torch.stack(hiddens, 1))
+                   logprobs=torch.stack(logprobs, 1), hidden=torch.stack(hiddens, 1), past=kept)
 
 
 def next_logits(policy: Policy, hidden: Tensor) -> Tensor:
