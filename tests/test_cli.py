@@ -179,3 +179,118 @@ def test_bad_input_gives_a_one_line_error(args, words, capsys):
 def test_run_spec_refuses_unknown_keys():
     with pytest.raises(ConfigError, match="Did you mean 'model'"):
         RunSpec.from_dict({"modle": {}})
+
+
+# --- issue 34: runs the command line could not do, and what it said ----------------------
+TINY = [*SMALL, "ppo_epochs=1", "model.hidden_size=16", "model.n_layers=1"]
+
+
+def run_script(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``ppolm ARGS`` through the installed console script (sys.path[0] is its own folder,
+    not the current one, unlike ``python -m ppolm``)."""
+    return subprocess.run([ppolm_script(), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("value", ["auto", "none", "null"])
+def test_a_critic_free_run_from_the_command_line(tmp_path, value):
+    out = run_cli("train", *TINY, "samples_per_prompt=4", "advantage_estimator=reinforce_pp",
+                  f"model.value={value}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    saved = yaml.safe_load((tmp_path / "runs/default/run.yaml").read_text())
+    assert saved["sampling"]["samples_per_prompt"] == 4
+    assert len(metrics(tmp_path / "runs/default")) == 3
+
+
+def test_show_config_marks_the_demo_values_and_pins_no_output_dir(capsys):
+    assert main(["show-config"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert "  learning_rate: 0.001  # default: 0.0003" in lines
+    assert "  max_new_tokens: 6  # default: 16" in lines
+    assert "  gamma: 1.0" in lines                         # the default: no mark
+    assert "  output_dir: null" in lines
+    marked = {line.split(":")[0].strip() for line in lines if "  # default:" in line}
+    assert marked == {"max_new_tokens", "iterations", "batch_size", "minibatch_size",
+                      "learning_rate", "lr_schedule", "ent_coef", "kl_coef", "health_checks"}
+
+
+def test_the_getting_started_commands_run_one_after_the_other(tmp_path):
+    """docs/getting-started.md's first commands as written, in a fresh folder (with small
+    sizes appended to each ``ppolm train``; the slow test below runs them as written)."""
+    for command in getting_started_commands():
+        extra = TINY if command[0] == "train" else []
+        out = run_script(*command, *extra, cwd=tmp_path)
+        assert out.returncode == 0, (command, out.stderr)
+    assert (tmp_path / "runs/default/report.html").is_file()
+    assert (tmp_path / "runs/tb/tensorboard").is_dir()
+
+
+@pytest.mark.slow
+def test_the_getting_started_commands_as_written(tmp_path):
+    for command in getting_started_commands():
+        out = run_script(*command, cwd=tmp_path, timeout=1800)
+        assert out.returncode == 0, (command, out.stderr)
+
+
+def getting_started_commands() -> list[list[str]]:
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    text = (Path(__file__).parents[1] / "docs/getting-started.md").read_text()
+    block = text.split("## The first run, from the command line")[1].split("```bash")[1]
+    block = block.split("```")[0]
+    commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["ppolm", "train"], ["ppolm", "report"],
+                                         ["ppolm", "train"]]
+    return [c[1:] for c in commands]
+
+
+REWARD_MODULE = ("from ppolm import RewardFunction\n"
+                 "class Short(RewardFunction):\n"
+                 "    def __call__(self, prompts, responses):\n"
+                 "        return [-float(len(r)) for r in responses]\n")
+
+
+def test_a_reward_module_beside_the_config_or_in_the_current_folder_with_the_script(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf/beside.py").write_text(REWARD_MODULE)
+    (tmp_path / "conf/prompts.txt").write_text("abc\nhij\n")
+    (tmp_path / "conf/run.yaml").write_text("task: null\nprompts: prompts.txt\n"
+                                            "reward: beside:Short\nmodel: {kind: hf, path: x}\n")
+    (tmp_path / "here.py").write_text(REWARD_MODULE)
+    # the config file's folder (a transformers model needs a path; an error after the reward
+    # was found would name the model, so build only what the reward needs: the task's model)
+    out = run_script("train", "conf/run.yaml", "model.kind=transformer", "task=continue",
+                     *TINY, "output_dir=o1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    out = run_script("train", "reward=here:Short", *TINY, "output_dir=o2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    out = run_script("train", "reward=nowhere:Short", *TINY, cwd=tmp_path)
+    assert out.returncode == 2
+    assert f"looked in {tmp_path} and the installed packages" in out.stderr
+
+
+def test_a_resume_takes_a_new_learning_rate_refuses_a_new_batch_size_and_says_so(tmp_path):
+    (tmp_path / "my.yaml").write_text("ppo: {lr_schedule: constant}\n")
+    base = ["train", "my.yaml", *TINY, "output_dir=runs/x"]
+    first = run_cli(*base, "iterations=2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    refused = run_cli(*base, "iterations=3", "batch_size=16", "--resume", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "ppo.batch_size: 8 -> 16" in refused.stderr and "Traceback" not in refused.stderr
+    again = run_cli(*base, "iterations=3", "learning_rate=0.5", "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    rows = metrics(tmp_path / "runs/x")
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert rows[1]["lr"] == PPOConfig().learning_rate and rows[2]["lr"] == 0.5
+    saved = yaml.safe_load((tmp_path / "runs/x/run.yaml").read_text())
+    assert saved["ppo"]["learning_rate"] == 0.5
+    assert "first after resume (iteration 3)" in again.stdout
+
+
+def test_an_old_place_in_a_config_file_is_said_on_stderr(tmp_path):
+    (tmp_path / "old.yaml").write_text("env: {max_new_tokens: 3}\n")
+    out = run_cli("train", "old.yaml", *TINY, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "ppolm: warning: env.max_new_tokens (in old.yaml) is now sampling.max_new_tokens" \
+        in out.stderr

@@ -42,7 +42,7 @@ def test_defaults_and_derived_sizes():
     ({"batch_size": "32"}, "wrong type"),
     ({"iterations": 2.5}, "iterations=2.5"),
     ({"device": "tpu"}, "device='tpu'"),
-    ({"kl_estimator": "full"}, "needs kl_mode='loss'"),
+    ({"kl_estimator": "full", "kl_mode": "reward"}, "needs kl_mode='loss'"),
     ({"warmup_steps": -1}, "warmup_steps=-1"),
 ])
 def test_bad_values_name_the_field(kwargs, words):
@@ -178,3 +178,100 @@ def test_fast_settings_with_the_fast_or_auto_engine_and_save_every_with_an_outpu
     assert PPOConfig(engine="fast_cpu", compile=True).compile
     assert PPOConfig(engine="auto", keep_freed_memory=True).keep_freed_memory
     assert PPOConfig(save_every=2, output_dir="out").save_every == 2
+
+
+# --- issue 34 ------------------------------------------------------------------------------
+def readme_grpo_line() -> str:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    found = re.search(r'`(PPOConfig\(samples_per_prompt=4, advantage_estimator="grpo"\))`',
+                      readme)
+    assert found, "the README's GRPO line moved: update this test"
+    return found.group(1)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_the_readme_grpo_line_runs_as_written(tok, estimator):
+    from ppolm import CallableReward, TextGenerationEnv, Trainer, TransformerPolicy
+
+    config = eval(readme_grpo_line().replace('"grpo"', repr(estimator)), {"PPOConfig": PPOConfig})
+    assert config.kl_mode == "loss"                      # the estimator's natural choice
+    env = TextGenerationEnv(["abc", "hij", "cde", "fgh"], tok,
+                            CallableReward(lambda p, r: [x.count("a") / 4 for x in r]),
+                            max_new_tokens=4)
+    trainer = Trainer(TransformerPolicy(len(tok), hidden_size=16, n_layers=1), env, config)
+    row = trainer.iterate()
+    assert trainer.value_head is None and row["kl_coef"] == config.kl_coef
+
+
+def test_kl_mode_defaults_to_the_estimators_choice_and_an_explicit_one_is_kept():
+    assert PPOConfig().kl_mode == "reward"
+    assert PPOConfig(advantage_estimator="reinforce_pp").kl_mode == "reward"
+    assert PPOConfig(kl_estimator="full").kl_mode == "loss"
+    assert PPOConfig(samples_per_prompt=2, advantage_estimator="grpo", kl_coef=0).override(
+        ["kl_mode=reward"]).kl_mode == "reward"                # no KL: nothing ignored
+    with pytest.raises(ConfigError, match="set kl_mode=loss or leave it unset"):
+        PPOConfig(samples_per_prompt=2, advantage_estimator="rloo", kl_mode="reward")
+    # written as given, so a copy with another estimator chooses again
+    grpo = PPOConfig(samples_per_prompt=2, batch_size=8, minibatch_size=4,
+                     advantage_estimator="grpo")
+    assert grpo.to_dict()["kl_mode"] is None and grpo.to_sections()["algorithm"]["kl_mode"] is None
+    assert grpo.override(["advantage_estimator=gae"]).kl_mode == "reward"
+    assert PPOConfig.from_dict(grpo.to_dict()) == grpo
+
+
+def test_a_misspelled_keyword_names_the_closest_field():
+    import inspect
+
+    with pytest.raises(ConfigError, match="Unknown key 'learnig_rate' in PPOConfig. Did you "
+                                          "mean 'learning_rate'?"):
+        PPOConfig(learnig_rate=1e-4)
+    # still a dataclass: its signature, replace, copies
+    assert "learning_rate" in inspect.signature(PPOConfig).parameters
+    assert dataclasses.replace(PPOConfig(), iterations=3).iterations == 3
+
+
+def test_report_to_may_be_one_name():
+    assert PPOConfig(report_to="none").report_to == ["none"]
+    pytest.importorskip("tensorboard")
+    assert PPOConfig(report_to="tensorboard", output_dir="o").report_to == ["tensorboard"]
+    assert PPOConfig().override(["report_to=tensorboard", "output_dir=o"]).report_to == [
+        "tensorboard"]
+
+
+def test_fast_cpu_switches_are_refused_in_one_place_whoever_picks_the_engine():
+    import torch
+
+    from ppolm.engines.factory import make_engine
+
+    # 'auto' with gradient checkpointing picks the plain engine on a CPU: refused there
+    config = PPOConfig(gradient_checkpointing=True, compile=True)
+    with pytest.raises(ConfigError, match="compile set, but only engine='fast_cpu' reads it; "
+                                          "this run's engine on cpu, 'plain', would ignore"):
+        make_engine(config, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="compile set, but only engine='fast_cpu' reads it; "
+                                          "engine='plain' would ignore"):
+        PPOConfig(engine="plain", compile=True)
+
+
+def test_the_sections_group_the_settings_by_what_they_are():
+    """Each setting under the header that names it (the field order is the YAML's)."""
+    from pathlib import Path
+
+    import ppolm.config.sections as sections
+
+    headers, header = {}, ""
+    for line in Path(sections.__file__).read_text().splitlines():
+        name = line.split(":")[0].strip()
+        if line.startswith("class "):
+            header = ""
+        elif line.startswith("    # --- "):
+            header = line.strip("# -")
+        elif line.startswith("    ") and not line.startswith("     ") and name.isidentifier():
+            headers[name] = header
+    assert headers["temperature"] == headers["samples_per_prompt"] == "sampling"
+    assert headers["loss_aggregation"] == headers["clip_range"] == "losses"
+    assert headers["advantage_estimator"] == headers["lam"] == "advantages"
+    assert headers["average_last"] == "the weights training ends with"

@@ -140,7 +140,7 @@ def test_group_sampling_resumes_exactly(tok):
 
 @pytest.mark.parametrize(("overrides", "words"), [
     (dict(advantage_estimator="grpo", samples_per_prompt=1), "samples_per_prompt >= 2"),
-    (dict(advantage_estimator="grpo", samples_per_prompt=4), "kl_mode=loss"),
+    (dict(advantage_estimator="grpo", samples_per_prompt=4, kl_mode="reward"), "kl_mode=loss"),
     (dict(samples_per_prompt=3), "not a multiple"),
     (dict(loss_aggregation="seq-mean"), "loss_aggregation"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                        "ppo.learning_rate=1e-4, model.kind=lstm or iterations=20")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint in output_dir")
-    sub.add_parser("show-config", help="print the built-in default run's config as YAML")
+    sub.add_parser("show-config", help="print the built-in default run's config as YAML (the "
+                   "demo's own values marked with the defaults they replace)")
     report = sub.add_parser("report", help="write an HTML page of a run (curves, samples, "
                             "warnings, config)")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
@@ -30,11 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         if ns.command == "show-config":
-            import yaml
-
-            from ppolm.run import RunSpec
-
-            print(yaml.safe_dump(RunSpec.load(None, []).to_dict(), sort_keys=False), end="")
+            print(_show_config(), end="")
             return 0
         if ns.command == "report":
             from ppolm.evaluation.report import write_report
@@ -47,21 +45,65 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _show_config() -> str:
+    from ppolm.config.yaml_io import commented_yaml
+    from ppolm.run import RunSpec
+
+    note = ("The built-in demo run (ppolm train without a config file). A value marked\n"
+            "'# default: X' is the demo's own; every other is the default (the same from\n"
+            "Python). output_dir null: ppolm train writes to runs/<config file name>.\n"
+            "Relative paths in a config file are read from the file's folder.")
+    return commented_yaml(RunSpec.load(None, []).to_dict(), RunSpec().to_dict(), note)
+
+
+def _load_spec(config: str | None, overrides: list[str], name: str) -> Any:
+    """The run spec, with a setting at an old place said as a warning on stderr."""
+    from ppolm.run import RunSpec
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        spec = RunSpec.load(config, overrides,
+                            fill=lambda ppo: command_line_defaults(ppo, name))
+    for w in caught:
+        if issubclass(w.category, DeprecationWarning):
+            print(f"ppolm: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return spec
+
+
+def _check_resume(spec: Any) -> None:
+    """Before anything loads: refuse settings a resume may not change (against the run.yaml
+    of the run being resumed; ``ppolm.config.resume`` says which may change)."""
+    import yaml
+
+    from ppolm.config.resume import check_resume, run_spec_changes
+
+    saved = Path(str(spec.ppo.output_dir)) / "run.yaml"
+    if saved.is_file():
+        check_resume(run_spec_changes(yaml.safe_load(saved.read_text()) or {},
+                                      spec.to_dict())[1])
+
+
 def _train(args: list[str], resume: bool) -> int:
     import yaml
 
-    from ppolm.run import RunSpec, build_run
+    from ppolm.run import build_run
 
     config = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if config else args
     name = Path(config).stem if config else "default"
-    spec = RunSpec.load(config, overrides, fill=lambda ppo: command_line_defaults(ppo, name))
+    spec = _load_spec(config, overrides, name)
+    if resume:
+        _check_resume(spec)
     trainer = build_run(spec)
     main = trainer.world.is_main           # under torchrun, rank 0 alone writes and prints
     say = print if main else (lambda *a, **k: None)
     out = Path(str(spec.ppo.output_dir))
+    start = 0
     if resume:
-        say(f"resumed at iteration {trainer.resume()}")
+        start = trainer.resume()
+        say(f"resumed at iteration {start}")
     else:
         trainer.start_fresh()        # refuse an earlier run before writing anything here
     if main:
@@ -78,8 +120,10 @@ def _train(args: list[str], resume: bool) -> int:
         k = max(1, len(history) // 10)
         first = sum(r["score_mean"] for r in history[:k]) / k
         last = sum(r["score_mean"] for r in history[-k:]) / k
-        say(f"reward (score mean over {k} iterations): first {first:.3f} -> last {last:.3f}; "
-            f"final KL {history[-1]['kl']:.2f} nats")
+        # after a resume the first iterations of this command are not the run's first
+        label = "first" if start == 0 else f"first after resume (iteration {start + 1})"
+        say(f"reward (score mean over {k} iterations): {label} {first:.3f} -> last "
+            f"{last:.3f}; final KL {history[-1]['kl']:.2f} nats")
     say(f"metrics: {out / 'metrics.jsonl'}")
     say(f"checkpoints: {out / 'checkpoints'}")
     return 0

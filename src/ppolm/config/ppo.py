@@ -3,10 +3,13 @@ overrides.
 
 The settings are declared in three sections, by who reads them (TRL keeps its
 ``TrainingArguments`` apart from the algorithm's fields the same way): ``AlgorithmConfig`` (what
-PPO computes), ``SystemConfig`` (how: the engine, the device, precision, and the fast CPU
-engine's own switches, declared with that engine as ``FastCPUSettings``) and ``RunConfig``
-(files and progress). ``PPOConfig`` is all three: it takes every field as a flat keyword
-argument, validates them in one place (``__post_init__``), and writes YAML in sections.
+PPO computes, including the two sampling settings training computes with, ``temperature`` and
+``samples_per_prompt``; the environment holds the other four, see ``ppolm.config.sampling``),
+``SystemConfig`` (how: the engine, the device, precision, and the fast CPU engine's own
+switches, declared with that engine as ``FastCPUSettings``) and ``RunConfig`` (files and
+progress). ``PPOConfig`` is all three: it takes every field as a flat keyword argument (a
+misspelled one is a ConfigError naming the closest field), validates them in one place
+(``__post_init__``), and writes YAML in sections.
 
 Derived sizes (minibatches per epoch, gradient-accumulation steps) are computed in
 ``__post_init__`` so the rest of the code never re-derives them (and never disagrees about them:
@@ -16,6 +19,9 @@ inconsistent micro/mini batch settings silently halved gradients in peers, verl 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,7 @@ from typing import Any
 import yaml
 
 from ppolm.config.report_to import check_report_to
+from ppolm.config.sampling import check_sampling
 from ppolm.config.sections import (  # noqa: F401 (re-exported)
     CRITIC_FREE,
     DEFAULT_AGGREGATION,
@@ -46,6 +53,9 @@ from ppolm.errors import ConfigError
 SECTIONS: dict[str, type] = {"algorithm": AlgorithmConfig, "system": SystemConfig,
                              "run": RunConfig}
 FAST_CPU_FIELDS = tuple(f.name for f in dataclasses.fields(FastCPUSettings))
+#: The estimators whose advantages come from the scores alone: a KL must act in the loss.
+KL_IN_THE_LOSS = ("grpo", "dr_grpo", "rloo")
+log = logging.getLogger(__name__)
 
 
 def flatten_sections(values: dict[str, Any]) -> dict[str, Any]:
@@ -61,6 +71,13 @@ def flatten_sections(values: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def natural_kl_mode(advantage_estimator: str, kl_estimator: str) -> KLMode:
+    """Where the KL acts when ``kl_mode`` is None (see ``PPOConfig.resolve_kl_mode``)."""
+    if advantage_estimator in KL_IN_THE_LOSS or kl_estimator == "full":
+        return "loss"
+    return "reward"
 
 
 def _names(cls: type) -> list[str]:
@@ -79,7 +96,12 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
     """minibatch_size // micro_batch_size (micro-batches per optimizer step)."""
 
     def __post_init__(self) -> None:
+        report_to: Any = self.report_to
+        if isinstance(report_to, str):       # report_to="wandb" (or report_to=wandb) is one
+            self.report_to = [report_to]
         check_types(self)
+        check_sampling({"temperature": self.temperature,
+                        "samples_per_prompt": self.samples_per_prompt})
         positive = ("iterations", "batch_size", "minibatch_size", "ppo_epochs", "kl_horizon",
                     "max_bad_updates", "keep_checkpoints")
         for name in positive:
@@ -107,8 +129,6 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
         if self.clip_range_value is not None and not self.clip_range_value > 0:
             raise ConfigError(f"clip_range_value={self.clip_range_value} must be > 0, or null "
                               "to disable value clipping.")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm={self.max_grad_norm} must be > 0, or null.")
         if self.target_approx_kl is not None and not self.target_approx_kl > 0:
@@ -116,6 +136,7 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
         for name in ("kl_coef", "vf_coef", "ent_coef", "weight_decay", "adam_eps", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0.")
+        self.resolve_kl_mode()
         if self.kl_estimator == "full" and self.kl_mode != "loss":
             raise ConfigError("kl_estimator='full' (the exact KL over the vocabulary) needs "
                               "kl_mode='loss': in the reward it would act through the sampled "
@@ -130,11 +151,7 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'.")
         if self.engine == "plain":
-            on = self.fast_cpu_fields_set()
-            if on:
-                raise ConfigError(f"{', '.join(on)} set, but only engine='fast_cpu' reads "
-                                  f"{'it' if len(on) == 1 else 'them'}; engine='plain' would "
-                                  "ignore it. Use engine='fast_cpu' (or 'auto' on one CPU).")
+            self.check_fast_cpu_settings("plain")
         if not self.dist_timeout > 0:
             raise ConfigError(f"dist_timeout={self.dist_timeout} must be > 0 (seconds).")
         if self.gradient_checkpointing and self.engine == "fast_cpu":
@@ -150,11 +167,21 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
         self.num_minibatches = self.batch_size // self.minibatch_size
         self.grad_accum_steps = self.minibatch_size // micro
 
+    def resolve_kl_mode(self) -> None:
+        """``kl_mode=None``: the estimator's natural choice, as TRL's GRPO runs with its
+        defaults: 'loss' where the advantages come from the scores alone (grpo, dr_grpo, rloo)
+        and for the exact KL ('full'), which only the loss can take; 'reward' otherwise (PPO
+        with GAE, REINFORCE++). An explicit choice is kept, and checked."""
+        self._kl_mode_given = self.kl_mode      # what to_dict writes (None: resolved again)
+        if self.kl_mode is None:
+            full = self.kl_estimator == "full"
+            self.kl_mode = natural_kl_mode(self.advantage_estimator, self.kl_estimator)
+            log.info("kl_mode=%r: advantage_estimator=%r's choice%s", self.kl_mode,
+                     self.advantage_estimator, " (kl_estimator='full')" if full else "")
+
     def check_estimator(self) -> None:
         """Group sampling and the advantage estimator's needs."""
         k, est = self.samples_per_prompt, self.advantage_estimator
-        if k < 1:
-            raise ConfigError(f"samples_per_prompt={k} must be >= 1.")
         if self.batch_size % k:
             raise ConfigError(f"batch_size={self.batch_size} is not a multiple of "
                               f"samples_per_prompt={k}: batch_size counts episodes, k per "
@@ -162,10 +189,11 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
         if est in GROUPED and k < 2:
             raise ConfigError(f"advantage_estimator={est!r} compares the responses to one "
                               "prompt: set samples_per_prompt >= 2 (e.g. 4).")
-        if est in ("grpo", "dr_grpo", "rloo") and self.kl_mode == "reward" and self.kl_coef:
+        if est in KL_IN_THE_LOSS and self.kl_mode == "reward" and self.kl_coef:
             raise ConfigError(f"advantage_estimator={est!r} takes its advantages from the "
                               "scores alone, so a KL in the reward would be ignored: set "
-                              "kl_mode=loss (GRPO uses kl_estimator=k3), or kl_coef=0.")
+                              "kl_mode=loss or leave it unset (GRPO uses kl_estimator=k3), or "
+                              "kl_coef=0.")
 
     @property
     def aggregation(self) -> str:
@@ -180,6 +208,19 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
     def fast_cpu_fields_set(self) -> list[str]:
         """The fast CPU engine's switches set away from their defaults."""
         return [n for n in FAST_CPU_FIELDS if getattr(self, n) != getattr(FastCPUSettings, n)]
+
+    def check_fast_cpu_settings(self, engine: str, why: str = "") -> None:
+        """Refuse the fast CPU engine's switches for a run on another ``engine``, which would
+        ignore them: checked here for engine='plain', and by ``make_engine`` once 'auto' has
+        picked for the device (``why`` says how it picked)."""
+        on = self.fast_cpu_fields_set()
+        if engine == "fast_cpu" or not on:
+            return
+        it = "it" if len(on) == 1 else "them"
+        raise ConfigError(f"{', '.join(on)} set, but only engine='fast_cpu' reads {it}; "
+                          f"{why or f'engine={engine!r}'} would ignore {it}. Use "
+                          f"engine='fast_cpu' (or 'auto' on one CPU), or leave {it} at the "
+                          "default.")
 
     def fast_cpu_settings(self) -> FastCPUSettings:
         """The fast CPU engine's switches."""
@@ -196,14 +237,17 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
         return cls(**flat)
 
     def to_dict(self) -> dict[str, Any]:
-        """The settable fields as one flat dict (derived sizes left out)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """The settable fields as one flat dict (derived sizes left out); ``kl_mode`` as given
+        (None: the estimator's choice, so a copy with another estimator chooses again)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        out["kl_mode"] = getattr(self, "_kl_mode_given", self.kl_mode)
+        return out
 
     def to_sections(self) -> dict[str, dict[str, Any]]:
         """The settable fields by section: ``{"algorithm": {...}, "system": {...},
         "run": {...}}``."""
-        return {name: {n: getattr(self, n) for n in _names(cls)}
-                for name, cls in SECTIONS.items()}
+        flat = self.to_dict()
+        return {name: {n: flat[n] for n in _names(cls)} for name, cls in SECTIONS.items()}
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PPOConfig:
@@ -227,3 +271,17 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
                 check_keys(SECTIONS[section], {name: value}, where=f"section {section!r}")
             values[name] = value
         return PPOConfig.from_dict(values)
+
+
+def _with_key_check(init: Callable[..., None]) -> Callable[..., None]:
+    """The dataclass's ``__init__`` with unknown keywords refused first: a misspelled one gets
+    the closest field's name (as from YAML), not a bare TypeError. ``functools.wraps`` keeps
+    its signature for ``inspect`` and the docs."""
+    @functools.wraps(init)
+    def __init__(self: PPOConfig, *args: Any, **kwargs: Any) -> None:
+        check_keys(type(self), kwargs, where=type(self).__name__)
+        init(self, *args, **kwargs)
+    return __init__
+
+
+setattr(PPOConfig, "__init__", _with_key_check(PPOConfig.__init__))  # noqa: B010 (mypy)

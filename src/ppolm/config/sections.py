@@ -31,10 +31,11 @@ Distributed = Literal["ddp", "fsdp"]
 
 @dataclass
 class AlgorithmConfig:
-    """What PPO computes: loop sizes, optimisation, advantages, losses, KL control, sampling
-    temperature. (A declaration: build a ``PPOConfig``, which validates.)"""
+    """What PPO computes: loop sizes, the sampling training computes with, optimisation,
+    advantages, losses, KL control and the weights training ends with. (A declaration: build a
+    ``PPOConfig``, which validates.)"""
 
-    # --- loop sizes -------------------------------------------------------------------------
+    # --- loop sizes --------------------------------------------------------------------------
     iterations: int = 100
     """Number of PPO iterations (rollout + update)."""
     batch_size: int = 32
@@ -47,7 +48,19 @@ class AlgorithmConfig:
     ppo_epochs: int = 4
     """Passes over the rollout batch per iteration (K in the PPO paper)."""
 
-    # --- optimisation -----------------------------------------------------------------------
+    # --- sampling ----------------------------------------------------------------------------
+    # The two sampling settings training computes with; the environment holds the other four
+    # (max_new_tokens, top_k, top_p, stop_token_ids). All six are declared and checked in
+    # ppolm.config.sampling; a run's YAML gives them in one ``sampling:`` section.
+    temperature: float = 1.0
+    """Sampling temperature; logits are divided by it for sampling AND for every logprob
+    computed for training and for the reference, so the first ratio is exactly 1."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (group sampling): each prompt of a batch is sampled k
+    times, its responses side by side; ``batch_size`` counts episodes and must be a multiple
+    of k. The grouped estimators compare the responses of a group."""
+
+    # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = 3e-4
     """Adam learning rate for the policy and the value head."""
     lr_schedule: LRSchedule = "constant"
@@ -58,12 +71,6 @@ class AlgorithmConfig:
     runs over the remaining steps; a run shorter than the warm-up never reaches the full rate.
     Adam's first steps move every weight by about the full learning rate whatever the
     gradient's size; a warm-up keeps them small."""
-    average_last: int = 0
-    """End training with the uniform mean of the policy's trainable weights after each of the
-    last N iterations instead of the last iterate (tail averaging, see
-    ppolm.training.averaging): when the late iterates scatter around a fixed point, their noise,
-    and the KL it costs, averages
-    out. 0 (default): the last iterate. At most ``iterations``."""
     adam_eps: float = 1e-5
     """Adam epsilon (1e-5 as in CleanRL and OpenAI baselines)."""
     weight_decay: float = 0.0
@@ -73,7 +80,15 @@ class AlgorithmConfig:
     max_bad_updates: int = 5
     """Stop with TrainingError after this many non-finite updates in a row (each is skipped)."""
 
-    # --- advantages -------------------------------------------------------------------------
+    # --- advantages --------------------------------------------------------------------------
+    advantage_estimator: AdvantageEstimator = "gae"
+    """'gae' (PPO with a value function: GAE(gamma, lam) on the per-token rewards), or a
+    critic-free one (no value head is built or run): 'grpo' ((r - group mean) / group std),
+    'dr_grpo' (r - group mean), 'rloo' (r - mean of the other k - 1), 'reinforce_pp' (returns
+    of the score and the per-token KL penalty, whitened over the batch),
+    'reinforce_pp_baseline' (the group mean subtracted first). Formulas and references:
+    docs/maths.md. grpo, dr_grpo and rloo take the KL in the loss (``kl_mode`` picks 'loss' for
+    them)."""
     gamma: float = 1.0
     """Discount factor over response tokens, in [0, 1]."""
     lam: float = 0.95
@@ -83,17 +98,7 @@ class AlgorithmConfig:
     whiten_advantages: bool = True
     """Whiten advantages over the valid tokens of the batch (masked mean and variance)."""
 
-    samples_per_prompt: int = 1
-    """Responses sampled per prompt (group sampling): each prompt of a batch is sampled k
-    times, its responses side by side; ``batch_size`` counts episodes and must be a multiple
-    of k. The grouped estimators compare the responses of a group."""
-    advantage_estimator: AdvantageEstimator = "gae"
-    """'gae' (PPO with a value function: GAE(gamma, lam) on the per-token rewards), or a
-    critic-free one (no value head is built or run): 'grpo' ((r - group mean) / group std),
-    'dr_grpo' (r - group mean), 'rloo' (r - mean of the other k - 1), 'reinforce_pp' (returns
-    of the score and the per-token KL penalty, whitened over the batch),
-    'reinforce_pp_baseline' (the group mean subtracted first). Formulas and references:
-    docs/maths.md. grpo, dr_grpo and rloo take the KL in the loss (kl_mode='loss')."""
+    # --- losses ------------------------------------------------------------------------------
     loss_aggregation: LossAggregation | None = None
     """How the per-token policy-loss terms (and the entropy bonus and the KL in the loss) of a
     minibatch become one number: 'token-mean' (over all its tokens), 'seq-mean-token-mean'
@@ -101,8 +106,6 @@ class AlgorithmConfig:
     'seq-mean-token-sum-norm' (the sum over max_new_tokens x sequences, a constant: Dr. GRPO).
     None: the estimator's usual choice (gae, rloo, reinforce_pp*: token-mean; grpo:
     seq-mean-token-mean; dr_grpo: seq-mean-token-sum-norm). The value loss is a token mean."""
-
-    # --- losses -----------------------------------------------------------------------------
     clip_range: float = 0.2
     """PPO ratio clip epsilon: the ratio is clipped to [1 - clip_range, 1 + clip_range]."""
     clip_range_value: float | None = 0.2
@@ -114,12 +117,14 @@ class AlgorithmConfig:
     target_approx_kl: float | None = None
     """Stop the epochs of an iteration early once the epoch's mean approx_kl exceeds this."""
 
-    # --- KL control -------------------------------------------------------------------------
+    # --- KL control --------------------------------------------------------------------------
     kl_coef: float = 0.05
     """Initial KL coefficient beta against the frozen reference policy."""
-    kl_mode: KLMode = "reward"
+    kl_mode: KLMode | None = None
     """Where the KL acts: 'reward' (per-token penalty in the reward, as OpenAI/TRL) or 'loss'
-    (a KL term added to the policy loss, GRPO style)."""
+    (a KL term added to the policy loss, GRPO style). None (default): the estimator's natural
+    choice, set when the config is built: 'loss' for grpo, dr_grpo and rloo (their advantages
+    come from the scores alone) and with kl_estimator='full', 'reward' otherwise."""
     kl_estimator: KLEstimator = "k1"
     """Per-token KL estimator: k1 = logp - logp_ref, k2 = (logp - logp_ref)^2 / 2,
     k3 = (r - 1) - log r with r = p_ref / p (on the sampled token), or 'full', the exact KL
@@ -132,12 +137,12 @@ class AlgorithmConfig:
     kl_horizon: int = 10000
     """Horizon (episodes) of the adaptive controller."""
 
-    # --- sampling ---------------------------------------------------------------------------
-    temperature: float = 1.0
-    """Sampling temperature; logits are divided by it for sampling AND for every logprob
-    computed for training and for the reference, so the first ratio is exactly 1."""
-
-
+    # --- the weights training ends with ------------------------------------------------------
+    average_last: int = 0
+    """End training with the uniform mean of the policy's trainable weights after each of the
+    last N iterations instead of the last iterate (tail averaging, see
+    ppolm.training.averaging): when the late iterates scatter around a fixed point, their noise,
+    and the KL it costs, averages out. 0 (default): the last iterate. At most ``iterations``."""
 
 
 @dataclass
@@ -162,7 +167,6 @@ class FastCPUSettings:
     """With frozen lower layers (``freeze_lower_layers``), run them once per rollout (from the
     sampling pass) and start every training forward, and the reference's when it shares them,
     above them. Used only where the split trunk is checked to equal the whole trunk."""
-
 
 
 @dataclass

@@ -57,8 +57,10 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def check_types(obj: Any) -> None:
-    """Check each init field against its annotation; ints are accepted where floats are."""
+def check_types(obj: Any, where: str = "") -> None:
+    """Check each init field against its annotation; ints are accepted where floats are.
+    ``where`` prefixes the names in messages (``model.``), so a message names the key a YAML
+    file or an override gives."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         if not f.init:
@@ -72,8 +74,19 @@ def check_types(obj: Any) -> None:
             except ValueError:
                 pass
         if not _matches(value, hints[f.name]):
-            raise ConfigError(f"{f.name}={value!r} has the wrong type: expected "
-                              f"{_describe(hints[f.name])}, got {type(value).__name__}.")
+            hint = hints[f.name]
+            if _choices(hint) and isinstance(value, str):      # a wrong word, not a wrong type
+                raise ConfigError(f"{where}{f.name}={value!r} is not a choice: use "
+                                  f"{_describe(hint)}.")
+            raise ConfigError(f"{where}{f.name}={value!r} has the wrong type: expected "
+                              f"{_describe(hint)}, got {type(value).__name__}.")
+
+
+def _choices(hint: Any) -> bool:
+    """Whether ``hint`` is a Literal of words (or one of a union)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_choices(h) for h in typing.get_args(hint))
+    return typing.get_origin(hint) is typing.Literal
 
 
 def _accepts_float(hint: Any) -> bool:
@@ -108,3 +121,29 @@ def _describe(hint: Any) -> str:
     if hint is type(None):
         return "null"
     return getattr(hint, "__name__", str(hint))
+
+
+def commented_yaml(values: dict[str, Any], defaults: dict[str, Any], note: str = "") -> str:
+    """``values`` as YAML (as ``yaml.safe_dump`` writes them, one level of sub-mappings), with
+    ``# default: X`` after each setting whose value differs from ``defaults`` (the same shape),
+    and ``note`` as a comment on top."""
+    lines = [f"# {line}".rstrip() for line in note.splitlines()]
+
+    def put(key: str, value: Any, default: Any, indent: str) -> None:
+        text = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False,
+                              width=1000).rstrip("\n").split("\n")
+        if value != default:
+            shown = yaml.safe_dump(default, default_flow_style=True, width=1000)
+            shown = shown.removesuffix("...\n").strip()        # a scalar's end-of-document mark
+            text[0] += f"  # default: {shown}"
+        lines.extend(indent + t for t in text)
+
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict) and value:
+            lines.append(f"{key}:")
+            for k, v in value.items():
+                put(k, v, default.get(k), "  ")
+        else:
+            put(key, value, default, "")
+    return "\n".join(lines) + "\n"

@@ -40,10 +40,8 @@ def make_engine(config: PPOConfig, device: torch.device) -> Engine:
             raise ConfigError("engine='fast_cpu' runs in one process; under torchrun use "
                               "engine='plain' or 'auto' (DDP or FSDP2, see `distributed`).")
         return FastCPUEngine(config.fast_cpu_settings(), device)
-    set_fast = config.fast_cpu_fields_set()
-    if set_fast:
-        raise ConfigError(f"{', '.join(set_fast)}: fast_cpu engine settings, but this run on "
-                          f"{device} uses the plain engine; leave them at their defaults.")
+    config.check_fast_cpu_settings(name, why=f"this run's engine on {device}, "
+                                   f"'{name}'{' (under torchrun)' if grouped else ''},")
     if grouped:
         return DistributedEngine(device, config.distributed, bf16=config.bf16,
                                  gradient_checkpointing=config.gradient_checkpointing)

@@ -1,14 +1,13 @@
 """TextGenerationEnv: prompts -> sampled responses -> scores.
 
 The environment owns the prompts, their order, the tokenizer, the reward function and the
-sampling settings except the temperature, which belongs to PPOConfig because training must use
-the same one (the Trainer passes it in).
+sampling settings that shape a response (max_new_tokens, top_k, top_p, stop_token_ids); the
+temperature and samples_per_prompt belong to PPOConfig because training computes with them (the
+Trainer passes them in). All six are checked by ``ppolm.config.sampling``.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ppolm.config.sampling import check_missing_eos_penalty, check_sampling
 from ppolm.errors import ConfigError, DataError, RewardError
 from ppolm.maths.rewards import score_increments, turn_token_scores
 from ppolm.policies.base import Policy
@@ -91,19 +91,11 @@ class TextGenerationEnv:
                  chat_template: bool = False, reward_weights: list[float] | None = None,
                  interaction: Interaction | None = None,
                  max_turns: int = 4, max_episode_tokens: int | None = None) -> None:
-        if max_new_tokens <= 0:
-            raise DataError(f"max_new_tokens={max_new_tokens} must be > 0.")
-        if top_k < 0 or not 0 < top_p <= 1:
-            raise DataError(f"top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1].")
-        if missing_eos_penalty is not None:
-            if (isinstance(missing_eos_penalty, bool)
-                    or not isinstance(missing_eos_penalty, (int, float))
-                    or not math.isfinite(missing_eos_penalty) or missing_eos_penalty < 0):
-                raise DataError(
-                    f"missing_eos_penalty={missing_eos_penalty!r}: it is SUBTRACTED from the "
-                    "score of a response that never ends (as in TRL), so give a positive "
-                    "number (e.g. 1.0), or None for no penalty.")
-        self.stop_token_ids = _check_stop_token_ids(stop_token_ids)
+        # checked as a run's YAML is (one place for both), raised as DataError as before
+        self.stop_token_ids = check_sampling(
+            {"max_new_tokens": max_new_tokens, "top_k": top_k, "top_p": top_p,
+             "stop_token_ids": stop_token_ids}, error=DataError)["stop_token_ids"]
+        missing_eos_penalty = check_missing_eos_penalty(missing_eos_penalty, error=DataError)
         reward_fn = as_reward(reward_fn, reward_weights)
         if not callable(reward_fn):
             raise RewardError(f"reward_fn must be a RewardFunction, got {reward_fn!r}.")
@@ -129,8 +121,7 @@ class TextGenerationEnv:
                                if self.turns is None else
                                self.turns.reward_columns(reward_fn, list(found.columns)))
         self.max_new_tokens, self.top_k, self.top_p = max_new_tokens, top_k, top_p
-        self.missing_eos_penalty = (None if missing_eos_penalty is None
-                                    else float(missing_eos_penalty))
+        self.missing_eos_penalty = missing_eos_penalty
         self.ignore_eos, self.prefix_shaping = ignore_eos, prefix_shaping
         self._order_gen = torch.Generator().manual_seed(seed)
         self._order = torch.randperm(len(self.prompts), generator=self._order_gen).tolist()
@@ -371,22 +362,6 @@ class TextGenerationEnv:
     def reward_parts(self) -> dict[str, float]:
         parts = getattr(self.reward_fn, "parts", None)
         return parts() if callable(parts) else {}
-
-
-def _check_stop_token_ids(stop_token_ids: Any) -> list[int]:
-    """``stop_token_ids`` as a list of ints, or a DataError naming what is wrong."""
-    if stop_token_ids is None:
-        return []
-    if isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, Iterable):
-        raise DataError(f"stop_token_ids={stop_token_ids!r} must be a list of token ids "
-                        "(ints >= 0), or None.")
-    ids = list(stop_token_ids)
-    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)
-           or t < 0]
-    if bad:
-        raise DataError(f"stop_token_ids={ids!r}: {bad!r} are not token ids; every stop token id "
-                        "must be an int >= 0.")
-    return [int(t) for t in ids]
 
 
 def generation_eos_ids(policy: Any) -> list[int]:

@@ -15,6 +15,7 @@ import torch
 from ppolm.checkpoint import folders, layout
 from ppolm.checkpoint.export import ModelFiles
 from ppolm.config.ppo import PPOConfig
+from ppolm.config.resume import check_checkpoint_config
 from ppolm.engines.base import Engine
 from ppolm.errors import CheckpointError, ConfigError
 from ppolm.observe.metrics import truncate_metrics
@@ -117,13 +118,23 @@ class TrainerState:
             if path is None:
                 raise CheckpointError(f"No complete checkpoint under "
                                       f"{str(self.checkpoints())!r} to resume from.")
+        check_checkpoint_config(path, self.config)   # refuse settings a resume may not change
         # (read from files: nothing shared, no copy needed)
         self._load(layout.load(Path(path), self.engine.state_dict(),
                                sharded_state=self.engine.sharded, world=self.world,
                                models=self.models))
+        self.use_config_learning_rate()
         if self.metrics_path is not None:
             truncate_metrics(self.metrics_path, self.iteration)
         return self.iteration
+
+    def use_config_learning_rate(self) -> None:
+        """The config's learning rate from the next optimizer step on: the loaded schedule and
+        optimizer hold the saved run's (a resume may change it, ``ppolm.config.resume``)."""
+        s, lr = self.scheduler, self.config.learning_rate
+        s.base_lrs = [lr] * len(s.base_lrs)
+        for group, factor in zip(s.optimizer.param_groups, s.lr_lambdas, strict=True):
+            group["initial_lr"], group["lr"] = lr, lr * factor(s.last_epoch)   # as LambdaLR
 
     def checkpoints(self) -> Path:
         """The folder of the run's checkpoints."""
