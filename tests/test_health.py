@@ -75,7 +75,11 @@ CASES = [
     ("truncated", {"eos_fraction": 0.125}, {}, ["88%", "80%", "max_new_tokens"]),
     ("skipped_updates", {"skipped_updates": 2.0, "epochs_done": 2.0}, {},
      ["2 of 8 updates", "max_bad_updates=5"]),
+    # multi-turn runs (HEALTHY_TURNS below is their fine state)
+    ("episodes_truncated", {"truncated_fraction": 0.75}, {}, ["75%", "50%", "max_turns"]),
+    ("tool_errors", {"tool_errors_mean": 2.5}, {}, ["2.5", "over 1", "samples.jsonl"]),
 ]
+HEALTHY_TURNS = {"turns_mean": 2.0, "truncated_fraction": 0.25, "tool_errors_mean": 0.5}
 
 
 @pytest.mark.parametrize("name,bad,settings,numbers", CASES,
@@ -83,7 +87,8 @@ CASES = [
 def test_each_condition_warns_once_per_episode(name, bad, settings, numbers):
     monitor = HealthMonitor()
     # fine, fine, bad x3 (one episode), fine, bad x2 (a second episode), fine
-    metrics = rows({}, {}, bad, bad, bad, {}, bad, bad, {})
+    fine = HEALTHY_TURNS if name in ("episodes_truncated", "tool_errors") else {}
+    metrics = rows(fine, fine, bad, bad, bad, fine, bad, bad, fine)
     found = feed(monitor, holder(**settings), metrics)
     assert [w["name"] for w in monitor.warnings] == [name, name]
     assert [w["iteration"] for w in monitor.warnings] == [3, 7]
@@ -164,7 +169,8 @@ def test_entropy_collapse_compares_with_the_first_iteration_seen():
                                     {"kl_rising_iterations": 0}, {"value_iterations": 2.5},
                                     {"entropy_fraction": 1.5}, {"clipfrac_limit": -0.1},
                                     {"truncated_fraction": 2}, {"negative_kl": 0.1},
-                                    {"approx_kl_limit": 0}])
+                                    {"approx_kl_limit": 0}, {"truncated_episodes": 1.5},
+                                    {"tool_errors_limit": -1}])
 def test_bad_thresholds_are_refused(kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         HealthMonitor(**kwargs)

@@ -8,8 +8,18 @@ import json
 from html.parser import HTMLParser
 
 import pytest
+import torch
 
 from conftest import toy_trainer
+from ppolm import (
+    Interaction,
+    PPOConfig,
+    Reply,
+    TextGenerationEnv,
+    Trainer,
+    TransformerPolicy,
+    char_tokenizer,
+)
 from ppolm.cli import main
 from ppolm.errors import ConfigError
 from ppolm.evaluation.report import write_report
@@ -81,3 +91,42 @@ def test_a_folder_without_metrics_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="no metrics.jsonl"):
         write_report(tmp_path)
     assert main(["report", str(tmp_path)]) == 2
+
+
+class Quiz(Interaction):
+    """A tool reply after the first turn and a user reply after the second; after the third,
+    a reply to the prompt 'ab' only, which max_turns=3 cuts (the episode truncated)."""
+
+    reply_role = "tool"
+
+    def reply(self, prompt, turns, state):
+        if len(turns) == 1:
+            return "=42"
+        if len(turns) == 2:
+            return Reply("again", role="user")
+        return "more" if prompt == "ab" else None
+
+
+def test_multi_turn_samples_and_the_report_show_turns_and_roles(tmp_path):
+    torch.manual_seed(0)
+    tok = char_tokenizer("0123456789=abgimnor?")
+    env = TextGenerationEnv(["a", "ab"], tok, lambda p, r: [0.5] * len(r), max_new_tokens=3,
+                            interaction=Quiz(), max_turns=3)
+    trainer = Trainer(TransformerPolicy(len(tok), hidden_size=32), env, PPOConfig(
+        iterations=1, batch_size=4, minibatch_size=4, progress=False, log_samples_every=1,
+        output_dir=str(tmp_path)))
+    trainer.train()
+    [entry] = [json.loads(line) for line in (tmp_path / "samples.jsonl").open()]
+    assert sorted(s["prompt"] for s in entry["samples"]) == ["a", "a", "ab", "ab"]
+    for sample in entry["samples"]:
+        turns = sample["turns"]
+        assert [m["role"] for m in turns] == ["assistant", "tool", "assistant", "user",
+                                              "assistant"]
+        assert [turns[1]["text"], turns[3]["text"]] == ["=42", "again"]
+        assert sample["truncated"] is (sample["prompt"] == "ab")   # "more" did not fit
+        assert sample["response"] == "".join(m["text"] for m in turns)
+    page = write_report(tmp_path).read_text()
+    assert page.count('<span class="role">tool:</span> =42</div>') == 4
+    assert page.count('<span class="role">user:</span> again</div>') == 4
+    assert page.count("(truncated: max_turns or max_episode_tokens)") == 2
+    assert 'alt="Multi-turn episodes: turns, share truncated, failed tool calls"' in page

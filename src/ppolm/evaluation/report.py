@@ -28,13 +28,16 @@ PANELS = (
     ("Gradient norm", ("grad_norm",)),
     ("Response length (tokens)", ("response_length", "eval/response_length")),
     ("Share of responses that ended", ("eos_fraction", "eval/eos_fraction")),
+    ("Multi-turn episodes: turns, share truncated, failed tool calls",
+     ("turns_mean", "truncated_fraction", "tool_errors_mean")),
     ("Learning rate", ("lr",)),
 )
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 img{width:48%;margin:0.5%} table{border-collapse:collapse;font-size:0.9em;margin-bottom:1em}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}
 pre{background:#f5f5f5;padding:1em;overflow:auto;font-size:0.85em}
-li.warning{margin-bottom:0.4em}"""
+li.warning{margin-bottom:0.4em} .role{font-weight:bold;color:#555}
+.turn{white-space:pre-wrap;margin-bottom:0.3em}"""
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -90,11 +93,24 @@ def _samples_table(entry: dict[str, Any]) -> str:
         cells = []
         for c in SAMPLE_COLUMNS:
             v = sample.get(c)
+            if c == "response" and isinstance(sample.get("turns"), list):
+                cells.append(f"<td>{_turns(sample)}</td>")
+                continue
             cells.append(f"<td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}"
                          "</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f"<h3>Iteration {entry['iteration']}</h3><table><tr>{head}</tr>"
             + "".join(body) + "</table>")
+
+
+def _turns(sample: dict[str, Any]) -> str:
+    """A multi-turn episode's messages, each under its role (samples.jsonl's ``turns``)."""
+    out = [f'<div class="turn"><span class="role">{html.escape(str(m.get("role")))}:</span> '
+           f'{html.escape(str(m.get("text")))}</div>' for m in sample["turns"]
+           if isinstance(m, dict)]
+    if sample.get("truncated"):
+        out.append('<div class="turn"><i>(truncated: max_turns or max_episode_tokens)</i></div>')
+    return "".join(out)
 
 
 def _summary(rows: list[dict[str, Any]]) -> str:

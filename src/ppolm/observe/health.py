@@ -28,7 +28,7 @@ from ppolm.observe.metrics import MetricsWriter, truncate_metrics
 #: The conditions checked, by the name each warning carries.
 CONDITIONS = ("kl_high", "kl_rising", "kl_negative", "entropy_collapse", "clipfrac_high",
               "approx_kl_high", "value_not_learning", "truncated", "skipped_updates",
-              "reward_hacking")
+              "reward_hacking", "episodes_truncated", "tool_errors")
 
 
 class PPOHealthWarning(UserWarning):
@@ -74,6 +74,11 @@ class HealthMonitor(Callback):
             each time while the score on the held-out prompts (``eval/score_mean``) fell each
             time: the policy gains on its training prompts what it loses elsewhere, the sign
             of reward hacking (or of overfitting the training prompts). Default 2.
+        truncated_episodes: multi-turn runs: warn when more than this fraction of the episodes
+            were cut by ``max_turns`` or ``max_episode_tokens`` (``truncated_fraction``).
+            Default 0.5.
+        tool_errors_limit: multi-turn runs with tools: warn when the episodes average more
+            failed tool calls than this (``tool_errors_mean``). Default 1.0.
 
     Any skipped non-finite update (``skipped_updates`` > 0) also warns.
     """
@@ -83,9 +88,11 @@ class HealthMonitor(Callback):
                  negative_kl: float = -0.1, entropy_fraction: float = 0.1,
                  clipfrac_limit: float = 0.3, approx_kl_limit: float = 0.1,
                  value_iterations: int = 5, truncated_fraction: float = 0.8,
-                 hacking_evals: int = 2) -> None:
+                 hacking_evals: int = 2, truncated_episodes: float = 0.5,
+                 tool_errors_limit: float = 1.0) -> None:
         for name, value in (("kl_factor", kl_factor), ("kl_limit", kl_limit),
-                            ("approx_kl_limit", approx_kl_limit)):
+                            ("approx_kl_limit", approx_kl_limit),
+                            ("tool_errors_limit", tool_errors_limit)):
             if not value > 0:
                 raise ConfigError(f"HealthMonitor {name}={value} must be > 0.")
         for name, count in (("kl_rising_iterations", kl_rising_iterations),
@@ -96,7 +103,8 @@ class HealthMonitor(Callback):
         for name, value in (("kl_rising_floor", kl_rising_floor),
                             ("entropy_fraction", entropy_fraction),
                             ("clipfrac_limit", clipfrac_limit),
-                            ("truncated_fraction", truncated_fraction)):
+                            ("truncated_fraction", truncated_fraction),
+                            ("truncated_episodes", truncated_episodes)):
             if not 0 <= value <= 1:
                 raise ConfigError(f"HealthMonitor {name}={value} must be in [0, 1].")
         if not negative_kl <= 0:
@@ -108,6 +116,7 @@ class HealthMonitor(Callback):
         self.clipfrac_limit, self.approx_kl_limit = float(clipfrac_limit), float(approx_kl_limit)
         self.value_iterations, self.truncated_fraction = value_iterations, truncated_fraction
         self.hacking_evals = hacking_evals
+        self.truncated_episodes, self.tool_errors_limit = truncated_episodes, tool_errors_limit
         #: Every warning given: dicts of ``iteration``, ``name`` (one of CONDITIONS), ``message``.
         self.warnings: list[dict[str, Any]] = []
         self.active: set[str] = set()         # conditions in an episode of trouble
@@ -148,6 +157,8 @@ class HealthMonitor(Callback):
             "truncated": self._truncated(config, metrics, it),
             "skipped_updates": self._skipped(config, metrics, it),
             "reward_hacking": self._hacking(config, metrics, it),
+            "episodes_truncated": self._episodes_truncated(metrics, it),
+            "tool_errors": self._tool_errors(metrics, it),
         }
         for name, result in checks.items():
             if result is None:                  # unknown this iteration: no change
@@ -275,6 +286,28 @@ class HealthMonitor(Callback):
         return (f"{cut:.0%} of the responses hit the length limit without an end token at "
                 f"iteration {it} (over {self.truncated_fraction:.0%}): the reward judges cut-off "
                 "text; raise max_new_tokens, or penalise such responses (missing_eos_penalty).")
+
+    def _episodes_truncated(self, m: dict[str, Any], it: Any) -> str | bool | None:
+        cut = _value(m, "truncated_fraction")
+        if cut is None:
+            return None
+        if cut <= self.truncated_episodes:
+            return False
+        return (f"{cut:.0%} of the episodes were cut by max_turns or max_episode_tokens at "
+                f"iteration {it} (over {self.truncated_episodes:.0%}): the reward judges "
+                "conversations that did not finish; raise max_turns or max_episode_tokens, or "
+                "read the samples' turns (samples.jsonl) to see why the model does not finish.")
+
+    def _tool_errors(self, m: dict[str, Any], it: Any) -> str | bool | None:
+        errors = _value(m, "tool_errors_mean")
+        if errors is None:
+            return None
+        if errors <= self.tool_errors_limit:
+            return False
+        return (f"Episodes made {errors:.3g} failed tool calls each on average at iteration "
+                f"{it} (over {self.tool_errors_limit:g}): unknown tools, malformed calls or "
+                "wrong arguments; read the samples' turns (samples.jsonl) for the error "
+                "replies, and check the tools' schemas in the prompt and the call parser.")
 
     def _skipped(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
         skipped = _value(m, "skipped_updates")

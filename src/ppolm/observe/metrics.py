@@ -29,7 +29,9 @@ METRIC_NAMES = (
 #: Families of metric names: the parts of a combined reward (``reward/<part>``) and the
 #: evaluation on held-out prompts (``eval/<figure>``, see ``ppolm.EvalCallback``).
 METRIC_PREFIXES = ("reward/", "eval/")
-#: The columns of a sample table (samples.jsonl and the trackers' tables).
+#: The columns of a sample table (samples.jsonl and the trackers' tables). A multi-turn
+#: episode's row has ``turns`` too in samples.jsonl: its messages after the prompt in order,
+#: ``{"role": ..., "text": ...}`` ("assistant" for the model's turns), and ``truncated``.
 SAMPLE_COLUMNS = ("prompt", "response", "reward", "kl")
 #: At most this many samples of an iteration are recorded (the first of its batch).
 SAMPLES_PER_ITERATION = 16
@@ -53,12 +55,33 @@ def turn_metrics(info: TurnInfo, world: World, batch_size: int) -> dict[str, flo
 
 
 def iteration_samples(prompts: list[str], responses: list[str], rewards: list[float],
-                      kls: list[float]) -> list[dict[str, Any]]:
+                      kls: list[float], turn_info: TurnInfo | None = None
+                      ) -> list[dict[str, Any]]:
     """An iteration's first SAMPLES_PER_ITERATION samples as rows of SAMPLE_COLUMNS
-    (``reward``: the reward function's score; ``kl``: the response's KL to the reference)."""
+    (``reward``: the reward function's score; ``kl``: the response's KL to the reference);
+    with ``turn_info`` (multi-turn episodes) each row's ``turns`` and ``truncated`` too."""
     n = min(SAMPLES_PER_ITERATION, len(prompts))
-    return [dict(zip(SAMPLE_COLUMNS, (prompts[i], responses[i], float(rewards[i]),
+    rows = [dict(zip(SAMPLE_COLUMNS, (prompts[i], responses[i], float(rewards[i]),
                                       float(kls[i])), strict=True)) for i in range(n)]
+    if turn_info is not None:
+        for i, row in enumerate(rows):
+            row["turns"] = conversation(turn_info, i)
+            row["truncated"] = bool(turn_info.truncated[i])
+    return rows
+
+
+def conversation(info: TurnInfo, b: int) -> list[dict[str, str]]:
+    """Episode ``b``'s messages after its prompt, as they stand in its tokens: each model turn
+    ("assistant") and the reply after it (its role), but a last reply that did not fit (the
+    episode truncated) left out."""
+    turns, replies = info.turns[b], info.replies[b]
+    roles = info.reply_roles[b] if info.reply_roles else ["user"] * len(replies)
+    out: list[dict[str, str]] = []
+    for k, text in enumerate(turns):
+        out.append({"role": "assistant", "text": text})
+        if k < len(turns) - 1 and k < len(replies):
+            out.append({"role": roles[k], "text": replies[k]})
+    return out
 
 
 class MetricsWriter:

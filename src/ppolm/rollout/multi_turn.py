@@ -67,6 +67,7 @@ class Transcripts:
     logprobs: Tensor | None = None  # (B, T) the sampler's, 0 on reply tokens (record=True)
     hidden: Tensor | None = None    # (B, T, H) the sampler's states, 0 on reply tokens
     replies: list[list[str]] = field(default_factory=list)
+    reply_roles: list[list[str]] = field(default_factory=list)    # each reply's chat role
 
 
 class ReplyEncoder:
@@ -153,6 +154,7 @@ def run_turns(policy: Policy, interaction: Interaction, prompts: list[str],
     rewards: list[list[tuple[int, float]]] = [[] for _ in range(B)]
     turns: list[list[str]] = [[] for _ in range(B)]
     replies: list[list[str]] = [[] for _ in range(B)]
+    roles: list[list[str]] = [[] for _ in range(B)]
     truncated, ended = [False] * B, [False] * B
     active = list(range(B))
     feed: list[list[int]] = [[] for _ in range(B)]   # what the next turn feeds to the cache
@@ -191,7 +193,8 @@ def run_turns(policy: Policy, interaction: Interaction, prompts: list[str],
             if reply.reward is not None:
                 rewards[i].append((len(ids[i]) - 1, float(reply.reward)))
             replies[i].append(reply.text)
-            extra = encode(reply.text, reply.role or interaction.reply_role,
+            roles[i].append(reply.role or interaction.reply_role)
+            extra = encode(reply.text, roles[i][-1],
                            new[-1] if new and new[-1] in stops else None)
             if turn == max_turns - 1 or len(ids[i]) + len(extra) + settings.max_new_tokens \
                     > caps[i]:
@@ -209,8 +212,10 @@ def run_turns(policy: Policy, interaction: Interaction, prompts: list[str],
         active = going
         if not active:
             break
-    return _assemble(ids, model, lps, hid, rewards, turns, replies, truncated, ended,
-                     settings.pad_token_id, device)
+    tr = _assemble(ids, model, lps, hid, rewards, turns, replies, truncated, ended,
+                   settings.pad_token_id, device)
+    tr.reply_roles = roles
+    return tr
 
 
 def _going_on(policy: Policy, past: Past | None, rows: list[int]) -> Past | None:
@@ -344,7 +349,8 @@ class MultiTurn:
     def info(self, tr: Transcripts, states: list[dict[str, Any]]) -> TurnInfo:
         """The episodes' facts for logging."""
         device = tr.ended.device        # the batch's (the metrics sum them over ranks)
-        return TurnInfo(turns=tr.turns, replies=tr.replies, states=states,
+        return TurnInfo(turns=tr.turns, replies=tr.replies, reply_roles=tr.reply_roles,
+                        states=states,
                         num_turns=torch.tensor([len(t) for t in tr.turns], device=device),
                         truncated=torch.tensor(tr.truncated, device=device),
                         tool_errors=torch.tensor([self.interaction.tool_errors(s)

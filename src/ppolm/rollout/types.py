@@ -6,7 +6,7 @@ L = P + T. Every mask is 1 on real tokens and 0 on padding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ class TurnInfo:
     num_turns: Tensor              # (B,) long: model turns
     truncated: Tensor              # (B,) bool: stopped by max_turns or max_episode_tokens
     tool_errors: Tensor            # (B,) long: failed tool calls
+    reply_roles: list[list[str]] = field(default_factory=list)  # B lists: each reply's role
 
 
 @dataclass(frozen=True)

@@ -352,7 +352,8 @@ class Trainer:
             row.update(turn_metrics(episodes.turn_info, self.world, cfg.batch_size))
         self.history.append(row)        # metrics.jsonl: written by a callback (trackers.py)
         self.last_samples = iteration_samples(episodes.prompts, episodes.responses,
-                                              rollout.scores.tolist(), kl_seq.tolist())
+                                              rollout.scores.tolist(), kl_seq.tolist(),
+                                              episodes.turn_info)
         return row
 
     # --- state and files: the TrainerState's (trainer_state.py) -------------------------------
