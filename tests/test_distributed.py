@@ -93,6 +93,22 @@ def test_one_rank_under_torchrun_runs_ddp_or_fsdp_with_the_update_of_one_process
     assert b["metrics"]["policy_loss"] == pytest.approx(a["metrics"]["policy_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_meta", "ddp"])
+def test_fit_kl_budget_on_the_ranks_shards_fits_as_in_one_process(updates, strategy):
+    """fit_kl_budget through the trainer's engine under torchrun (FSDP2: the weight path on
+    each rank's shards, evaluate() gathering them as a rollout does): the tries and the weights
+    it leaves are one process's."""
+    one, two, _ = updates
+    a = torch.load(one / "single-shared.pt", weights_only=False)["kl_budget"]
+    b = torch.load(two / f"{strategy}-shared.pt", weights_only=False)["kl_budget"]
+    assert len(a["tries"]) == len(b["tries"]) == 2 and a["alpha"] < 1.0   # (it moved them)
+    for x, y in zip(a["tries"], b["tries"], strict=True):
+        assert y["alpha"] == pytest.approx(x["alpha"], rel=1e-3)
+        assert y["kl"] == pytest.approx(x["kl"], rel=1e-3, abs=1e-6)
+        assert y["reward_mean"] == pytest.approx(x["reward_mean"], abs=1e-6)
+    assert max_diff(a["state"], b["state"]) < 1e-5
+
+
 def test_lora_on_two_ranks_makes_the_update_of_one_process(updates):
     """LoRA under DDP: the adapters (the only trained weights) as in one process."""
     one, two, _ = updates

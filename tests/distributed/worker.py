@@ -73,8 +73,9 @@ def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     trained = trained_modules(trainer.policy, trainer.value_head)
     if not dist.is_initialized():
         return {k: v.detach().clone() for k, v in trained.state_dict().items()}
-    return get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True,
-                                                                  cpu_offload=True))
+    whole = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True,
+                                                                   cpu_offload=True))
+    return {k: v.detach().clone() for k, v in whole.items()}   # (DDP's are the live tensors)
 
 
 def update(out: Path) -> None:
@@ -115,11 +116,25 @@ def update(out: Path) -> None:
         n = 8 // world
         row = trainer.iterate(episodes=rows(whole, slice(rank * n, (rank + 1) * n)))
         state = full_state(trainer)
+        budget = kl_budget(trainer, tok) if head == "shared" and "ckpt" not in strategy else None
         if rank == 0:
             torch.save({"state": state, "metrics": row, "engine": trainer.engine.name,
-                        "world_size": trainer.world.size}, out / f"{strategy}-{head}.pt")
+                        "world_size": trainer.world.size, "kl_budget": budget},
+                       out / f"{strategy}-{head}.pt")
         if dist.is_initialized():
             dist.barrier()
+
+
+def kl_budget(trainer: Trainer, tok) -> dict:
+    """fit_kl_budget of the trained policy through the trainer's engine (under FSDP2: on the
+    ranks' shards), to half the KL it has: the tries (alpha, KL, reward) and the weights it
+    leaves (gathered whole)."""
+    from ppolm.evaluation.kl_budget import fit_kl_budget
+
+    settings = dict(max_new_tokens=4, seed=5, engine=trainer.engine)
+    fit = fit_kl_budget(trainer.policy, trainer.reference, tok, PROMPTS,
+                        CallableReward(count_a), budget=1e-3, max_tries=2, **settings)
+    return {"tries": fit.tries, "alpha": fit.alpha, "state": full_state(trainer)}
 
 
 def bad_reward(out: Path) -> None:

@@ -159,8 +159,14 @@ class DistributedEngine(PlainEngine):
         # parameters (embeddings, final norm, head) are gathered for the rollout.
         for root in self._roots:
             root.unshard()  # type: ignore[operator]
-        with self.autocast():
-            yield
+        try:
+            with self.autocast():
+                yield
+        finally:
+            # Sharded again after it: weights written into the shards between two rollouts
+            # (fit_kl_budget's weight path, say) reach the next gathering.
+            for root in self._roots:
+                root.reshard()  # type: ignore[operator]
 
     def _call(self, model: Policy, seqs: Sequences, logits: bool) -> Any:
         with self.autocast():
