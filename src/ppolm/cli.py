@@ -1,5 +1,5 @@
 """Command line: ``ppolm train [CONFIG.yaml] [key=value ...] [--resume]``,
-``ppolm report RUN_DIR``."""
+``ppolm export RUN_DIR OUT [--no-merge]``, ``ppolm report RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def main(argv: list[str] | None = None) -> int:
                             "warnings, config)")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
     report.add_argument("-o", "--out", help="the HTML file (default RUN_DIR/report.html)")
+    export = sub.add_parser("export", help="write the newest checkpoint of a run as a "
+                            "transformers model folder (save_pretrained)",
+                            description="The policy of the newest checkpoint of RUN_DIR (one "
+                            "process or sharded) as a save_pretrained folder: weights (LoRA "
+                            "merged), tokenizer, generation config, the value head beside them.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
+    export.add_argument("out", metavar="OUT", help="the folder to write")
+    export.add_argument("--no-merge", action="store_true",
+                        help="LoRA: write the adapters alone (adapter_config.json and "
+                        "adapter_model.safetensors) instead of merged weights")
     ns = parser.parse_args(argv)
     try:
         if ns.command == "show-config":
@@ -38,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             from ppolm.evaluation.report import write_report
 
             print(f"report: {write_report(ns.run_dir, ns.out)}")
+            return 0
+        if ns.command == "export":
+            from ppolm.checkpoint.run_export import export_run
+
+            print(f"model: {export_run(ns.run_dir, ns.out, merge=not ns.no_merge)}")
             return 0
         return _train(ns.args, ns.resume)
     except PPOLMError as e:
@@ -126,6 +141,12 @@ def _train(args: list[str], resume: bool) -> int:
             f"{last:.3f}; final KL {history[-1]['kl']:.2f} nats")
     say(f"metrics: {out / 'metrics.jsonl'}")
     say(f"checkpoints: {out / 'checkpoints'}")
+    if spec.model.kind in ("hf", "smollm2") and main:
+        # the final model as a transformers folder, as TRL's trainers save theirs (rank 0
+        # reads the last checkpoint, sharded or not, once every rank has written it)
+        from ppolm.checkpoint.run_export import export_run
+
+        say(f"model: {export_run(out, out / 'model')}")
     return 0
 
 
