@@ -22,8 +22,9 @@ def build(out: Path, average_last: int, iterations: int = 5) -> Trainer:
 
 
 def weights_at(out: Path, iteration: int) -> dict[str, torch.Tensor]:
-    """The policy's trainable weights in the checkpoint of ``iteration``."""
-    t = build(out.parent / "loader", average_last=0)
+    """The policy's trainable weights in the checkpoint of ``iteration`` (read by a Trainer of
+    the same settings: a resume refuses another average_last)."""
+    t = build(out.parent / "loader", average_last=3)
     t.resume(out / "checkpoints" / f"iter-{iteration:07d}")
     return {k: v.detach().clone() for k, v in trainable_weights(t.policy).items()}
 
