@@ -88,7 +88,8 @@ def main() -> None:
     reference = trainer.reference
     policy, tokenizer, reward = trainer.policy, trainer.env.tokenizer, trainer.env.reward_fn
     held_out = chat_prompts(tokenizer, movie_review_prompts("eval")[: args.eval_prompts])
-    sampling = dict(max_new_tokens=spec.env.max_new_tokens, temperature=spec.ppo.temperature,
+    sampling = dict(max_new_tokens=spec.sampling.max_new_tokens,
+                    temperature=spec.sampling.temperature,
                     add_special_tokens=False, engine=trainer.engine)
 
     def run_eval(name: str) -> dict:

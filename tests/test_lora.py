@@ -258,7 +258,7 @@ def test_smollm2_with_lora_on_its_top_layers_from_the_example_config(tmp_path, m
     spec = RunSpec.load(ROOT / "examples/configs/sentiment_smollm2.yaml", [
         "model.trainable_layers=null", "model.lora={r: 4, target_modules: [q_proj, v_proj], "
         "layers: [28, 29]}", "iterations=1", "average_last=0", "batch_size=4",
-        "minibatch_size=4", "ppo_epochs=1", "env.max_new_tokens=6", "env.prefix_shaping=false",
+        "minibatch_size=4", "ppo_epochs=1", "sampling.max_new_tokens=6", "env.prefix_shaping=false",
         "progress=false", "save_every=1000", f"output_dir={tmp_path}"])
     trainer = build_run(spec)
     policy = trainer.policy
