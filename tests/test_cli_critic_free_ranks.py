@@ -8,17 +8,25 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 
 
-def test_grpo_on_two_ranks_from_the_command_line(tmp_path):
+# grpo in the default suite; the other critic-free estimators (the same code path, another
+# advantage function) with the slow tests.
+ESTIMATORS = ["grpo", *(pytest.param(e, marks=pytest.mark.slow)
+                        for e in ("dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"))]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_critic_free_on_two_ranks_from_the_command_line(tmp_path, estimator):
     out = tmp_path / "run"
     done = subprocess.run(
         [*TORCHRUN, "2", "-m", "ppolm", "train", f"output_dir={out}", "progress=false",
          "iterations=2", "batch_size=8", "minibatch_size=4", "ppo_epochs=1",
-         "samples_per_prompt=4", "advantage_estimator=grpo", "model.hidden_size=16",
+         "samples_per_prompt=4", f"advantage_estimator={estimator}", "model.hidden_size=16",
          "model.n_layers=1"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-6000:]
@@ -27,5 +35,5 @@ def test_grpo_on_two_ranks_from_the_command_line(tmp_path):
     assert [r["iteration"] for r in rows] == [1, 2]
     assert all("explained_variance" not in r or r["explained_variance"] is None for r in rows)
     saved = yaml.safe_load((out / "run.yaml").read_text())
-    assert saved["ppo"]["advantage_estimator"] == "grpo" and saved["model"]["value"] == "auto"
+    assert saved["ppo"]["advantage_estimator"] == estimator and saved["model"]["value"] == "auto"
     assert (out / "checkpoints" / "iter-0000002" / "COMPLETE").is_file()
