@@ -1,5 +1,6 @@
 """``build_run``: a ready Trainer from a RunSpec (the run's YAML, read and checked in
-``ppolm.config.run_spec``, re-exported here), and the reward a spec names."""
+``ppolm.config.run_spec``, re-exported here), and the reward, interaction and tools a spec
+names."""
 
 from __future__ import annotations
 
@@ -26,16 +27,7 @@ def load_reward(name: str, kwargs: dict[str, Any], config_dir: Path | None = Non
     if name in BUILTIN_REWARDS:
         cls = BUILTIN_REWARDS[name]
     elif ":" in name:
-        module, _, attr = name.partition(":")
-        folders = [*([config_dir] if config_dir is not None else []), Path.cwd()]
-        try:
-            cls = getattr(_import(module, folders), attr)
-        except ModuleNotFoundError as e:
-            tried = ", ".join(str(f.resolve()) for f in folders)
-            raise ConfigError(f"Cannot import reward {name!r}: {e}; looked in {tried} and the "
-                              "installed packages.") from None
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"Cannot import reward {name!r}: {e}") from None
+        cls = load_attr(name, "reward", config_dir)
     else:
         raise ConfigError(f"Unknown reward {name!r}: use one of {sorted(BUILTIN_REWARDS)} or "
                           "'package.module:ClassName'.")
@@ -43,6 +35,43 @@ def load_reward(name: str, kwargs: dict[str, Any], config_dir: Path | None = Non
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"Cannot build reward {name!r} with {kwargs}: {e}") from None
+
+
+def load_attr(name: str, what: str, config_dir: Path | None = None) -> Any:
+    """The object a 'module:name' path names (``what`` it is, for messages), the module
+    looked for as ``load_reward`` looks for it."""
+    module, _, attr = name.partition(":")
+    folders = [*([config_dir] if config_dir is not None else []), Path.cwd()]
+    try:
+        return getattr(_import(module, folders), attr)
+    except ModuleNotFoundError as e:
+        tried = ", ".join(str(f.resolve()) for f in folders)
+        raise ConfigError(f"Cannot import {what} {name!r}: {e}; looked in {tried} and the "
+                          "installed packages.") from None
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"Cannot import {what} {name!r}: {e}") from None
+
+
+def load_interaction(env: EnvSpec, config_dir: Path | None = None) -> Any:
+    """The Interaction ``env.interaction`` and ``env.tools`` name (None when they name none):
+    the class built with ``interaction_kwargs`` (and ``tools=`` the functions when there are
+    tools), or a ToolInteraction of the tools."""
+    if env.interaction is None and not env.tools:
+        return None
+    kwargs = dict(env.interaction_kwargs)
+    if env.tools:
+        kwargs["tools"] = [load_attr(t, "tool", config_dir) for t in env.tools]
+    if env.interaction is None:
+        from ppolm.rollout.tools import ToolInteraction
+
+        cls: Any = ToolInteraction
+    else:
+        cls = load_attr(env.interaction, "interaction", config_dir)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"Cannot build interaction {env.interaction or 'ToolInteraction'!r} "
+                          f"with {sorted(kwargs)}: {e}") from None
 
 
 def _import(module: str, folders: list[Path]) -> Any:
@@ -103,12 +132,16 @@ def build_run(spec: RunSpec, reference: Any = None) -> Any:
                   else ValueHead.adapter(policy) if value == "adapter" else
                   ValueHead(policy.hidden_size, detach=value == "detached"))
     e = spec.env
+    interaction = load_interaction(e, spec.config_dir)
+    if interaction is None and task is not None:
+        interaction = task.interaction          # a multi-turn task's own (lookup)
     # the sampling settings the environment holds (PPOConfig holds the others)
     env = TextGenerationEnv(prompts, tokenizer, reward, **spec.sampling.env_values(),
                             missing_eos_penalty=e.missing_eos_penalty,
                             prefix_shaping=e.prefix_shaping,
                             add_special_tokens=not e.chat_template, seed=spec.ppo.seed,
-                            chat_template=e.chat_template)
+                            chat_template=e.chat_template, interaction=interaction,
+                            max_turns=e.max_turns, max_episode_tokens=e.max_episode_tokens)
     torch.manual_seed(spec.ppo.seed)
     return Trainer(policy, env, spec.ppo, value_head=value_head, reference=reference,
                    callbacks=_eval_callbacks(spec, tokenizer))

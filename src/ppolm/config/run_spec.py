@@ -105,6 +105,22 @@ class EnvSpec:
     chat_template: bool = False
     """Wrap each prompt as a user message in the tokenizer's chat template (and add no other
     special tokens); for chat models such as smollm2."""
+    interaction: str | None = None
+    """Multi-turn episodes: 'package.module:ClassName' of a ppolm.Interaction answering each
+    model turn (looked for as ``reward`` is), built with ``interaction_kwargs``. See
+    docs/multi-turn.md. A task with an interaction of its own (lookup) uses it by default."""
+    interaction_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the interaction class (or for ppolm.ToolInteraction with
+    ``tools``: timeout, max_calls, ...)."""
+    tools: list[str] | None = None
+    """Tool use: 'package.module:function' of each tool (functions with type hints and a
+    docstring), run by a ppolm.ToolInteraction (or given as ``tools=`` to ``interaction``'s
+    class). Tools run with the trainer's rights."""
+    max_turns: int = 4
+    """With an interaction or tools: the most model turns of an episode."""
+    max_episode_tokens: int | None = None
+    """With an interaction or tools: the most tokens after the prompt (model turns and
+    replies); None: max_turns x (max_new_tokens + 256)."""
     sampling: SamplingConfig | None = field(default=None, init=False, repr=False,
                                             compare=False)
     """The run spec's sampling section (set by the RunSpec that holds this), which the moved
@@ -114,6 +130,16 @@ class EnvSpec:
         check_types(self, where="env.")
         self.missing_eos_penalty = check_missing_eos_penalty(self.missing_eos_penalty,
                                                              where="env.")
+        for name in ([self.interaction] if self.interaction else []) + list(self.tools or []):
+            module, _, attr = name.partition(":") if isinstance(name, str) else ("", "", "")
+            if not module or not attr:
+                raise ConfigError(f"env: {name!r} is not 'package.module:name' (the module "
+                                  "and, after a colon, the class or function in it).")
+        if self.max_turns < 1:
+            raise ConfigError(f"env.max_turns={self.max_turns} must be >= 1.")
+        if self.max_episode_tokens is not None and self.max_episode_tokens < 1:
+            raise ConfigError(f"env.max_episode_tokens={self.max_episode_tokens} must be >= 1 "
+                              "or null.")
 
     def _moved(self, name: str) -> Any:
         _warn_moved(f"env.{name}", f"sampling.{name}", "RunSpec.env", stacklevel=4)
