@@ -62,11 +62,12 @@ def test_fsdp_prints_no_warning_about_views(updates):
         assert "view tensor" not in stderr, stderr[-3000:]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_ckpt", "fsdp_meta"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_ckpt", "fsdp_meta", "ddp_meta"])
 @pytest.mark.parametrize("head", ["shared", "separate"])
 def test_two_ranks_on_half_batches_make_the_update_of_one_process(updates, strategy, head):
     """(fsdp_meta: the policy, its reference and a separate critic built on the meta device,
-    sharded, then each rank reading its shards of the weights from safetensors files.)"""
+    sharded, then each rank reading its shards of the weights from safetensors files; ddp_meta:
+    the same models read whole by every rank.)"""
     one, two, _ = updates
     a = torch.load(one / f"single-{head}.pt", weights_only=False)
     b = torch.load(two / f"{strategy}-{head}.pt", weights_only=False)

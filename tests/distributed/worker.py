@@ -84,8 +84,9 @@ def update(out: Path) -> None:
     torchrun = "MASTER_ADDR" in os.environ            # one rank under torchrun included
     # fsdp_ckpt: FSDP2 with gradient checkpointing; fsdp_meta: FSDP2 on models built on the
     # meta device (empty_policy), each rank reading its shards of the same weights from the
-    # safetensors files of a folder
-    strategies = ["ddp", "fsdp", "fsdp_ckpt", "fsdp_meta"] if torchrun else ["single"]
+    # safetensors files of a folder; ddp_meta: the same read whole on every rank
+    strategies = (["ddp", "fsdp", "fsdp_ckpt", "fsdp_meta", "ddp_meta"] if torchrun
+                  else ["single"])
     runs = [(head, s) for head in ("shared", "separate") for s in strategies]
     runs.append(("shared", "ddp_lora" if torchrun else "single_lora"))   # LoRA: DDP only
     for head, strategy in runs:
@@ -95,7 +96,7 @@ def update(out: Path) -> None:
                                 seed=0)
         whole = env.sample(policy, 8, 1.0, torch.device("cpu"),
                            torch.Generator().manual_seed(123))
-        if strategy == "fsdp_meta":
+        if strategy.endswith("_meta"):
             from ppolm.policies.pretrained import empty_policy
 
             folder = out / "tiny-llama"
