@@ -26,6 +26,9 @@ SIZES: dict[str, dict[str, Any]] = {
     # The SmolLM2-135M architecture (its config.json), randomly initialised.
     "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, intermediate_size=1536, rope_theta=100000.0),
+    # The SmolLM2-360M architecture (its config.json), randomly initialised.
+    "360m": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15,
+                 num_key_value_heads=5, intermediate_size=2560, rope_theta=100000.0),
 }
 
 
