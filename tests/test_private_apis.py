@@ -106,3 +106,28 @@ def test_optimizer_step_wrapper_exposes_the_plain_step():
     assert plain is not None and plain is not step, (
         "torch.optim.AdamW.step no longer exposes __wrapped__: the fast engine's row AdamW "
         "(engines/fast_cpu/optim.py) would run the optimizer's step hooks twice")
+
+
+def test_transformers_initialises_only_tensors_not_marked_initialised():
+    # policies/pretrained.py (materialize) marks the parameters it reads from safetensors with
+    # `_is_hf_initialized` and calls `initialize_weights()` for the buffers no file holds (the
+    # rotary tables of a model built on the meta device).
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32)
+    whole = LlamaForCausalLM(cfg)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(0.5)
+        p._is_hf_initialized = True
+    model.initialize_weights()
+    assert all(bool((p == 0.5).all()) for p in model.parameters()), (
+        "transformers' initialize_weights() no longer skips parameters marked "
+        "_is_hf_initialized: policies/pretrained.py (materialize) needs another way to compute "
+        "the rotary tables of a model built on the meta device")
+    assert torch.equal(model.model.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq), (
+        "initialize_weights() no longer computes the rotary tables: policies/pretrained.py "
+        "(materialize) needs another way")
