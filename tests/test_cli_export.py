@@ -80,3 +80,36 @@ def test_export_of_a_folder_without_a_run_is_a_one_line_error(tmp_path):
     done = ppolm("export", str(tmp_path), str(tmp_path / "out"))
     assert done.returncode == 2
     assert "No complete checkpoint" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_run_spec_under_fsdp_builds_a_folders_model_on_the_meta_device(model_folder):
+    from ppolm.run import ModelSpec, _load_pretrained
+
+    policy, _ = _load_pretrained(ModelSpec(kind="hf", path=str(model_folder)), empty=True)
+    assert all(p.is_meta for p in policy.parameters())
+    policy, _ = _load_pretrained(ModelSpec(kind="hf", path=str(model_folder)))
+    assert not any(p.is_meta for p in policy.parameters())
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_with_fsdp_writes_the_model_from_the_shards(model_folder, tmp_path):
+    """2 gloo ranks, FSDP2, the policy built on the meta device by every rank: the final
+    model is the last (sharded) checkpoint's weights."""
+    import os
+
+    from ppolm.checkpoint.run_export import read_shards
+
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "ppolm", "train", "model.kind=hf",
+                           f"model.path={model_folder}", "task=continue", "iterations=2",
+                           "batch_size=8", "minibatch_size=4", "progress=false",
+                           "ppo.distributed=fsdp", f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count(f"model: {out / 'model'}") == 1              # rank 0 alone
+    shards = read_shards(out / "checkpoints" / "iter-0000002")
+    exported = load_file(out / "model" / "model.safetensors")
+    for k, v in exported.items():
+        assert torch.equal(v, shards[f"policy.model.{k}"]), k

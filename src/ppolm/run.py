@@ -116,7 +116,11 @@ def build_run(spec: RunSpec, reference: Any = None) -> Any:
     reward = load_reward(spec.reward, spec.reward_kwargs, spec.config_dir) if spec.reward else (
         task.reward if task else None)
     if m.kind in ("hf", "smollm2"):
-        policy, tokenizer = _load_pretrained(m)
+        # under torchrun with FSDP2, no rank builds the whole model (see empty_policy)
+        from ppolm.parallel.world import launched
+
+        policy, tokenizer = _load_pretrained(m, empty=spec.ppo.distributed == "fsdp"
+                                             and launched())
     else:
         if task is None:
             raise ConfigError(f"model.kind={m.kind} builds a character model, which needs a "
@@ -164,8 +168,10 @@ def _eval_callbacks(spec: RunSpec, tokenizer: Any) -> list[Any]:
                          add_special_tokens=not spec.env.chat_template)]
 
 
-def _load_pretrained(m: ModelSpec) -> tuple[Any, Any]:
-    """Policy and tokenizer of model.kind hf (a folder or a .gguf file) or smollm2."""
+def _load_pretrained(m: ModelSpec, empty: bool = False) -> tuple[Any, Any]:
+    """Policy and tokenizer of model.kind hf (a folder or a .gguf file) or smollm2. ``empty``
+    (FSDP2 under torchrun): a folder's model without LoRA is built on the meta device
+    (``empty_policy``), each rank later reading its shards of the weights."""
     from ppolm.policies import HFPolicy
     from ppolm.policies import pretrained as models
 
@@ -177,7 +183,9 @@ def _load_pretrained(m: ModelSpec) -> tuple[Any, Any]:
     elif m.path.endswith(".gguf"):
         policy, tokenizer = models.load_gguf(m.path)
     else:
-        policy, tokenizer = HFPolicy(m.path), models.load_tokenizer(m.path)
+        policy = (models.empty_policy(m.path) if empty and m.lora is None
+                  else HFPolicy(m.path))
+        tokenizer = models.load_tokenizer(m.path)
     if m.trainable_layers is not None:
         models.freeze_lower_layers(policy, m.trainable_layers)
     if m.lora is not None:
