@@ -57,3 +57,19 @@ def test_sentiment_smollm2_notebook_runs(tmp_path):
                       "MAX_NEW_TOKENS = 8\nKL_BUDGET = 5.0\nCALIBRATION_PROMPTS = 2", tmp_path)
     text = outputs_text(nb)
     assert "| mean reward |" in text and "- after" in text and "kept alpha" in text
+
+
+def test_tools_notebook_runs(tmp_path):
+    nb = run_notebook("tools.ipynb", "ITERATIONS = 3\nBATCH_SIZE = 8\nSMOLLM2_EPISODES = 0",
+                      tmp_path)
+    text = outputs_text(nb)
+    assert "success over the last 3 iterations" in text and "secret " in text
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_tools_notebook_shows_smollm2_tool_episodes(tmp_path):
+    nb = run_notebook("tools.ipynb", "ITERATIONS = 2\nBATCH_SIZE = 8\nSMOLLM2_EPISODES = 2",
+                      tmp_path)
+    text = outputs_text(nb)
+    assert text.count("--- episode") == 2 and "assistant:" in text
