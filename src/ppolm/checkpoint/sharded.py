@@ -89,8 +89,8 @@ def read_metadata(folder: Path) -> Metadata:
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, with non-tensor values (which DCP unpickles with
-    ``weights_only=False``) first checked by torch's ``weights_only`` unpickler: a value that
+    """DCP's default load planner, with non-tensor values (which DCP unpickles without the
+    weights-only restriction) first checked by torch's ``weights_only`` unpickler: a value that
     passes holds tensors and plain Python values only, so DCP's own load of it runs no code."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
