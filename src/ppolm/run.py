@@ -145,7 +145,9 @@ def build_run(spec: RunSpec, reference: Any = None) -> Any:
                             prefix_shaping=e.prefix_shaping,
                             add_special_tokens=not e.chat_template, seed=spec.ppo.seed,
                             chat_template=e.chat_template, interaction=interaction,
-                            max_turns=e.max_turns, max_episode_tokens=e.max_episode_tokens)
+                            max_turns=e.max_turns, max_episode_tokens=e.max_episode_tokens,
+                            overlong_buffer=e.overlong_buffer,
+                            overlong_penalty=e.overlong_penalty)
     torch.manual_seed(spec.ppo.seed)
     return Trainer(policy, env, spec.ppo, value_head=value_head, reference=reference,
                    callbacks=_eval_callbacks(spec, tokenizer))

@@ -98,6 +98,12 @@ class EnvSpec:
     """Non-negative amount SUBTRACTED from the score of a response that never emits an end
     token (e.g. 1.0), as TRL's field of the same name; None for no penalty. Negative values are
     refused."""
+    overlong_buffer: int | None = None
+    """DAPO's soft overlong punishment: a reward term 0 up to max_new_tokens - overlong_buffer
+    response tokens, falling linearly to -overlong_penalty at max_new_tokens (logged as
+    reward/overlong); None: off."""
+    overlong_penalty: float = 1.0
+    """The overlong term's size at the budget."""
     prefix_shaping: bool = False
     """Score every prefix of each response and reward each token with the score's increment
     (potential-based shaping; the increments add up to the score). Calls the reward about

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ppolm.errors import ConfigError, PPOLMError
+from ppolm.errors import ConfigError, DataError, PPOLMError
 
 #: The sampling settings the environment holds (the rest are PPOConfig's).
 ENV_SAMPLING = ("max_new_tokens", "top_k", "top_p", "stop_token_ids")
@@ -126,3 +126,22 @@ def check_missing_eos_penalty(value: Any, where: str = "",
                     "response that never ends (as in TRL): give a positive number (e.g. 1.0), "
                     "or None (null) for no penalty.")
     return float(value)
+
+
+def check_overlong(buffer: Any, factor: Any, budget: int, where: str = "",
+                   error: type[PPOLMError] = DataError) -> tuple[int, float] | None:
+    """``overlong_buffer`` and ``overlong_penalty`` (DAPO's soft overlong punishment) as
+    ``(buffer, factor)``, None when the buffer is None, or ``error``: the buffer is a number of
+    tokens within the response budget ``budget``, the penalty a size >= 0."""
+    if buffer is None:
+        return None
+    if (isinstance(buffer, bool) or not isinstance(buffer, numbers.Integral)
+            or not 0 < buffer <= budget):
+        raise error(f"{where}overlong_buffer={buffer!r} must be a number of tokens between 1 and "
+                    f"the response budget ({budget}: max_new_tokens, or the model's tokens of a "
+                    "multi-turn episode), or None (null) for no overlong term.")
+    if (isinstance(factor, bool) or not isinstance(factor, numbers.Real)
+            or not math.isfinite(factor) or factor < 0):
+        raise error(f"{where}overlong_penalty={factor!r} must be a number >= 0 (the term's size "
+                    "at the budget, e.g. 1.0).")
+    return int(buffer), float(factor)

@@ -84,3 +84,20 @@ def turn_token_scores(scores: Tensor, turn_rewards: Tensor, mask: Tensor) -> Ten
     m = mask.to(turn_rewards.dtype)
     last = last_token_index(mask)
     return (turn_rewards * m).scatter_add(1, last[:, None], scores.to(turn_rewards.dtype)[:, None])
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0
+                     ) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025), a reward term of each response by its
+    length: 0 up to ``max_len - buffer`` tokens, then falling linearly to ``-factor`` at
+    ``max_len`` (the longest a response can be):
+
+        R(n) = -factor * clamp((n - (max_len - buffer)) / buffer, 0, 1)
+
+    A response the budget cut off gets the whole ``-factor``; one that ends just inside the
+    buffer a little of it, so length is discouraged before it costs the answer.
+    Shapes: lengths (B,) -> (B,) float."""
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong buffer={buffer} must be in [1, max_len={max_len}].")
+    over = (lengths.float() - (max_len - buffer)) / buffer
+    return -factor * over.clamp(0.0, 1.0)

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppolm.config.sampling import check_missing_eos_penalty, check_sampling
+from ppolm.config.sampling import check_missing_eos_penalty, check_overlong, check_sampling
 from ppolm.errors import ConfigError, DataError, RewardError
-from ppolm.maths.rewards import score_increments, turn_token_scores
+from ppolm.maths.rewards import overlong_penalty, score_increments, turn_token_scores
 from ppolm.policies.base import Policy
 from ppolm.rollout.interaction import Interaction
 from ppolm.rollout.multi_turn import MultiTurn, SamplingSettings, run_turns
@@ -81,6 +81,12 @@ class TextGenerationEnv:
         max_episode_tokens: the most tokens after the prompt (with an interaction; default
             ``max_turns * (max_new_tokens + 256)``); an episode that would pass it ends,
             flagged truncated.
+        overlong_buffer: DAPO's soft overlong punishment (keyword only; None: off): a reward
+            term 0 up to ``max_new_tokens - overlong_buffer`` response tokens (the model's
+            tokens of the episode with an interaction, against its budget), then falling
+            linearly to ``-overlong_penalty`` at the budget; added to the score and logged as
+            ``reward/overlong`` (``ppolm.maths.rewards.overlong_penalty``).
+        overlong_penalty: the size of that term at the budget (default 1.0).
     """
 
     def __init__(self, prompts: Any, tokenizer: Any,
@@ -90,7 +96,8 @@ class TextGenerationEnv:
                  prefix_shaping: bool = False, *, stop_token_ids: list[int] | None = None,
                  chat_template: bool = False, reward_weights: list[float] | None = None,
                  interaction: Interaction | None = None,
-                 max_turns: int = 4, max_episode_tokens: int | None = None) -> None:
+                 max_turns: int = 4, max_episode_tokens: int | None = None,
+                 overlong_buffer: int | None = None, overlong_penalty: float = 1.0) -> None:
         # checked as a run's YAML is (one place for both), raised as DataError as before
         self.stop_token_ids = check_sampling(
             {"max_new_tokens": max_new_tokens, "top_k": top_k, "top_p": top_p,
@@ -123,6 +130,8 @@ class TextGenerationEnv:
         self.max_new_tokens, self.top_k, self.top_p = max_new_tokens, top_k, top_p
         self.missing_eos_penalty = missing_eos_penalty
         self.ignore_eos, self.prefix_shaping = ignore_eos, prefix_shaping
+        self.overlong = check_overlong(overlong_buffer, overlong_penalty, self.max_model_tokens)
+        self.overlong_mean: float | None = None      # the last batch's mean term (logged)
         self._order_gen = torch.Generator().manual_seed(seed)
         self._order = torch.randperm(len(self.prompts), generator=self._order_gen).tolist()
         self._pos = 0
@@ -236,8 +245,7 @@ class TextGenerationEnv:
                       if self.prefix_shaping else None)
         scores = self.score(prompts, texts, columns)
         reward_seconds = time.perf_counter() - t0
-        if self.missing_eos_penalty is not None:   # subtracted, as TRL does
-            scores = scores - self.missing_eos_penalty * (~ended).to(scores.dtype).cpu()
+        scores = self.penalise(scores, ended, response_mask)
         token_scores = None
         if potentials is not None:
             token_scores = score_increments(potentials, scores, response_mask.cpu()).float()
@@ -269,8 +277,7 @@ class TextGenerationEnv:
         scores = self.score(prompts, texts, {**self.columns_at(idx),
                                              **self.turns.turn_columns(tr, states)})
         reward_seconds = time.perf_counter() - t0
-        if self.missing_eos_penalty is not None:   # subtracted, as TRL does
-            scores = scores - self.missing_eos_penalty * (~tr.ended).to(scores.dtype).cpu()
+        scores = self.penalise(scores, tr.ended, tr.model_mask)
         token_scores = None
         if tr.has_turn_rewards:
             token_scores = turn_token_scores(scores, tr.turn_rewards, tr.model_mask.cpu())
@@ -359,9 +366,25 @@ class TextGenerationEnv:
         return RewardError(f"reward function raised {type(err).__name__}: {err} on a batch of "
                            f"{len(prompts)} (first prompt {prompts[0]!r}).")
 
+    def penalise(self, scores: Tensor, ended: Tensor, mask: Tensor) -> Tensor:
+        """The scores with the length terms: ``missing_eos_penalty`` subtracted where no end
+        token came (as TRL does), DAPO's overlong term added. Shapes: (B,), (B,), (B, T)
+        -> (B,) on the scores' device."""
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * (~ended).to(scores.dtype).cpu()
+        if self.overlong is not None:
+            buffer, factor = self.overlong
+            term = overlong_penalty(mask.sum(1).cpu(), self.max_model_tokens, buffer, factor)
+            self.overlong_mean = float(term.mean())
+            scores = scores + term.to(scores.dtype)
+        return scores
+
     def reward_parts(self) -> dict[str, float]:
         parts = getattr(self.reward_fn, "parts", None)
-        return parts() if callable(parts) else {}
+        out = dict(parts()) if callable(parts) else {}
+        if self.overlong_mean is not None:
+            out["overlong"] = self.overlong_mean
+        return out
 
 
 def generation_eos_ids(policy: Any) -> list[int]:
