@@ -11,7 +11,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "ppolm"
 # (evaluate, EvalCallback, the KL budget, the report) needs no trainer, and the Trainer makes an
 # EvalCallback from its eval_dataset, so evaluation sits below training.
 LAYERS = ["errors", "maths", "config", "policies", "rollout", "parallel", "engines",
-          "checkpoint", "observe", "evaluation", "training", "run", "cli", "__main__", "__init__"]
+          "checkpoint", "observe", "evaluation", "training", "reward_modeling", "run", "cli",
+          "__main__", "__init__"]
 
 
 def modules() -> dict[str, Path]:
