@@ -1,0 +1,238 @@
+"""RewardModel: a ``transformers`` trunk with a scalar head, read at each sequence's last
+non-padding token; and the model folders it is saved as.
+
+A reward model is what ``AutoModelForSequenceClassification`` with ``num_labels=1`` computes:
+the base model's last hidden state at the last real token of each text, times a (1, H) linear
+map without bias (``score``). ``RewardModel`` computes exactly that from a causal LM (its trunk
+and a new head) or from a sequence-classification model (its trunk and its head), with position
+ids that follow the attention mask, so left and right padding give the same scores. It saves
+as an ``AutoModelForSequenceClassification`` folder that ``transformers`` (and TRL) load, with
+the normalisation of its scores (``NORMALIZATION_FILE``) beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ppolm.errors import CheckpointError, ConfigError, DataError
+from ppolm.policies.base import positions_from_mask
+from ppolm.policies.hf import decoder_layers, final_norm_name, local_model_path
+from ppolm.policies.lora import is_peft, merged_copy, wrap
+
+#: The reward normalisation's file in a saved reward-model folder.
+NORMALIZATION_FILE = "reward_normalization.json"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """A reward model's scores are used as ``(score - mean) / std``: mean and std of its scores
+    on a calibration set of ``count`` texts."""
+
+    mean: float
+    std: float
+    count: int = 0
+
+    def apply(self, scores: Tensor) -> Tensor:
+        """Shapes: (B,) -> (B,)."""
+        return (scores - self.mean) / self.std
+
+
+def write_normalization(folder: str | Path, norm: Normalization) -> Path:
+    """Write ``NORMALIZATION_FILE`` into ``folder``."""
+    path = Path(folder) / NORMALIZATION_FILE
+    path.write_text(json.dumps({"mean": norm.mean, "std": norm.std, "count": norm.count},
+                               indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def read_normalization(folder: str | Path) -> Normalization | None:
+    """The normalisation saved in a reward-model folder (None when it has none)."""
+    path = Path(folder) / NORMALIZATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        norm = Normalization(float(values["mean"]), float(values["std"]),
+                             int(values.get("count", 0)))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a reward normalisation ({{mean, std}}): "
+                              f"{e}") from None
+    if not (math.isfinite(norm.mean) and math.isfinite(norm.std) and norm.std > 0):
+        raise CheckpointError(f"{str(path)!r}: std must be > 0 and both finite, got {norm}.")
+    return norm
+
+
+class RewardModel(nn.Module):
+    """A scalar reward on a ``transformers`` trunk.
+
+    Args:
+        model: a causal LM (its trunk gets a new head, weights ~ N(0, initializer_range)), a
+            sequence-classification model with ``num_labels=1`` (its trunk and head), an
+            ``HFPolicy`` (its causal LM), or the path of a local folder holding either.
+        peft_config: LoRA adapters on the trunk (``peft.LoraConfig``); the head trains whole.
+
+    Attributes: ``trunk`` (the base model), ``score`` (``nn.Linear(H, 1, bias=False)``),
+    ``config`` (the model's ``transformers`` config).
+    """
+
+    def __init__(self, model: Any, peft_config: Any = None) -> None:
+        super().__init__()
+        if isinstance(model, (str, Path)):
+            model = _load(local_model_path(model))
+        model = getattr(model, "lm", model)             # an HFPolicy: its transformers model
+        self.config = copy.deepcopy(model.config)
+        head = getattr(model, "score", None) if _is_classifier(model) else None
+        labels = int(getattr(self.config, "num_labels", 1)) if head is not None else 1
+        if labels != 1:
+            raise ConfigError(f"{type(model).__name__} has num_labels={labels}; a reward model "
+                              "gives one score per text: load it with num_labels=1.")
+        trunk = model.base_model
+        hidden = int(trunk.get_input_embeddings().weight.shape[1])
+        if head is None:
+            head = nn.Linear(hidden, 1, bias=False)
+            std = float(getattr(self.config, "initializer_range", 0.02))
+            nn.init.normal_(head.weight, std=std)
+            head.to(device=trunk.get_input_embeddings().weight.device,
+                    dtype=trunk.get_input_embeddings().weight.dtype)
+        if not isinstance(head, nn.Linear) or head.out_features != 1:
+            raise ConfigError(f"the head of {type(model).__name__} is {head!r}, not a linear "
+                              "map to one score.")
+        self.trunk = wrap(trunk, peft_config) if peft_config is not None else trunk
+        self.score = head
+        self.hidden_size = hidden
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embeddings: the token ids the model can read."""
+        return int(self.base_trunk.get_input_embeddings().weight.shape[0])
+
+    @property
+    def base_trunk(self) -> Any:
+        """The ``transformers`` base model (under the PeftModel with LoRA)."""
+        return self.trunk.get_base_model() if is_peft(self.trunk) else self.trunk
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The score of each sequence, at its last non-padding token, in float32.
+
+        Shapes: input_ids, attention_mask (B, L) -> (B,)."""
+        if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+            raise DataError(f"input_ids and attention_mask must both be (B, L), got "
+                            f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}.")
+        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=positions_from_mask(attention_mask), use_cache=False)
+        hidden = out.last_hidden_state                                        # (B, L, H)
+        L = attention_mask.shape[1]
+        last = (attention_mask.long() * torch.arange(L, device=hidden.device)).argmax(1)  # (B,)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.score(pooled).squeeze(-1).float()
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a tokenizer whose ids do not fit the model's embeddings."""
+        if len(tokenizer) > self.vocab_size:
+            raise DataError(f"the tokenizer has {len(tokenizer)} tokens but the model's "
+                            f"embeddings only {self.vocab_size}: it is not this model's "
+                            "tokenizer (or its embeddings need resizing).")
+
+    def train_top_layers(self, n: int) -> None:
+        """Train only the top ``n`` decoder layers, the final norm and the head."""
+        base = self.base_trunk
+        found = decoder_layers(base)
+        if found is None or not 0 < n <= len(found[1]):
+            count = len(found[1]) if found else 0
+            raise ConfigError(f"trainable_layers={n} must be in 1..{count} (the model's "
+                              "decoder layers).")
+        self.trunk.requires_grad_(False)
+        for layer in found[1][len(found[1]) - n:]:
+            layer.requires_grad_(True)
+        norm = final_norm_name(base)
+        if norm is not None:
+            getattr(base, norm).requires_grad_(True)
+        self.score.requires_grad_(True)
+
+    def to_transformers(self, pad_token_id: int) -> Any:
+        """A new ``AutoModelForSequenceClassification`` (num_labels=1, ``pad_token_id`` set)
+        holding these weights (LoRA merged), on the CPU."""
+        from transformers import AutoModelForSequenceClassification
+
+        cfg = copy.deepcopy(self.config)
+        cfg.num_labels, cfg.pad_token_id, cfg.architectures = 1, pad_token_id, None
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        text.pad_token_id = pad_token_id
+        trunk = merged_copy(self.trunk) if is_peft(self.trunk) else self.trunk
+        dtype = self.score.weight.dtype
+        out = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
+        base = getattr(out, out.base_model_prefix)
+        missing, unexpected = base.load_state_dict(
+            {k: v.detach().cpu() for k, v in trunk.state_dict().items()}, strict=False)
+        if unexpected or [k for k in missing if "rotary" not in k]:
+            raise CheckpointError(f"the trunk does not fit {type(out).__name__}: missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]}.")
+        with torch.no_grad():
+            out.score.weight.copy_(self.score.weight.detach().cpu())
+        return out.eval()
+
+    def save_pretrained(self, path: str | Path, tokenizer: Any,
+                        normalization: Normalization | None = None) -> Path:
+        """Write an ``AutoModelForSequenceClassification`` folder (num_labels=1, pad_token_id
+        set), the tokenizer, and ``normalization`` (``NORMALIZATION_FILE``) when given."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        pad = pad_token_id(tokenizer)
+        self.to_transformers(pad).save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+        if normalization is not None:
+            write_normalization(folder, normalization)
+        return folder
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id (its end token's when it has no padding token, as TRL)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a padding nor an end token: set "
+                        "tokenizer.pad_token.")
+    return int(pad)
+
+
+def load_reward_model(path: str | Path) -> tuple[RewardModel, Any, Normalization | None]:
+    """A saved reward-model folder: the model (eval mode), its tokenizer and its normalisation
+    (None when the folder has no ``NORMALIZATION_FILE``)."""
+    from transformers import AutoTokenizer
+
+    folder = local_model_path(path)
+    model = RewardModel(folder).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Cannot load a tokenizer from {str(folder)!r}: {e}") from None
+    model.check_tokenizer(tokenizer)
+    return model, tokenizer, read_normalization(folder)
+
+
+def _is_classifier(model: Any) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _load(folder: Path) -> Any:
+    """A folder's sequence-classification model when its config says it is one, else its
+    causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if not folder.exists():
+        raise CheckpointError(f"Model path {str(folder)!r} does not exist.")
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder))
+        classifier = any(a.endswith("ForSequenceClassification")
+                         for a in (getattr(cfg, "architectures", None) or []))
+        cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        return cls.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Cannot load a model from {str(folder)!r}: {e}") from None

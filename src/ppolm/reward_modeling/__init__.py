@@ -1,0 +1,1 @@
+"""Reward models learned from preference pairs (Bradley-Terry): data, trainer, checkpoints."""
