@@ -20,14 +20,15 @@ WORKER = Path(__file__).parent / "distributed" / "worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 
 
-def launch(mode: str, out: Path, nproc: int | None = 2, timeout: int = 300, **env: str
-           ) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node NPROC worker.py MODE OUT`` (plain python when nproc is
+def launch(mode: str | None, out: Path, nproc: int | None = 2, timeout: int = 300,
+           worker: Path = WORKER, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node NPROC WORKER [MODE] OUT`` (plain python when nproc is
     None)."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = ([sys.executable, str(WORKER)] if nproc is None else
-           [*TORCHRUN, str(nproc), str(WORKER)])
-    return subprocess.run([*cmd, mode, str(out)], capture_output=True, text=True,
+    cmd = ([sys.executable, str(worker)] if nproc is None else
+           [*TORCHRUN, str(nproc), str(worker)])
+    mode_args = [] if mode is None else [mode]
+    return subprocess.run([*cmd, *mode_args, str(out)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 

@@ -10,7 +10,9 @@ this rank's random generators; the rest the same on every rank).
   and the optimizer's state in ``trainer_state.pt``. When it is sharded (``Engine.sharded``,
   under torchrun): ``models/``, DCP's files of the models and the optimizer, each rank writing
   its shards (``ppolm.checkpoint.sharded``), and ``policy/`` the transformers model's
-  configs and tokenizer without weights (``ModelFiles.save_description``);
+  configs and tokenizer without weights (``ModelFiles.save_description``). DTensors in the
+  rest of the state (the weight average of FSDP2's shards) are written there too, each rank
+  its shards, under ``rest.…``: rank 0's file below could hold only its own;
 * ``trainer_state.pt`` (rank 0): the schedule, KL controller, prompt order, weight average and
   counters, with the checkpoint's format, whether it is sharded and the world size;
 * ``rng-rank-K.pt``: each rank's random generators (each rank samples its own episodes);
@@ -50,7 +52,8 @@ def save(final: Path, state: dict[str, Any], *, sharded_state: bool, world: Worl
     shared = {k: v for k, v in state.items() if k not in ("engine", "rng")}
     shared.update(format=FORMAT, sharded=sharded_state, world_size=world.size)
     if sharded_state:
-        sharded.save_shards(engine, tmp)
+        shared, rest = sharded.take_dtensors(shared)
+        sharded.save_shards({**engine, sharded.REST: rest} if rest else engine, tmp)
     else:                          # the models as their own files, the rest with the state
         shared["engine"] = {k: v for k, v in engine.items() if k != "models"}
     torch.save(state["rng"], rng_file(tmp, world.rank))
@@ -78,7 +81,11 @@ def load(folder: Path, template: dict[str, Any], *, sharded_state: bool, world: 
     state = folders.load_state(folder)
     _check(folder, state, sharded_state, world)
     if sharded_state:
-        state["engine"] = sharded.load_shards(template, folder)
+        rest = sharded.rest_templates(state, template)
+        loaded = sharded.load_shards({**template, sharded.REST: rest} if rest else template,
+                                     folder)
+        state = sharded.put_dtensors(state, rest)
+        state["engine"] = {k: v for k, v in loaded.items() if k != sharded.REST}
     else:
         models.load(folder)
     file = rng_file(folder, world.rank)

@@ -2,7 +2,10 @@
 checkpoint's ``models/`` folder with ``torch.distributed.checkpoint`` (DCP): the trained models
 and the AdamW state, as ``DistributedEngine.state_dict`` gives them (``models.policy.…``,
 ``models.value_head.…``, ``optimizer.…``). Every rank writes its own shards (under DDP the
-replicated tensors are written once) and loads them in place. ``export_policy`` turns such a
+replicated tensors are written once) and loads them in place. DTensors found in the rest of a
+Trainer's state (the weight average under FSDP2: each rank's shards) go there too, under
+``rest.…`` (``take_dtensors``): rank 0's ``trainer_state.pt`` keeps a placeholder for each,
+which ``rest_templates`` turns back into a DTensor to load into. ``export_policy`` turns such a
 checkpoint into the policy's own files in one process.
 
 DCP itself unpickles its ``.metadata`` file and every non-tensor value (the optimizer's
@@ -26,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.tensor import DeviceMesh, DTensor, Placement, Replicate, Shard
 
 from ppolm.checkpoint import folders
 from ppolm.checkpoint.export import save_value_head
@@ -35,12 +39,85 @@ from ppolm.policies.base import Policy
 from ppolm.policies.value import ValueHead
 
 MODELS = "models"
+REST = "rest"               # DCP's key of the DTensors of the rest of a Trainer's state
+_PLACEHOLDER = "__dtensor__"
 
 
 def save_shards(state: dict[str, Any], folder: Path) -> None:
-    """Write this rank's part of an engine's ``state`` under ``folder/models`` (every rank
-    calls it together)."""
+    """Write this rank's part of an engine's ``state`` (and of ``state[REST]``, see
+    ``take_dtensors``) under ``folder/models`` (every rank calls it together)."""
     dcp.save(state, checkpoint_id=str(folder / MODELS))
+
+
+def take_dtensors(state: Any, name: str = "") -> tuple[Any, dict[str, DTensor]]:
+    """``state`` (nested dicts) with each DTensor replaced by a placeholder (its name, global
+    shape, dtype and placements: plain values ``torch.load(weights_only=True)`` reads), and the
+    DTensors by name. The placeholders go into rank 0's file, the DTensors into DCP's."""
+    if isinstance(state, DTensor):
+        return {_PLACEHOLDER: name, "shape": list(state.shape),
+                "dtype": str(state.dtype).removeprefix("torch."),
+                "placements": [_placement_name(p) for p in state.placements]}, {name: state}
+    if not isinstance(state, dict):
+        return state, {}
+    kept, found = {}, {}
+    for k, v in state.items():
+        kept[k], inner = take_dtensors(v, f"{name}.{k}" if name else str(k))
+        found.update(inner)
+    return kept, found
+
+
+def rest_templates(state: Any, template: dict[str, Any]) -> dict[str, DTensor]:
+    """For the placeholders of ``take_dtensors`` in ``state``, empty DTensors of their shape,
+    dtype and placements, on the mesh of the engine's own shards in ``template`` (the one FSDP2
+    shards the models over), to load the checkpoint's shards into; by name."""
+    holders: list[dict[str, Any]] = []
+    _placeholders(state, holders)
+    if not holders:
+        return {}
+    meshes = [v.device_mesh for v in template[MODELS].values() if isinstance(v, DTensor)]
+    if not meshes:
+        raise CheckpointError("This checkpoint holds sharded weights besides the models' (a "
+                              "weight average of FSDP2's shards); resume it with "
+                              "distributed='fsdp'.")
+    return {h[_PLACEHOLDER]: _empty(h, meshes[0]) for h in holders}
+
+
+def put_dtensors(state: Any, loaded: dict[str, DTensor]) -> Any:
+    """``state`` with the placeholders of ``take_dtensors`` replaced by the ``loaded``
+    DTensors."""
+    if isinstance(state, dict):
+        if _PLACEHOLDER in state:
+            return loaded[state[_PLACEHOLDER]]
+        return {k: put_dtensors(v, loaded) for k, v in state.items()}
+    return state
+
+
+def _placeholders(state: Any, found: list[dict[str, Any]]) -> None:
+    if isinstance(state, dict):
+        if _PLACEHOLDER in state:
+            found.append(state)
+        for v in state.values():
+            _placeholders(v, found)
+
+
+def _placement_name(p: Placement) -> str:
+    if isinstance(p, Shard):
+        return f"shard:{p.dim}"
+    if isinstance(p, Replicate):
+        return "replicate"
+    raise CheckpointError(f"Cannot write a DTensor placed as {p} beside the models' shards "
+                          "(sharded on a dimension or replicated only).")
+
+
+def _empty(holder: dict[str, Any], mesh: DeviceMesh) -> DTensor:
+    placements: list[Placement] = [
+        Replicate() if name == "replicate" else Shard(int(name.removeprefix("shard:")))
+        for name in holder["placements"]]
+    if len(placements) != mesh.ndim:
+        raise CheckpointError(f"{holder[_PLACEHOLDER]!r} was sharded over {len(placements)} "
+                              f"mesh dimensions and this run's models over {mesh.ndim}.")
+    return torch.distributed.tensor.empty(holder["shape"], dtype=getattr(torch, holder["dtype"]),
+                                          device_mesh=mesh, placements=placements)
 
 
 METADATA_FILE = ".metadata"         # DCP's index of a checkpoint's tensors and values
@@ -116,10 +193,12 @@ def _load(state: dict[str, Any], folder: Path, partial: bool = False) -> None:
 
 
 def load_shards(template: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Fill ``template`` (the engine's own ``state_dict()``: the tensors to load into) from
-    ``folder/models``, in place; returns it. Every rank calls it together."""
+    """Fill ``template`` (the engine's own ``state_dict()``: the tensors to load into; with
+    ``REST``, ``rest_templates``) from ``folder/models``, in place; returns it. Every rank calls
+    it together."""
     saved = read_metadata(folder).state_dict_metadata
-    missing = [k for k in template["models"] if f"models.{k}" not in saved]
+    missing = [f"{part}.{k}" for part in (MODELS, REST) for k in template.get(part, {})
+               if f"{part}.{k}" not in saved]
     if missing:
         raise CheckpointError(f"{str(folder)!r} lacks weights this run's models have "
                               f"({', '.join(missing[:3])}...): it is another run's checkpoint.")

@@ -93,7 +93,7 @@ class World:
 
     def check_config(self, config: PPOConfig) -> None:
         """Refuse settings that do not split over the ranks: a batch that is not equal
-        whole-group shares, weight averaging of sharded weights."""
+        whole-group shares."""
         if not self.distributed:
             return
         k, batch, mini = config.samples_per_prompt, config.batch_size, config.minibatch_size
@@ -103,9 +103,6 @@ class World:
                 f"{self.size} ranks: batch_size must be a multiple of world size x "
                 f"samples_per_prompt ({self.size} x {k}) and minibatch_size a multiple of "
                 f"{self.size}.")
-        if config.average_last and config.distributed == "fsdp":
-            raise ConfigError("average_last (weight averaging) is not supported with "
-                              "distributed='fsdp'; use 'ddp' or average_last=0.")
 
     # --- prompts ---------------------------------------------------------------------------
     def share(self, items: list[T]) -> list[T]:

@@ -9,6 +9,11 @@ drift (an adaptive KL coefficient swinging the policy), the mean lags. docs/math
 averaging", has the argument and what it did on the SmolLM2 task (part of the example's
 default since runs A0-A2). Only trainable parameters are averaged; frozen ones are the same in
 every iterate.
+
+Under FSDP2 a parameter is a DTensor of which each rank holds a shard: each rank then averages
+its own shards, with no communication (the mean of the shards is the shard of the mean), and the
+mean is a DTensor sharded as the parameter, which a checkpoint writes with the engine's shards
+(``ppolm.checkpoint.layout``).
 """
 
 from __future__ import annotations
@@ -17,11 +22,24 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 
 def trainable_weights(module: nn.Module) -> dict[str, Tensor]:
     """The module's trainable parameters by name (the tensors themselves, not copies)."""
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _shards(name: str, dst: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's parts of two tensors of the same parameter: the local shards of DTensors
+    (FSDP2), whole tensors as they are. A whole tensor against a sharded one is refused: it is
+    a parameter FSDP2 had gathered (inside a rollout), or another run's weights."""
+    if isinstance(dst, DTensor) != isinstance(src, DTensor):
+        raise ValueError(f"{name!r} is sharded (a DTensor) on one side only: add and swap "
+                         "weights outside a rollout, with weights of the same sharding")
+    if isinstance(dst, DTensor) and isinstance(src, DTensor):
+        return dst.to_local(), src.to_local()
+    return dst, src
 
 
 @torch.no_grad()
@@ -36,7 +54,8 @@ def swap_weights(module: nn.Module, weights: dict[str, Tensor]) -> dict[str, Ten
     old = {}
     for name, p in params.items():
         old[name] = p.detach().clone()
-        p.copy_(weights[name])
+        mine, theirs = _shards(name, p, weights[name])
+        mine.copy_(theirs)
     return old
 
 
@@ -44,7 +63,8 @@ class TailAverage:
     """The running uniform mean of a module's trainable weights over the calls to ``add``.
 
     After k calls with weights w_1..w_k, ``mean`` holds (w_1 + ... + w_k) / k (in float32,
-    whatever the parameters' dtype), updated as m <- m + (w_k - m) / k.
+    whatever the parameters' dtype), updated as m <- m + (w_k - m) / k; each rank's shards of
+    FSDP2's parameters (DTensors) on their own.
     """
 
     def __init__(self) -> None:
@@ -59,7 +79,8 @@ class TailAverage:
             if name not in self.mean:
                 self.mean[name] = w.clone()
             else:
-                self.mean[name].lerp_(w, 1.0 / self.count)      # m + (w - m) / k, no temporary
+                m, w = _shards(name, self.mean[name], w)
+                m.lerp_(w, 1.0 / self.count)      # m + (w - m) / k, no temporary
 
     def swap_in(self, module: nn.Module) -> dict[str, Tensor]:
         """Give ``module`` the mean; returns the weights it had (the last iterate)."""
