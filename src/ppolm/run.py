@@ -18,12 +18,18 @@ from ppolm.config.sampling import SamplingConfig as SamplingConfig  # re-exporte
 from ppolm.errors import ConfigError
 
 
-def load_reward(name: str, kwargs: dict[str, Any], config_dir: Path | None = None) -> Any:
+def load_reward(name: str | dict[str, Any], kwargs: dict[str, Any],
+                config_dir: Path | None = None) -> Any:
     """A reward from a built-in name or a 'module:Class' path, built with ``kwargs``. The
     module is looked for in ``config_dir`` (the run's YAML file's folder), then the current
-    folder, then the installed packages: the same with ``ppolm`` and ``python -m ppolm``."""
+    folder, then the installed packages: the same with ``ppolm`` and ``python -m ppolm``.
+    ``{model: PATH, ...}``: a saved reward model (``RewardModelReward``)."""
     from ppolm.rollout.tasks import BUILTIN_REWARDS
 
+    if isinstance(name, dict):
+        from ppolm.rollout.learned_reward import RewardModelReward
+
+        return RewardModelReward(**{**kwargs, **name})
     if name in BUILTIN_REWARDS:
         cls = BUILTIN_REWARDS[name]
     elif ":" in name:
@@ -132,9 +138,10 @@ def build_run(spec: RunSpec, reference: Any = None) -> Any:
             policy = TransformerPolicy(len(tokenizer), hidden_size=m.hidden_size,
                                        n_layers=m.n_layers, n_heads=m.n_heads)
     value = spec.value_head()                # None: a critic-free estimator
-    value_head = (None if value is None else ValueHead.separate(policy) if value == "separate"
-                  else ValueHead.adapter(policy) if value == "adapter" else
-                  ValueHead(policy.hidden_size, detach=value == "detached"))
+    value_head = (None if value is None
+                  else ValueHead.separate(policy, from_reward_model=m.value_from)
+                  if value == "separate" else ValueHead.adapter(policy) if value == "adapter"
+                  else ValueHead(policy.hidden_size, detach=value == "detached"))
     e = spec.env
     interaction = load_interaction(e, spec.config_dir)
     if interaction is None and task is not None:

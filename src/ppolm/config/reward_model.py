@@ -235,3 +235,18 @@ class RewardModelSpec:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         out["training"] = self.training.to_dict()
         return out
+
+
+#: The keys of a run's ``reward: {model: PATH, ...}`` (``ppolm.rollout.learned_reward``).
+REWARD_MODEL_KEYS = ("model", "normalize", "include_prompt", "batch_size", "max_length",
+                     "device")
+
+
+def check_reward_model_reward(reward: dict[str, Any]) -> None:
+    """A run's ``reward:`` mapping: a saved reward model folder and its options."""
+    bad = [k for k in reward if k not in REWARD_MODEL_KEYS]
+    if bad or not isinstance(reward.get("model"), str):
+        raise ConfigError(f"reward: {reward!r} must be {{model: PATH}} (a folder written by "
+                          f"RewardModelTrainer.save_model or ppolm train-rm), with optional "
+                          f"{', '.join(REWARD_MODEL_KEYS[1:])}"
+                          + (f"; unknown {bad}." if bad else "."))

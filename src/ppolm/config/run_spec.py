@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ppolm.config.ppo import SECTIONS, PPOConfig, flatten_sections
+from ppolm.config.reward_model import check_reward_model_reward
 from ppolm.config.sampling import PPO_SAMPLING, SamplingConfig, check_missing_eos_penalty
 from ppolm.config.yaml_io import check_keys, check_types, load_yaml_mapping, parse_overrides
 from ppolm.errors import ConfigError
@@ -68,6 +69,10 @@ class ModelSpec:
     on a separate critic trunk, a copy of the policy (separate), with model.lora on a critic
     that is a second adapter on the policy's base model (adapter), or none (none, or null).
     auto (default): shared for advantage_estimator gae, none for the critic-free ones."""
+    value_from: str | None = None
+    """With value: separate, a reward-model folder (``ppolm train-rm``'s) that the critic's
+    trunk and head start from, as InstructGPT and OpenRLHF start theirs (see
+    docs/reward-models.md)."""
 
     def __post_init__(self) -> None:
         check_types(self, where="model.")
@@ -80,6 +85,9 @@ class ModelSpec:
         if self.lora is not None and self.kind not in ("hf", "smollm2"):
             raise ConfigError(f"model.lora needs a transformers model (model.kind hf or "
                               f"smollm2), not {self.kind!r}.")
+        if self.value_from is not None and self.value != "separate":
+            raise ConfigError(f"model.value_from starts a separate critic: set model.value to "
+                              f"separate (not {self.value}).")
         if self.value == "adapter" and self.lora is None:
             raise ConfigError("model.value=adapter makes the critic a second LoRA adapter: it "
                               "needs model.lora (or use value: separate).")
@@ -172,10 +180,12 @@ class RunSpec:
     """Prompts file (.txt one per line, .json, .jsonl, .parquet, .csv), a dataset folder or a
     name datasets.load_dataset finds locally (a 'prompt' column; the other columns reach the
     reward); overrides the task's prompts."""
-    reward: str | None = None
+    reward: str | dict[str, Any] | None = None
     """A built-in reward name (see BUILTIN_REWARDS) or 'package.module:ClassName' (the module
     is looked for in the config file's folder, then the current folder, then the installed
-    packages)."""
+    packages), or ``{model: PATH}``: a reward model saved by ``ppolm train-rm`` (its scores
+    normalised by its reward_normalization.json; ``normalize: false`` for raw scores; see
+    docs/reward-models.md)."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the reward class."""
     eval_prompts: str | list[str] | None = None
@@ -193,6 +203,8 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         check_types(self)
+        if isinstance(self.reward, dict):
+            check_reward_model_reward(self.reward)
         if self.task is None and (self.prompts is None or self.reward is None):
             raise ConfigError("Give a built-in 'task', or both 'prompts' and 'reward'.")
         if self.eval_every <= 0:
@@ -367,6 +379,10 @@ def _resolve_paths(values: dict[str, Any], folder: Path) -> None:
             values[key] = found(values[key])
     if "path" in values["model"]:
         values["model"]["path"] = found(values["model"]["path"])
+    if "value_from" in values["model"]:
+        values["model"]["value_from"] = found(values["model"]["value_from"])
+    if isinstance(values.get("reward"), dict) and "model" in values["reward"]:
+        values["reward"] = {**values["reward"], "model": found(values["reward"]["model"])}
     out = values["ppo"].get("output_dir")
     if isinstance(out, str) and not Path(out).is_absolute():
         values["ppo"]["output_dir"] = str(folder / out)

@@ -193,6 +193,29 @@ class RewardModel(nn.Module):
         return folder
 
 
+def pad_right(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+              ) -> tuple[Tensor, Tensor]:
+    """Token id lists padded on the right. Shapes: -> input_ids, attention_mask (N, L)."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def score_rows(model: RewardModel, rows: list[list[int]], batch_size: int, pad_id: int,
+               device: torch.device | str = "cpu") -> Tensor:
+    """The score of each token id list, in batches. Shapes: -> (N,) float32 on the CPU."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask = pad_right(rows[start: start + batch_size], pad_id, device)
+        out.append(model(ids, mask).float().cpu())
+    return torch.cat(out)
+
+
 def pad_token_id(tokenizer: Any) -> int:
     """The tokenizer's padding id (its end token's when it has no padding token, as TRL)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -236,3 +259,28 @@ def _load(folder: Path) -> Any:
         return cls.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"Cannot load a model from {str(folder)!r}: {e}") from None
+
+
+def start_critic(critic: Any, linear: nn.Linear, path: str | Path) -> None:
+    """Start a separate critic from a saved reward model (InstructGPT and OpenRLHF initialise
+    the critic so): ``critic`` (an ``HFPolicy`` of the same architecture) gets the reward
+    model's trunk, and the value head ``linear`` its score head, divided by the normalisation's
+    std with bias ``-mean / std`` (when the folder has one), so the first values are on the
+    scale of the normalised reward."""
+    model, _, norm = load_reward_model(path)
+    lm = getattr(critic, "lm", None)
+    if lm is None or getattr(critic, "is_lora", False):
+        raise ConfigError(f"from_reward_model needs a transformers policy without LoRA (an "
+                          f"HFPolicy), not {type(critic).__name__}.")
+    ours, theirs = lm.base_model.state_dict(), model.base_trunk.state_dict()
+    unfit = [k for k in theirs if k not in ours or ours[k].shape != theirs[k].shape]
+    if unfit or len(ours) != len(theirs):
+        raise ConfigError(f"the reward model at {str(path)!r} does not have the policy's "
+                          f"architecture (e.g. {unfit[:2] or sorted(set(ours) - set(theirs))[:2]}"
+                          "): train the reward model from the policy's base model.")
+    lm.base_model.load_state_dict(theirs)
+    scale, shift = (1.0, 0.0) if norm is None else (1.0 / norm.std, -norm.mean / norm.std)
+    with torch.no_grad():
+        linear.weight.copy_(model.score.weight.detach().to(linear.weight.dtype) * scale)
+        if linear.bias is not None:
+            linear.bias.fill_(shift)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +39,18 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     @classmethod
-    def separate(cls, policy: Policy, init_std: float = 1e-3) -> ValueHead:
-        """A value head on a separate critic trunk, initialised as a copy of ``policy``."""
-        return cls(policy.hidden_size, critic=copy.deepcopy(policy), init_std=init_std)
+    def separate(cls, policy: Policy, init_std: float = 1e-3,
+                 from_reward_model: str | Path | None = None) -> ValueHead:
+        """A value head on a separate critic trunk, initialised as a copy of ``policy``; with
+        ``from_reward_model`` (a folder saved by ``RewardModelTrainer.save_model``), the
+        critic's trunk and the head start from the reward model's (see
+        ``ppolm.policies.reward_model.start_critic``)."""
+        head = cls(policy.hidden_size, critic=copy.deepcopy(policy), init_std=init_std)
+        if from_reward_model is not None:
+            from ppolm.policies.reward_model import start_critic
+
+            start_critic(head.critic, head.linear, from_reward_model)
+        return head
 
     @classmethod
     def adapter(cls, policy: Policy, peft_config: object = None, init_std: float = 1e-3

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ppolm.maths.preference import bradley_terry_loss, mean_margin, pair_accuracy
-from ppolm.policies.reward_model import RewardModel
+from ppolm.policies.reward_model import RewardModel, pad_right
 from ppolm.reward_modeling.data import PreferencePairs
 
 
@@ -27,18 +27,6 @@ class PairBatch:
     @property
     def pairs(self) -> int:
         return self.input_ids.shape[0] // 2
-
-
-def pad_right(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
-              ) -> tuple[Tensor, Tensor]:
-    """Token id lists padded on the right. Shapes: -> input_ids, attention_mask (N, L)."""
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def pair_batch(pairs: PreferencePairs, index: list[int], pad_id: int,
@@ -81,14 +69,3 @@ def evaluate_pairs(model: RewardModel, pairs: PreferencePairs, batch_size: int, 
                               center_rewards_coefficient)
     return {"eval/accuracy": float(pair_accuracy(c, r)), "eval/margin": float(mean_margin(c, r)),
             "eval/loss": float(loss.loss)}
-
-
-@torch.no_grad()
-def score_token_rows(model: RewardModel, rows: list[list[int]], batch_size: int, pad_id: int,
-                     device: torch.device | str = "cpu") -> Tensor:
-    """The score of each token id list, in batches. Shapes: -> (N,) float32 on the CPU."""
-    out = []
-    for start in range(0, len(rows), batch_size):
-        ids, mask = pad_right(rows[start: start + batch_size], pad_id, device)
-        out.append(model(ids, mask).float().cpu())
-    return torch.cat(out)

@@ -26,12 +26,11 @@ from ppolm.maths.preference import bradley_terry_loss, score_statistics
 from ppolm.observe.callbacks import Callback, CallbackList
 from ppolm.observe.metrics import MetricsWriter
 from ppolm.parallel.world import World, init_process_group, launched
-from ppolm.policies.reward_model import Normalization, RewardModel, pad_token_id
+from ppolm.policies.reward_model import Normalization, RewardModel, pad_token_id, score_rows
 from ppolm.reward_modeling.batches import (
     evaluate_pairs,
     pair_batch,
     score_pairs,
-    score_token_rows,
 )
 from ppolm.reward_modeling.callbacks import default_callbacks
 from ppolm.reward_modeling.data import PreferencePairs, tokenize_pairs
@@ -246,7 +245,7 @@ class RewardModelTrainer:
             rows = [self.tokenizer(t)["input_ids"] for t in texts]
         if not rows:
             raise DataError("the calibration set is empty: give some texts.")
-        scores = score_token_rows(self.model, rows, self.config.eval_batch_size, self.pad_id,
+        scores = score_rows(self.model, rows, self.config.eval_batch_size, self.pad_id,
                                   self.device)
         mean, std = score_statistics(scores)
         return Normalization(mean, std, len(rows))
