@@ -1,5 +1,6 @@
 """Command line: ``ppolm train [CONFIG.yaml] [key=value ...] [--resume]``,
-``ppolm export RUN_DIR OUT [--no-merge]``, ``ppolm report RUN_DIR``."""
+``ppolm train-rm CONFIG.yaml [key=value ...] [--resume]``, ``ppolm export RUN_DIR OUT
+[--no-merge]``, ``ppolm report RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def main(argv: list[str] | None = None) -> int:
                        "ppo.learning_rate=1e-4, model.kind=lstm or iterations=20")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint in output_dir")
+    train_rm = sub.add_parser("train-rm", help="train a reward model on preference pairs",
+                              description="Train a Bradley-Terry reward model on preference "
+                              "pairs and write it to output_dir/model (an "
+                              "AutoModelForSequenceClassification folder with its reward "
+                              "normalisation). See docs/reward-models.md.")
+    train_rm.add_argument("args", nargs="+", metavar="CONFIG.yaml | key=value",
+                          help="a YAML config (model, train, eval, columns, training), then "
+                          "overrides such as training.learning_rate=1e-4 or steps=100")
+    train_rm.add_argument("--resume", action="store_true",
+                          help="continue from the newest complete checkpoint in output_dir")
     sub.add_parser("show-config", help="print the built-in default run's config as YAML (the "
                    "demo's own values marked with the defaults they replace)")
     report = sub.add_parser("report", help="write an HTML page of a run (curves, samples, "
@@ -54,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"model: {export_run(ns.run_dir, ns.out, merge=not ns.no_merge)}")
             return 0
+        if ns.command == "train-rm":
+            return _train_rm(ns.args, ns.resume)
         return _train(ns.args, ns.resume)
     except PPOLMError as e:
         print(f"ppolm: error: {e}", file=sys.stderr)
@@ -147,6 +160,40 @@ def _train(args: list[str], resume: bool) -> int:
         from ppolm.checkpoint.run_export import export_run
 
         say(f"model: {export_run(out, out / 'model')}")
+    return 0
+
+
+def _train_rm(args: list[str], resume: bool) -> int:
+    import yaml
+
+    from ppolm.config.reward_model import RewardModelSpec
+    from ppolm.errors import ConfigError
+    from ppolm.reward_modeling.build import build_reward_model_run
+
+    if "=" in args[0]:
+        raise ConfigError("train-rm needs a config file first (CONFIG.yaml), then key=value "
+                          "overrides.")
+    spec = RewardModelSpec.load(args[0], args[1:], output_dir=f"runs/{Path(args[0]).stem}")
+    trainer = build_reward_model_run(spec)
+    say = print if trainer.world.is_main else (lambda *a, **k: None)
+    out = Path(str(spec.training.output_dir))
+    if resume:
+        say(f"resumed at step {trainer.resume()}")
+    else:
+        trainer.start_fresh()
+    if trainer.world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    held = len(trainer.eval_pairs) if trainer.eval_pairs is not None else 0
+    say(f"ppolm: training a reward model on {len(trainer.train_pairs)} pairs ({held} held out) "
+        f"for {trainer.total_steps} steps")
+    trainer.train()
+    last = next((r for r in reversed(trainer.history) if "eval/accuracy" in r), None)
+    if last is not None:
+        say(f"held-out pair accuracy {last['eval/accuracy']:.3f}, mean margin "
+            f"{last['eval/margin']:.3f} (step {last['iteration']})")
+    say(f"metrics: {out / 'metrics.jsonl'}")
+    say(f"model: {trainer.save_model(out / 'model')}")
     return 0
 
 
