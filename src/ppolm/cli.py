@@ -12,28 +12,31 @@ from typing import Any
 
 from ppolm.errors import PPOLMError
 
+#: The training commands: name -> (help, description, help of the arguments).
+COMMANDS = {
+    "train": ("train a policy with PPO",
+              "Train with PPO. With no config: a small transformer on the built-in 'continue' "
+              "toy task (under 2 minutes on a 2-core CPU).",
+              "an optional YAML config, then overrides such as ppo.learning_rate=1e-4, "
+              "model.kind=lstm or iterations=20"),
+    "train-rm": ("train a reward model on preference pairs",
+                 "Train a Bradley-Terry reward model on preference pairs and write it to "
+                 "output_dir/model (an AutoModelForSequenceClassification folder with its "
+                 "reward normalisation). See docs/reward-models.md.",
+                 "a YAML config (model, train, eval, columns, training), then overrides such "
+                 "as training.learning_rate=1e-4 or steps=100"),
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ppolm", description="PPO for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a policy with PPO",
-                           description="Train with PPO. With no config: a small transformer on "
-                           "the built-in 'continue' toy task (under 2 minutes on a 2-core CPU).")
-    train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
-                       help="an optional YAML config, then overrides such as "
-                       "ppo.learning_rate=1e-4, model.kind=lstm or iterations=20")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the newest complete checkpoint in output_dir")
-    train_rm = sub.add_parser("train-rm", help="train a reward model on preference pairs",
-                              description="Train a Bradley-Terry reward model on preference "
-                              "pairs and write it to output_dir/model (an "
-                              "AutoModelForSequenceClassification folder with its reward "
-                              "normalisation). See docs/reward-models.md.")
-    train_rm.add_argument("args", nargs="+", metavar="CONFIG.yaml | key=value",
-                          help="a YAML config (model, train, eval, columns, training), then "
-                          "overrides such as training.learning_rate=1e-4 or steps=100")
-    train_rm.add_argument("--resume", action="store_true",
-                          help="continue from the newest complete checkpoint in output_dir")
+    for name, helps in COMMANDS.items():
+        command = sub.add_parser(name, help=helps[0], description=helps[1])
+        command.add_argument("args", nargs="*" if name == "train" else "+",
+                             metavar="CONFIG.yaml | key=value", help=helps[2])
+        command.add_argument("--resume", action="store_true",
+                             help="continue from the newest complete checkpoint in output_dir")
     sub.add_parser("show-config", help="print the built-in default run's config as YAML (the "
                    "demo's own values marked with the defaults they replace)")
     report = sub.add_parser("report", help="write an HTML page of a run (curves, samples, "
