@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ppolm import ValueHead
+
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
 # --standalone: a free port for each launch
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
@@ -121,6 +123,28 @@ def test_lora_on_two_ranks_makes_the_update_of_one_process(updates):
     assert adapters
 
 
+def test_a_critic_adapter_under_ddp_makes_the_update_of_one_process(updates):
+    """A critic that is a second LoRA adapter on the policy's base model (ValueHead.adapter)
+    under DDP on 2 ranks: both adapters and the value head as in one process; under FSDP2 it
+    is refused, saying why."""
+    one, two, _ = updates
+    a = torch.load(one / "single_lora-adapter.pt", weights_only=False)
+    b = torch.load(two / "ddp_lora-adapter.pt", weights_only=False)
+    assert max_diff(a["state"], b["state"]) < 1e-5
+    assert b["metrics"]["value_loss"] == pytest.approx(a["metrics"]["value_loss"], rel=1e-4)
+    # (the critic adapter is trained: the update moved it, as the policy's)
+    sys.path.insert(0, str(WORKER.parent))
+    import worker
+
+    start = worker.tiny_llama(len(worker.char_tokenizer(worker.ALPHABET)), lora=True)
+    ValueHead.adapter(start)
+    for adapter in (".critic.", ".default."):
+        moved = [float((a["state"][f"policy.{k}"] - v).abs().max())
+                 for k, v in start.state_dict().items() if adapter in k and "lora_B" in k]
+        assert moved and min(moved) > 1e-4, adapter
+    assert "second LoRA adapter" in b["fsdp_refusal"] and "ddp" in b["fsdp_refusal"]
+
+
 def test_the_update_moved_the_weights(updates):
     """(So that the comparison above can fail: one Adam step of lr 1e-2 moves every weight.)"""
     sys.path.insert(0, str(WORKER.parent))
@@ -179,7 +203,6 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, s
     import worker
     from transformers import AutoModelForCausalLM
 
-    from ppolm import ValueHead
     from ppolm.checkpoint.export import load_value_head
     from ppolm.checkpoint.sharded import export_policy
 

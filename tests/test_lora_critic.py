@@ -127,6 +127,20 @@ def test_the_fast_cpu_engine_gives_the_plain_engines_adapters(tok):
         assert changed(a, b) < 1e-5, part
 
 
+def test_gradient_checkpointing_recomputes_the_critics_layers_with_its_adapter(tok):
+    """The critic runs the policy's layers; recomputed in backward, after the critic's adapter
+    was switched off, they run with the adapter of their forward again: the weights after an
+    iteration are those of training without checkpointing."""
+    plain = build(tok, iterations=1)
+    checkpointed = build(tok, iterations=1, gradient_checkpointing=True)
+    assert checkpointed.engine.checkpointed_layers
+    plain.train()
+    checkpointed.train()
+    for part in ("default", "critic"):
+        a, b = weights(plain.policy, part), weights(checkpointed.policy, part)
+        assert changed(a, b) < 1e-6, part
+
+
 def test_both_adapters_go_into_checkpoints_and_resume_exactly(tok, tmp_path):
     whole = build(tok, output_dir=str(tmp_path / "whole"))
     whole.train()

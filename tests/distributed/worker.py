@@ -88,7 +88,9 @@ def update(out: Path) -> None:
     strategies = (["ddp", "fsdp", "fsdp_ckpt", "fsdp_meta", "ddp_meta"] if torchrun
                   else ["single"])
     runs = [(head, s) for head in ("shared", "separate") for s in strategies]
-    runs.append(("shared", "ddp_lora" if torchrun else "single_lora"))   # LoRA: DDP only
+    # LoRA: DDP only; with a value head on the policy's states, and on a critic that is a
+    # second adapter on the policy's base model
+    runs += [(head, "ddp_lora" if torchrun else "single_lora") for head in ("shared", "adapter")]
     for head, strategy in runs:
         tok = char_tokenizer(ALPHABET)
         policy = tiny_llama(len(tok), lora=strategy.endswith("lora"))
@@ -107,7 +109,8 @@ def update(out: Path) -> None:
             policy = empty_policy(folder)
             torch.set_rng_state(rng)
             assert all(p.is_meta for p in policy.parameters())
-        value_head = ValueHead.separate(policy) if head == "separate" else None
+        value_head = (ValueHead.separate(policy) if head == "separate" else
+                      ValueHead.adapter(policy) if head == "adapter" else None)
         config = PPOConfig(iterations=1, batch_size=8, minibatch_size=8, ppo_epochs=1,
                            learning_rate=1e-2, rollout_logprobs="forward", engine="plain",
                            distributed="fsdp" if "fsdp" in strategy else "ddp",
@@ -118,12 +121,26 @@ def update(out: Path) -> None:
         row = trainer.iterate(episodes=rows(whole, slice(rank * n, (rank + 1) * n)))
         state = full_state(trainer)
         budget = kl_budget(trainer, tok) if head == "shared" and "ckpt" not in strategy else None
+        refused = fsdp_refusal(config, env, tok) if torchrun and head == "adapter" else None
         if rank == 0:
             torch.save({"state": state, "metrics": row, "engine": trainer.engine.name,
-                        "world_size": trainer.world.size, "kl_budget": budget},
-                       out / f"{strategy}-{head}.pt")
+                        "world_size": trainer.world.size, "kl_budget": budget,
+                        "fsdp_refusal": refused}, out / f"{strategy}-{head}.pt")
         if dist.is_initialized():
             dist.barrier()
+
+
+def fsdp_refusal(config: PPOConfig, env: TextGenerationEnv, tok) -> str:
+    """The error of a LoRA policy with a critic adapter under FSDP2 (every rank raises it)."""
+    from ppolm.errors import ConfigError
+
+    policy = tiny_llama(len(tok), lora=True)
+    try:
+        Trainer(policy, env, replace(config, distributed="fsdp"),
+                value_head=ValueHead.adapter(policy))
+    except ConfigError as e:
+        return str(e)
+    raise AssertionError("FSDP2 took a critic adapter")
 
 
 def kl_budget(trainer: Trainer, tok) -> dict:

@@ -1,11 +1,13 @@
 """DistributedEngine: the plain engine over several processes, with torch's own wrappers.
 
 ``strategy="ddp"``: ``DistributedDataParallel`` over each trainable module (the policy, a
-separate critic, the value head's own layer); every rank holds whole models and the gradients
-are all-reduced in backward. ``strategy="fsdp"``: FSDP2's ``fully_shard`` on every decoder layer
-and then the rest of each model (the policy, the frozen reference, a separate critic, the value
-head's layer); each rank holds 1/N of the parameters, gradients and AdamW state, and gathers a
-layer's weights only while it runs (bf16 parameters with float32 gradient reduction on CUDA).
+separate critic, the value head's own layer; for a critic that is a second LoRA adapter in the
+policy's modules, its adapter's parameters apart from the policy's); every rank holds whole
+models and the gradients are all-reduced in backward. ``strategy="fsdp"``: FSDP2's
+``fully_shard`` on every decoder layer and then the rest of each model (the policy, the frozen
+reference, a separate critic, the value head's layer); each rank holds 1/N of the parameters,
+gradients and AdamW state, and gathers a layer's weights only while it runs (bf16 parameters
+with float32 gradient reduction on CUDA).
 
 The rollouts are split between the ranks and their losses are normalised by GLOBAL token counts
 (``ppolm.parallel.world``); both wrappers average gradients over the ranks, so ``backward``
@@ -35,6 +37,7 @@ from ppolm.engines.plain import PlainEngine, make_adamw
 from ppolm.errors import ConfigError
 from ppolm.policies.base import Policy
 from ppolm.policies.hf import HFPolicy
+from ppolm.policies.lora import AdapterCritic
 from ppolm.policies.pretrained import materialize
 from ppolm.policies.value import ValueHead
 
@@ -69,11 +72,17 @@ class DistributedEngine(PlainEngine):
               optim: OptimizerSettings) -> None:
         self.enable_checkpointing(policy, value_head)
         critic = value_head.critic if value_head is not None else None
-        if critic is not None and not any(True for _ in critic.parameters()):
-            raise ConfigError("this critic runs the policy's own modules (a second LoRA "
-                              "adapter, ValueHead.adapter), which DDP and FSDP2 cannot wrap "
-                              "apart from the policy; under torchrun use a value head on the "
-                              "policy's states or ValueHead.separate.")
+        adapter_critic = isinstance(critic, AdapterCritic)
+        if adapter_critic and self.strategy == "fsdp":
+            raise ConfigError("a critic that is a second LoRA adapter (ValueHead.adapter) runs "
+                              "the policy's own modules, which FSDP2 shards once, for the "
+                              "policy; use distributed='ddp' (LoRA's reference needs it too).")
+        if critic is not None and not adapter_critic and not any(True for _ in
+                                                                 critic.parameters()):
+            raise ConfigError(f"this critic ({type(critic).__name__}) owns no parameters: it "
+                              "runs another model's modules, which DDP and FSDP2 wrap with "
+                              "that model; under torchrun use ValueHead.separate, a value head "
+                              "on the policy's states, or ValueHead.adapter.")
         # Every rank starts from rank 0's weights (models built without a common seed too);
         # models built on the meta device read the same files on every rank instead.
         for module in (policy, reference, value_head):
@@ -96,11 +105,14 @@ class DistributedEngine(PlainEngine):
             for model in (policy, reference, critic):     # whole on every rank under DDP
                 if model is not None and _on_meta(model):
                     _materialize(model, self.device)
-            self._wrap(policy)
-            if critic is not None:
-                self._wrap(critic)
-            if value_head is not None:
-                self._wrap(value_head, ignore="critic." if critic is not None else None)
+            if isinstance(critic, AdapterCritic):
+                self._wrap_adapter_critic(policy, critic)
+            else:
+                self._wrap(policy)
+                if critic is not None:
+                    self._wrap(critic)
+            if value_head is not None:      # (a separate critic's are the critic's wrapper's)
+                self._wrap(value_head, ignore=_named(value_head, "critic."))
         # FSDP2 replaces the parameters by sharded ones: collect them after wrapping.
         self.trained = trained_modules(policy, value_head)
         self.params = trainable_parameters(policy, value_head)
@@ -108,17 +120,28 @@ class DistributedEngine(PlainEngine):
         self.optimizer = make_adamw(self.params, optim)
 
     # --- wrapping --------------------------------------------------------------------------
-    def _wrap(self, module: nn.Module, ignore: str | None = None) -> None:
+    def _wrap(self, module: nn.Module, ignore: list[str] | None = None,
+              runs: nn.Module | None = None) -> None:
+        """DDP over ``module`` (the wrapper of ``runs``, default ``module``, in ``_module``),
+        leaving out the parameters and buffers named in ``ignore`` (another wrapper's)."""
         if not any(p.requires_grad for p in module.parameters()):
             return
-        if ignore is not None:   # parameters another wrapper (a separate critic's) reduces
-            names = [n for n, _ in [*module.named_parameters(), *module.named_buffers()]
-                     if n.startswith(ignore)]
-            DDP._set_params_and_buffers_to_ignore_for_model(module, names)
+        if ignore:
+            DDP._set_params_and_buffers_to_ignore_for_model(module, ignore)
         ids = [self.device.index] if self.device.type == "cuda" else None
         # find_unused_parameters: a critic's LM head, say, takes no part in its loss.
-        self._wrapped[id(module)] = DDP(module, device_ids=ids, broadcast_buffers=False,
-                                        find_unused_parameters=True)
+        self._wrapped[id(runs or module)] = DDP(module, device_ids=ids, broadcast_buffers=False,
+                                                find_unused_parameters=True)
+
+    def _wrap_adapter_critic(self, policy: Policy, critic: AdapterCritic) -> None:
+        """A critic that is a second LoRA adapter runs the policy's modules, whose parameters
+        its adapter's are. One DDP over the policy would see the critic's backward without
+        the critic's forward having gone through it (its reducer then refuses the gradients
+        as unexpected); so the policy's DDP leaves the critic adapter's parameters out, and a
+        DDP of their own (``_AdapterWeights``) reduces them and runs the critic."""
+        own = {id(p) for p in critic.adapter_parameters()}
+        self._wrap(policy, ignore=[n for n, p in policy.named_parameters() if id(p) in own])
+        self._wrap(_AdapterWeights(critic), runs=critic)
 
     def _mixed_precision(self) -> dict[str, Any]:
         if self.device.type != "cuda" or not self.bf16:
@@ -194,6 +217,27 @@ class DistributedEngine(PlainEngine):
         """Restore what ``state_dict`` returned (on every rank, the same world size)."""
         set_state_dict(self.trained, self.optimizer, model_state_dict=state["models"],
                        optim_state_dict=state["optimizer"])
+
+
+class _AdapterWeights(nn.Module):
+    """A critic adapter's parameters as a module of their own, for DDP to reduce; its forward
+    is the critic's (the critic is held, not registered: the policy owns its modules)."""
+
+    critic: AdapterCritic
+
+    def __init__(self, critic: AdapterCritic) -> None:
+        super().__init__()
+        self.adapter = nn.ParameterList(critic.adapter_parameters())
+        object.__setattr__(self, "critic", critic)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.critic(*args, **kwargs)
+
+
+def _named(module: nn.Module, prefix: str) -> list[str]:
+    """The names of ``module``'s parameters and buffers that start with ``prefix``."""
+    return [n for n, _ in [*module.named_parameters(), *module.named_buffers()]
+            if n.startswith(prefix)]
 
 
 def _on_meta(model: nn.Module) -> bool:

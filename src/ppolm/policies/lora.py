@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,41 @@ def merged_copy(model: Any) -> Any:
     return copy.deepcopy(model).merge_and_unload()
 
 
+@contextlib.contextmanager
+def _flags_kept(model: Any) -> Iterator[None]:
+    """peft's adapter switches also set ``requires_grad`` of adapter weights: the flags are put
+    back as they were, so an adapter the user froze stays frozen."""
+    flags = [(p, p.requires_grad) for n, p in model.named_parameters() if "lora_" in n]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _adapter_active(model: Any, name: str) -> Iterator[None]:
+    """The adapter ``name`` active in ``model`` inside the context (nothing to do when it is)."""
+    active = model.active_adapter
+    if active == name:
+        yield
+        return
+    with _flags_kept(model):
+        try:
+            model.set_adapter(name)
+            yield
+        finally:
+            model.set_adapter(active)
+
+
+def _recompute_as_forward(model: Any) -> Callable[[], tuple[Any, Any]]:
+    """A ``context_fn`` for ``torch.utils.checkpoint``: a layer recomputed in backward runs with
+    the adapter that was active in its forward (the critic's, say, switched off since)."""
+    def context_fn() -> tuple[Any, Any]:
+        return contextlib.nullcontext(), _adapter_active(model, model.active_adapter)
+    return context_fn
+
+
 class _AdapterView(Policy):
     """A LoRA policy's own modules run with its adapters switched (``switched``): a Policy that
     holds the policy without registering it as a submodule, so it owns no parameter: freezing
@@ -116,16 +151,8 @@ class _AdapterView(Policy):
         """The context in which this view runs the policy's modules (its adapters switched)."""
         raise NotImplementedError
 
-    @contextlib.contextmanager
-    def _flags_kept(self) -> Iterator[None]:
-        """peft's adapter switches also set ``requires_grad`` of adapter weights: the flags are
-        put back as they were, so an adapter the user froze stays frozen."""
-        flags = [(p, p.requires_grad) for n, p in self.model.named_parameters() if "lora_" in n]
-        try:
-            yield
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
+    def _flags_kept(self) -> contextlib.AbstractContextManager[None]:
+        return _flags_kept(self.model)
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, cache: Any = None,
               use_cache: bool = False) -> tuple[Tensor, Any]:
@@ -204,19 +231,20 @@ class AdapterCritic(_AdapterView):
         """The critic adapter's weights (held by the policy's model)."""
         return [p for n, p in self.model.named_parameters() if f".{self.name}." in n]
 
-    @contextlib.contextmanager
-    def switched(self) -> Iterator[None]:
+    def switched(self) -> contextlib.AbstractContextManager[None]:
         """The critic's adapter active instead of the policy's."""
-        active = self.model.active_adapter
-        with self._flags_kept():
-            try:
-                self.model.set_adapter(self.name)
-                yield
-            finally:
-                self.model.set_adapter(active)
+        return _adapter_active(self.model, self.name)
 
     def enable_gradient_checkpointing(self) -> list[Any]:
-        """The policy's layers (the same modules) are turned on with the policy's."""
+        """Checkpointing in the policy's layers (the same modules; they are the policy's to
+        return), each recomputed in backward with the adapter active in its forward: the
+        critic's is switched off by the time the value loss's gradients reach its layers."""
+        self.policy.enable_gradient_checkpointing()
+        kwargs = {"use_reentrant": False, "context_fn": _recompute_as_forward(self.model)}
+        if hasattr(self.model, "activation_checkpointing_enable"):   # (transformers >= 5)
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return []
 
     def save(self, path: str | Path) -> None:
