@@ -1,6 +1,7 @@
 """ppolm: Proximal Policy Optimization for language models."""
 
 from ppolm.config.ppo import PPOConfig
+from ppolm.config.reward_model import RewardModelConfig
 from ppolm.engines import Engine, FastCPUEngine, PlainEngine
 from ppolm.errors import (
                           CheckpointError,
@@ -19,8 +20,11 @@ from ppolm.observe.callbacks import Callback
 from ppolm.observe.health import HealthMonitor, PPOHealthWarning
 from ppolm.policies import HFPolicy, LSTMPolicy, Policy, TransformerPolicy, ValueHead
 from ppolm.policies.pretrained import chat_prompts, freeze_lower_layers, load_gguf, load_smollm2
+from ppolm.policies.reward_model import RewardModel
+from ppolm.reward_modeling.trainer import RewardModelTrainer
 from ppolm.rollout.env import TextGenerationEnv, read_prompts
 from ppolm.rollout.interaction import Interaction, Reply
+from ppolm.rollout.learned_reward import RewardModelReward
 from ppolm.rollout.rewards import (
                           CallableReward,
                           RewardFunction,
@@ -40,7 +44,8 @@ __all__ = [
     "Advantages", "BudgetFit", "CallableReward", "Callback", "CheckpointError", "ConfigError",
     "DataError", "Engine", "Episodes", "EvalCallback", "EvalResult", "FastCPUEngine", "HFPolicy",
     "HealthMonitor", "Interaction", "KLController", "LSTMPolicy", "PPOConfig", "PPOHealthWarning",
-    "PPOLMError", "PlainEngine", "Policy", "Reply", "RewardError", "RewardFunction", "Rollout",
+    "PPOLMError", "PlainEngine", "Policy", "Reply", "RewardError", "RewardFunction",
+    "RewardModel", "RewardModelConfig", "RewardModelReward", "RewardModelTrainer", "Rollout",
     "SentimentReward", "SequenceClassifierReward", "TextGenerationEnv", "ToolInteraction",
     "Trainer",
     "TrainingError", "TransformerPolicy", "ValueHead", "WeightPath", "WeightedReward",
