@@ -62,3 +62,29 @@ def test_bad_keys_and_data_are_one_line_errors(config, capsys):
     assert last.startswith("ppolm: error: row 0 has no 'nope' column")
     assert main(["train-rm", "steps=3"]) == 2
     assert "needs a config file first" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_train_the_model_of_one_process(config, tmp_path):
+    """torchrun --nproc-per-node 2 (gloo): each rank scores half of every batch and DDP
+    averages the gradients, so the weights equal one process's up to float rounding."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = ["-m", "ppolm", "train-rm", str(config), "steps=2", "eval_fraction=0.0"]
+    one = subprocess.run([sys.executable, *common, f"output_dir={tmp_path / 'one'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", *common,
+                          f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    assert not torch.equal(a["model.norm.weight"], base["model.norm.weight"])    # it trained

@@ -62,7 +62,8 @@ class RewardModelTrainer:
                  peft_config: Any = None) -> None:
         self.config = c = config if config is not None else RewardModelConfig()
         self.device = resolve_device(c.device)
-        init_process_group(self.device, 600.0) if launched() else None
+        if launched():                               # under torchrun: join the group
+            init_process_group(self.device, timeout_s=600.0)
         self.world = World.current()
         if c.batch_size % self.world.size or c.micro % self.world.size:
             raise DataError(f"batch_size={c.batch_size} and micro_batch_size={c.micro} are "
