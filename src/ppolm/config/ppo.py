@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from ppolm.config.recipes import recipe_settings, with_recipe
 from ppolm.config.report_to import check_report_to
 from ppolm.config.sampling import check_sampling
 from ppolm.config.sections import (  # noqa: F401 (re-exported)
@@ -126,6 +127,7 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1].")
         if not self.clip_range > 0:
             raise ConfigError(f"clip_range={self.clip_range} must be > 0 (typically 0.2).")
+        self.check_objective()
         if self.clip_range_value is not None and not self.clip_range_value > 0:
             raise ConfigError(f"clip_range_value={self.clip_range_value} must be > 0, or null "
                               "to disable value clipping.")
@@ -195,6 +197,43 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
                               "kl_mode=loss or leave it unset (GRPO uses kl_estimator=k3), or "
                               "kl_coef=0.")
 
+    def check_objective(self) -> None:
+        """Decoupled clipping, the ratio level, truncated importance sampling, dynamic
+        sampling."""
+        for name in ("clip_range_low", "clip_range_high", "tis_cap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name}={value} must be > 0, or null (off).")
+        if self.clip_high < self.clip_low:
+            raise ConfigError(f"clip_range_high={self.clip_high} is below clip_range_low="
+                              f"{self.clip_low}: the upper epsilon must be at least the lower "
+                              "(DAPO: 0.2 below, 0.28 above).")
+        if self.tis_cap is not None and self.rollout_logprobs != "forward":
+            raise ConfigError("tis_cap weights each token by pi_old / pi_rollout, the trainer's "
+                              "probability over the sampler's: it needs rollout_logprobs="
+                              "'forward' (the trainer's own forward of the rollout).")
+        if self.dynamic_sampling:
+            if self.advantage_estimator not in GROUPED:
+                raise ConfigError(
+                    f"dynamic_sampling drops groups whose rewards are all equal, which carry no "
+                    f"signal only for the grouped estimators ({', '.join(GROUPED)}); "
+                    f"advantage_estimator={self.advantage_estimator!r} learns from them.")
+            if self.samples_per_prompt < 2:
+                raise ConfigError("dynamic_sampling compares the responses to one prompt: set "
+                                  "samples_per_prompt >= 2.")
+        if self.max_sampling_rounds < 1:
+            raise ConfigError(f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1.")
+
+    @property
+    def clip_low(self) -> float:
+        """The lower clip epsilon in use (``clip_range_low`` or ``clip_range``)."""
+        return self.clip_range if self.clip_range_low is None else self.clip_range_low
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clip epsilon in use (``clip_range_high`` or ``clip_range``)."""
+        return self.clip_range if self.clip_range_high is None else self.clip_range_high
+
     @property
     def aggregation(self) -> str:
         """The loss aggregation in use (``loss_aggregation`` or the estimator's default)."""
@@ -231,10 +270,18 @@ class PPOConfig(RunConfig, SystemConfig, AlgorithmConfig):
     def from_dict(cls, values: dict[str, Any]) -> PPOConfig:
         """Build from a plain dict: flat field names, or the sections ``algorithm``, ``system``
         and ``run`` as mappings (as ``to_yaml`` writes them), refusing unknown keys (with the
-        closest known name)."""
-        flat = flatten_sections(values)
+        closest known name). A ``recipe`` key names a recipe whose settings the others
+        override."""
+        flat = with_recipe(flatten_sections(values))
         check_keys(cls, flat, where="PPOConfig")
         return cls(**flat)
+
+    @classmethod
+    def recipe(cls, name: str, **overrides: Any) -> PPOConfig:
+        """The settings of a published method (``ppolm.config.recipes.RECIPES``: "ppo",
+        "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"), with ``overrides`` over
+        them: ``PPOConfig.recipe("dapo", batch_size=64, samples_per_prompt=8)``."""
+        return cls.from_dict({**recipe_settings(name), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """The settable fields as one flat dict (derived sizes left out); ``kl_mode`` as given

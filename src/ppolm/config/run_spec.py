@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ppolm.config.ppo import SECTIONS, PPOConfig, flatten_sections
+from ppolm.config.recipes import with_recipe
 from ppolm.config.reward_model import check_reward_model_reward
 from ppolm.config.sampling import PPO_SAMPLING, SamplingConfig, check_missing_eos_penalty
 from ppolm.config.yaml_io import check_keys, check_types, load_yaml_mapping, parse_overrides
@@ -244,6 +245,11 @@ class RunSpec:
         Settings at their old place (``MOVED``) are moved, with a DeprecationWarning."""
         check_keys(cls, values, where="the run config")
         values = _move_deprecated(_parts(values), where="the run config")
+        if "recipe" in values["ppo"]:           # its sampling settings go to sampling
+            values["ppo"] = with_recipe(values["ppo"])
+            for name in PPO_SAMPLING:
+                if name in values["ppo"]:
+                    values["sampling"].setdefault(name, values["ppo"].pop(name))
         sampling = SamplingConfig(**_sub(values, "sampling", SamplingConfig))
         ppo = {**_sub(values, "ppo", PPOConfig), **sampling.ppo_values()}
         spec = cls(model=ModelSpec(**_sub(values, "model", ModelSpec)), sampling=sampling,
@@ -326,6 +332,8 @@ def _route(key: str, value: Any) -> tuple[str, str]:
                           f"{', '.join(p + '.' for p in PARTS)}")
     if part:
         return part, name
+    if name == "recipe":
+        return "ppo", name
     spec_keys = [f.name for f in dataclasses.fields(RunSpec) if f.init]
     for owner, cls in (("sampling", SamplingConfig), ("ppo", PPOConfig)):
         if name in {f.name for f in dataclasses.fields(cls) if f.init}:

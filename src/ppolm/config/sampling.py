@@ -136,7 +136,7 @@ def check_overlong(buffer: Any, factor: Any, budget: int, where: str = "",
     if buffer is None:
         return None
     if (isinstance(buffer, bool) or not isinstance(buffer, numbers.Integral)
-            or not 0 < buffer <= budget):
+            or not 0 < int(buffer) <= budget):
         raise error(f"{where}overlong_buffer={buffer!r} must be a number of tokens between 1 and "
                     f"the response budget ({budget}: max_new_tokens, or the model's tokens of a "
                     "multi-turn episode), or None (null) for no overlong term.")

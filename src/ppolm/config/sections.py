@@ -11,6 +11,7 @@ KLMode = Literal["reward", "loss"]
 KLEstimator = Literal["k1", "k2", "k3", "full"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 RolloutLogprobs = Literal["sampler", "forward"]
+RatioLevel = Literal["token", "sequence"]
 AdvantageEstimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
                              "reinforce_pp_baseline"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -108,6 +109,23 @@ class AlgorithmConfig:
     seq-mean-token-mean; dr_grpo: seq-mean-token-sum-norm). The value loss is a token mean."""
     clip_range: float = 0.2
     """PPO ratio clip epsilon: the ratio is clipped to [1 - clip_range, 1 + clip_range]."""
+    clip_range_low: float | None = None
+    """Decoupled clipping: the lower epsilon, the ratio clipped below at 1 - clip_range_low.
+    None: ``clip_range``."""
+    clip_range_high: float | None = None
+    """Decoupled clipping: the upper epsilon, the ratio clipped above at 1 + clip_range_high
+    (DAPO's clip-higher uses 0.28 with 0.2 below: unlikely tokens with a positive advantage
+    may grow further, which keeps the entropy from collapsing). None: ``clip_range``. At least
+    the lower one."""
+    ratio_level: RatioLevel = "token"
+    """'token': one ratio per token (PPO). 'sequence': GSPO (Zheng et al. 2025), each sequence's
+    length-normalised ratio (pi(y)/pi_old(y))^(1/|y|), clipped per sequence; its ratios stay
+    near 1, so GSPO clips at about 3e-4 below and 4e-4 above (the ``gspo`` recipe)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling (Yao et al. 2025) for rollouts sampled under other
+    numerics than training's: each token's loss is multiplied by min(pi_old / pi_rollout,
+    tis_cap), pi_old the trainer's probability (a forward over the finished sequences),
+    pi_rollout the sampler's. Needs rollout_logprobs='forward'. None: off (e.g. 2.0 on)."""
     clip_range_value: float | None = 0.2
     """Clip the new values to within this distance of the rollout values; None disables it."""
     vf_coef: float = 0.5
@@ -116,6 +134,15 @@ class AlgorithmConfig:
     """Weight of the entropy bonus (subtracted from the loss)."""
     target_approx_kl: float | None = None
     """Stop the epochs of an iteration early once the epoch's mean approx_kl exceeds this."""
+
+    # --- which groups are trained on ----------------------------------------------------
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (grouped estimators): a group whose rewards are all equal has
+    no signal, so it is dropped and further prompt groups are sampled until the batch is full
+    (at most ``max_sampling_rounds`` rounds; then the batch is completed with dropped groups,
+    with a warning). Logged: sampling_rounds, groups_dropped, sampled_per_trained."""
+    max_sampling_rounds: int = 4
+    """With dynamic_sampling: the most sampling rounds per iteration (the first included)."""
 
     # --- KL control --------------------------------------------------------------------------
     kl_coef: float = 0.05

@@ -20,33 +20,80 @@ def _mean(x: Tensor, mask: Tensor, num_tokens: Tensor | float | None) -> Tensor:
     return masked_mean(x, mask) if num_tokens is None else masked_sum(x, mask) / num_tokens
 
 
+RATIO_LEVELS = ("token", "sequence")
+
+
+def sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    """Each sequence's length-normalised log ratio, (1/|y_i|) sum_t log r_{i,t}: the log of
+    GSPO's sequence ratio s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|). A row with no valid token
+    gets 0. Shapes: (B, T), (B, T) -> (B,)."""
+    m = mask.to(log_ratio.dtype)
+    return (log_ratio * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
+                         cap: float) -> Tensor:
+    """Truncated importance weights (Yao et al. 2025) for rollouts sampled under other numerics
+    than training computes with: w_t = min(pi_old(a_t) / pi_rollout(a_t), cap), 0 on padding,
+    no gradient. Shapes: (B, T) x 3 -> (B, T)."""
+    if not cap > 0:
+        raise DataError(f"the truncation cap must be > 0; got {cap!r}.")
+    w = torch.exp(old_logprobs - rollout_logprobs).clamp(max=cap)
+    return (w * mask.to(w.dtype)).detach()
+
+
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                 clip_range: float = 0.2, num_tokens: Tensor | float | None = None,
-                aggregate: Callable[[Tensor], Tensor] | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+                aggregate: Callable[[Tensor], Tensor] | None = None, *,
+                clip_range_high: float | None = None, ratio_level: str = "token",
+                weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate objective (Schulman et al. 2017), as a loss to minimise.
 
         ratio_t = exp(logp_t - logp_old_t)
-        L = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+        L = mean_t w_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps_low, 1 + eps_high))
 
-    Stats: approx_kl = mean((ratio - 1) - log ratio) (the k3 estimator of KL(old || new); exactly
-    0 when ratio is 1), clipfrac = share of tokens where the clipped term is the one used,
-    ratio_max_dev = max |ratio - 1|.
+    ``clip_range`` is eps_low and, unless ``clip_range_high`` is given, eps_high too; a larger
+    eps_high is DAPO's clip-higher (Yu et al. 2025), letting unlikely tokens that earn a positive
+    advantage grow further.
+
+    ``ratio_level="sequence"``: GSPO (Zheng et al. 2025). Every token of sequence i takes the
+    sequence's length-normalised ratio s_i = exp((1/|y_i|) sum_t log ratio_t) as its value, with
+    the gradient of GSPO-token, s_i * grad log pi(a_t): sg[s_i] * pi(a_t) / sg[pi(a_t)]. The
+    whole sequence is clipped or not together; with advantages constant over a sequence and the
+    seq-mean-token-mean aggregation, loss and gradient are those of GSPO's sequence objective.
+
+    ``weights`` (B, T), no gradient: per-token factors on the loss terms, such as the truncated
+    importance weights of ``truncated_is_weights``; None: all 1.
+
+    Stats: approx_kl = mean((ratio - 1) - log ratio) (the k3 estimator of KL(old || new),
+    always on the token ratios; exactly 0 when ratio is 1), clipfrac = share of tokens where
+    the clipped term is the one used, ratio_max_dev = max |ratio - 1| (of the ratios used).
 
     ``aggregate`` (per-token terms (B, T) -> the loss) replaces the token mean, e.g.
     ``ppolm.maths.aggregation.aggregate_loss`` with another mode.
 
     Shapes: all inputs (B, T); returns a scalar loss.
     """
+    if ratio_level not in RATIO_LEVELS:
+        raise DataError(f"unknown ratio_level {ratio_level!r}; use 'token' or 'sequence'.")
+    high = clip_range if clip_range_high is None else clip_range_high
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    if ratio_level == "sequence":
+        seq = sequence_log_ratio(log_ratio, mask)                          # (B,)
+        used = logprobs - logprobs.detach() + seq.detach()[:, None]        # (B, T)
+    else:
+        used = log_ratio
+    ratio = torch.exp(used)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)                      # (B, T)
+    if weights is not None:
+        per_token = per_token * weights
     loss = aggregate(per_token) if aggregate is not None else _mean(per_token, mask, num_tokens)
     with torch.no_grad():
+        token_ratio = torch.exp(log_ratio)
         stats = {
-            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
+            "approx_kl": masked_mean((token_ratio - 1) - log_ratio, mask),
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
             "ratio_max_dev": ((ratio - 1).abs() * mask).max(),
         }

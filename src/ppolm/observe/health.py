@@ -28,7 +28,7 @@ from ppolm.observe.metrics import MetricsWriter, truncate_metrics
 #: The conditions checked, by the name each warning carries.
 CONDITIONS = ("kl_high", "kl_rising", "kl_negative", "entropy_collapse", "clipfrac_high",
               "approx_kl_high", "value_not_learning", "truncated", "skipped_updates",
-              "reward_hacking", "episodes_truncated", "tool_errors")
+              "reward_hacking", "episodes_truncated", "tool_errors", "no_signal")
 
 
 class PPOHealthWarning(UserWarning):
@@ -159,6 +159,7 @@ class HealthMonitor(Callback):
             "reward_hacking": self._hacking(config, metrics, it),
             "episodes_truncated": self._episodes_truncated(metrics, it),
             "tool_errors": self._tool_errors(metrics, it),
+            "no_signal": self._no_signal(config, metrics, it),
         }
         for name, result in checks.items():
             if result is None:                  # unknown this iteration: no change
@@ -241,13 +242,23 @@ class HealthMonitor(Callback):
 
     def _clipfrac(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
         clip = _value(m, "clipfrac")
-        if clip is None:
-            return None
+        if clip is None or getattr(config, "ratio_level", "token") == "sequence":
+            return None          # GSPO clips whole sequences at a tiny range by design
         if clip <= self.clipfrac_limit:
             return False
         return (f"Clip fraction is {clip:.3g} at iteration {it}, over {self.clipfrac_limit:g}: "
                 f"updates move the policy too far for clip_range={config.clip_range:g}; lower "
                 "learning_rate or ppo_epochs, or set target_approx_kl.")
+
+    def _no_signal(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
+        share = _value(m, "zero_signal_groups")
+        if share is None or getattr(config, "dynamic_sampling", False):
+            return None
+        if share <= 0.5:
+            return False
+        return (f"{share:.0%} of the prompt groups at iteration {it} scored all alike: their "
+                "advantages are 0, so they train on nothing. Set dynamic_sampling=True to "
+                "sample other groups in their place, or raise samples_per_prompt.")
 
     def _approx_kl(self, config: Any, m: dict[str, Any], it: Any) -> str | bool | None:
         akl = _value(m, "approx_kl")

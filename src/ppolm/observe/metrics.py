@@ -11,8 +11,10 @@ from typing import Any
 
 from torch import Tensor
 
+from ppolm.maths.advantages import explained_variance, masked_mean
+from ppolm.maths.estimators import zero_signal_share
 from ppolm.parallel.world import World
-from ppolm.rollout.types import TurnInfo
+from ppolm.rollout.types import Advantages, Rollout, TurnInfo
 
 #: The metric names an iteration logs, to metrics.jsonl and to every tracker alike
 #: (``explained_variance`` with a value function only, ``zero_signal_groups`` with
@@ -43,6 +45,35 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in row.items()
             if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(v)}
+
+
+def batch_metrics(rollout: Rollout, advantages: Advantages, kl_seq: Tensor,
+                  samples_per_prompt: int, critic: bool) -> dict[str, float]:
+    """The whole batch's figures: reward and score (mean, std), KL per response (``kl_seq``,
+    (B,)), response length; with a critic the value function's explained variance; with groups
+    the share of groups with no signal; with the sampler's logprobs beside the trainer's (TIS)
+    their ``logprob_mismatch``."""
+    mask = rollout.response_mask
+    row = {"reward_mean": float(advantages.rewards.sum(1).mean()),
+           "reward_std": float(advantages.rewards.sum(1).std()),
+           "score_mean": float(rollout.scores.mean()), "score_std": float(rollout.scores.std()),
+           "kl": float(kl_seq.mean()), "response_length": float(mask.sum(1).mean())}
+    if rollout.sampler_logprobs is not None:
+        row.update(logprob_mismatch(rollout.logprobs, rollout.sampler_logprobs, mask))
+    if critic:
+        row["explained_variance"] = explained_variance(rollout.values, advantages.returns, mask)
+    if samples_per_prompt > 1:
+        row["zero_signal_groups"] = zero_signal_share(rollout.scores, samples_per_prompt)
+    return row
+
+
+def logprob_mismatch(logprobs: Tensor, other: Tensor, mask: Tensor) -> dict[str, float]:
+    """Mean and max |logprobs - other| over the valid tokens: how far two computations of the
+    same tokens' log-probabilities (the trainer's and the sampler's) disagree.
+    Shapes: (B, T) x 3 -> two floats."""
+    diff = (logprobs - other).abs() * mask
+    return {"logprob_mismatch_mean": float(masked_mean(diff, mask)),
+            "logprob_mismatch_max": float(diff.max()) if diff.numel() else 0.0}
 
 
 def turn_metrics(info: TurnInfo, world: World, batch_size: int) -> dict[str, float]:

@@ -69,6 +69,8 @@ class Rollout:
     index: Tensor           # (B,) long: each episode's place in the iteration's batch
     ref_dist: Tensor | None = None  # (B, T, V) log pi_ref(. | s_t), for kl_estimator='full'
     token_scores: Tensor | None = None  # (B, T) per-token score increments (prefix shaping)
+    sampler_logprobs: Tensor | None = None  # (B, T) the sampler's log pi_rollout(a_t), beside
+                                            # the trainer's ``logprobs`` (tis_cap)
 
     def select(self, idx: Tensor) -> Rollout:
         """The episodes at ``idx`` (a 1-D index tensor), as a smaller Rollout."""

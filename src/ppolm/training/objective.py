@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ppolm.config.ppo import PPOConfig
 from ppolm.engines.base import ResponseForward
-from ppolm.maths.advantages import compute_gae, whiten
+from ppolm.maths.advantages import compute_gae, masked_mean, whiten
 from ppolm.maths.aggregation import aggregate_loss
 from ppolm.maths.estimators import (
     dr_grpo_advantages,
@@ -16,9 +16,23 @@ from ppolm.maths.estimators import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
-from ppolm.maths.losses import full_kl, kl_penalty, policy_loss, value_loss
+from ppolm.maths.losses import full_kl, kl_penalty, policy_loss, truncated_is_weights, value_loss
 from ppolm.maths.rewards import token_rewards
 from ppolm.rollout.types import Advantages, Rollout
+
+#: Statistics of a minibatch that are its maximum over micro-batches and ranks, not a mean.
+MAXED_STATS = ("ratio_max_dev", "log_ratio_abs_max")
+#: Those read on the update's first forward only: before any step, the new logprobs differ
+#: from the rollout's by numerics alone (the sampler's against the trainer's computation).
+FIRST_FORWARD_STATS = ("log_ratio_abs", "log_ratio_abs_max")
+
+
+def first_forward_stats(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor
+                        ) -> dict[str, Tensor]:
+    """Mean and max |log pi - log pi_old| over the valid tokens (``FIRST_FORWARD_STATS``).
+    Shapes: (B, T) x 3 -> scalars."""
+    diff = (logprobs.detach() - old_logprobs).abs() * mask
+    return {"log_ratio_abs": masked_mean(diff, mask), "log_ratio_abs_max": diff.max()}
 
 
 def estimate_advantages(cfg: PPOConfig, rollout: Rollout, kl_coef: float) -> Advantages:
@@ -67,8 +81,15 @@ def ppo_loss(cfg: PPOConfig, fwd: ResponseForward, values: Tensor | None, micro:
         return aggregate_loss(per_token, mask, cfg.aggregation, num_tokens=num_tokens,
                               num_seqs=num_seqs, max_len=max_len)
 
+    weights = None
+    if cfg.tis_cap is not None:
+        assert micro.sampler_logprobs is not None      # the rollout keeps them with tis_cap
+        weights = truncated_is_weights(micro.logprobs, micro.sampler_logprobs, mask, cfg.tis_cap)
     pg, pg_stats = policy_loss(fwd.logprobs, micro.logprobs, adv.advantages, mask,
-                               cfg.clip_range, num_tokens, aggregate=aggregate)
+                               cfg.clip_low, num_tokens, aggregate=aggregate,
+                               clip_range_high=cfg.clip_high, ratio_level=cfg.ratio_level,
+                               weights=weights)
+    pg_stats.update(first_forward_stats(fwd.logprobs, micro.logprobs, mask))
     ent = aggregate(fwd.entropy)
     loss = pg - cfg.ent_coef * ent
     stats = {"policy_loss": pg, "entropy": ent}

@@ -19,12 +19,10 @@ from ppolm.engines.base import Engine, OptimizerSettings, Sequences
 from ppolm.engines.factory import make_engine, resolve_device
 from ppolm.errors import ConfigError, TrainingError
 from ppolm.evaluation.callback import EvalCallback
-from ppolm.maths.advantages import explained_variance
-from ppolm.maths.estimators import zero_signal_share
 from ppolm.maths.losses import sequence_kl
 from ppolm.observe.callbacks import Callback, CallbackList
 from ppolm.observe.default_callbacks import default_callbacks
-from ppolm.observe.metrics import MetricsWriter, iteration_samples, turn_metrics
+from ppolm.observe.metrics import MetricsWriter, batch_metrics, iteration_samples, turn_metrics
 from ppolm.observe.timer import Timer
 from ppolm.parallel.world import World, init_process_group
 from ppolm.policies.base import Policy
@@ -32,8 +30,9 @@ from ppolm.policies.value import ValueHead
 from ppolm.rollout.env import TextGenerationEnv
 from ppolm.rollout.types import Advantages, Episodes, Rollout
 from ppolm.training.averaging import TailAverage
+from ppolm.training.batch_sampler import BatchSampler
 from ppolm.training.kl_control import KLController
-from ppolm.training.objective import estimate_advantages, ppo_loss
+from ppolm.training.objective import FIRST_FORWARD_STATS, MAXED_STATS, estimate_advantages, ppo_loss
 from ppolm.training.schedule import lr_factor
 from ppolm.training.trainer_state import TrainerState
 
@@ -96,6 +95,7 @@ class Trainer:
         self.sample_gen = torch.Generator(self.device).manual_seed(
             config.seed + 7919 * self.world.rank)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.sampler = BatchSampler(config, env, self.world, self.device, self.sample_gen)
         self.history: list[dict[str, Any]] = []
         self.last_samples: list[dict[str, Any]] = []   # the last iteration's first samples
         self.average = TailAverage()  # of the last config.average_last iterates
@@ -164,11 +164,14 @@ class Trainer:
         timer = timer or Timer()
         cfg = self.config
         from_sampler = cfg.rollout_logprobs == "sampler"
+        record = from_sampler or cfg.tis_cap is not None     # TIS: the sampler's too
         with self.engine.rollout():
             with timer("time_generate"):
                 if episodes is None:
-                    episodes = self.world.together(lambda: self.sample(from_sampler),
-                                                   "sampling and scoring the rollout")
+                    episodes = self.world.together(
+                        lambda: self.sampler.sample(self.policy, record,
+                                                    self.engine.sampling_trunk(self.policy)),
+                        "sampling and scoring the rollout")
             timer.add("time_reward", episodes.reward_seconds)
             timer.add("time_generate", -episodes.reward_seconds)
             seqs = Sequences(episodes.input_ids, episodes.attention_mask,
@@ -184,29 +187,17 @@ class Trainer:
                 ref = self.engine.forward_response(self.reference, seqs, cfg.temperature,
                                                    full_dist=cfg.kl_estimator == "full")
         rmask = episodes.response_mask.float()
+        sampler = episodes.logprobs if cfg.tis_cap is not None else None
         rollout = Rollout(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
                           response_mask=rmask, logprobs=logprobs.float() * rmask,
                           ref_logprobs=ref.logprobs.float() * rmask, values=values * rmask,
                           scores=episodes.scores.float(),
                           index=torch.arange(len(episodes.prompts), device=self.device),
                           ref_dist=ref.dist.float() if ref.dist is not None else None,
-                          token_scores=episodes.token_scores)
+                          token_scores=episodes.token_scores,
+                          sampler_logprobs=sampler.float() * rmask if sampler is not None
+                          else None)
         return episodes, rollout
-
-    def sample(self, record: bool) -> Episodes:
-        """This rank's episodes: the batch, or under torchrun its share of the batch's prompt
-        groups (every rank walks the same prompt order and takes its own part of it)."""
-        cfg, k = self.config, self.config.samples_per_prompt
-        indices, share = None, None
-        if self.world.distributed:
-            groups = self.world.share(self.env.next_indices(cfg.batch_size // k))
-            indices = [i for i in groups for _ in range(k)]
-            # this rank's episodes' place in the batch (an interaction's generators)
-            share = (self.world.rank * len(indices), cfg.batch_size)
-        return self.env.sample(self.policy, cfg.batch_size, cfg.temperature, self.device,
-                               self.sample_gen, indices=indices, record=record,
-                               trunk=self.engine.sampling_trunk(self.policy),
-                               samples_per_prompt=k, share=share)
 
     def values(self, seqs: Sequences, policy_hidden: Tensor) -> Tensor:
         """V(s) at the positions predicting the response tokens: the value head on the
@@ -238,6 +229,9 @@ class Trainer:
                     step = self.optimizer_step(rollout.select(idx), advantages.select(idx))
                     if epoch == 0 and start == 0:
                         stats["ratio_dev_first"].append(step["ratio_max_dev"])
+                        if cfg.rollout_logprobs == "sampler":   # pi unchanged yet: numerics
+                            stats["logprob_mismatch_mean"].append(step["log_ratio_abs"])
+                            stats["logprob_mismatch_max"].append(step["log_ratio_abs_max"])
                     for k, v in step.items():
                         stats[k].append(v)
                     epoch_kl.append(step["approx_kl"])
@@ -246,7 +240,7 @@ class Trainer:
                     break
         # The mean over the applied steps (a skipped step's statistics are NaN); NaN if none.
         out = {k: float(np.nanmean(v)) if not np.isnan(v).all() else math.nan
-               for k, v in stats.items() if k != "skipped"}
+               for k, v in stats.items() if k not in ("skipped", *FIRST_FORWARD_STATS)}
         out["skipped_updates"] = float(np.sum(stats["skipped"]))
         out["epochs_done"] = float(epochs_done)
         return out
@@ -291,8 +285,8 @@ class Trainer:
             self.engine.backward(loss)
             share = float(micro.response_mask.sum() / num_tokens)
             for k, v in parts.items():
-                totals[k] = max(totals[k], v) if k == "ratio_max_dev" else totals[k] + share * v
-        return self.world.reduce_stats(dict(totals), maxed=("ratio_max_dev",))
+                totals[k] = max(totals[k], v) if k in MAXED_STATS else totals[k] + share * v
+        return self.world.reduce_stats(dict(totals), maxed=MAXED_STATS)
 
     def loss(self, micro: Rollout, adv: Advantages, num_tokens: Tensor, num_seqs: int = 0
              ) -> tuple[Tensor, dict[str, float]]:
@@ -330,24 +324,15 @@ class Trainer:
         n_tokens = float(mask.sum())
         row: dict[str, Any] = {
             "iteration": self.iteration,
-            "reward_mean": float(advantages.rewards.sum(1).mean()),
-            "reward_std": float(advantages.rewards.sum(1).std()),
-            "score_mean": float(rollout.scores.mean()),
-            "score_std": float(rollout.scores.std()),
-            "kl": float(kl_seq.mean()), "kl_coef": self.kl_ctl.value,
-            "lr": self.scheduler.get_last_lr()[0],
-            "response_length": float(mask.sum(1).mean()),
+            **batch_metrics(rollout, advantages, kl_seq, cfg.samples_per_prompt,
+                            self.value_head is not None),
+            "kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0],
             "eos_fraction": float(self.world.sum(episodes.ended.sum())) / cfg.batch_size,
             "tokens_per_s": n_tokens / total, "episodes_per_s": cfg.batch_size / total,
-            **stats, **timer.seconds, "time_total": total,
+            **stats, **timer.seconds, "time_total": total, **self.sampler.stats,
             **{f"reward/{k}": v for k, v in self.world.reduce_stats(
                 {k: v / self.world.size for k, v in episodes.reward_parts.items()}).items()},
         }
-        if self.value_head is not None:
-            row["explained_variance"] = explained_variance(rollout.values, advantages.returns,
-                                                           mask)
-        if cfg.samples_per_prompt > 1:
-            row["zero_signal_groups"] = zero_signal_share(rollout.scores, cfg.samples_per_prompt)
         if episodes.turn_info is not None:      # multi-turn episodes
             row.update(turn_metrics(episodes.turn_info, self.world, cfg.batch_size))
         self.history.append(row)        # metrics.jsonl: written by a callback (trackers.py)
