@@ -45,14 +45,14 @@ def trainer(tmp_path=None, model=None, **settings):
 
 def test_a_rule_is_learned_to_95_percent_held_out():
     tok = char_tokenizer(ALPHABET)
-    data = preference_rows(400, seed=1)
+    data = preference_rows(600, seed=1)
     torch.manual_seed(0)
-    cfg = RewardModelConfig(epochs=1, batch_size=16, learning_rate=3e-3, eval_every=20,
+    cfg = RewardModelConfig(epochs=1, batch_size=16, learning_rate=3e-3, eval_every=30,
                             progress=False)
-    t = RewardModelTrainer(tiny_llama(len(tok)), tok, data[:320], cfg, eval_data=data[320:])
+    t = RewardModelTrainer(tiny_llama(len(tok)), tok, data[:480], cfg, eval_data=data[480:])
     start = t.evaluate()
     rows = t.train()
-    assert len(rows) == 20
+    assert len(rows) == 30
     assert start["eval/accuracy"] < 0.9
     assert rows[-1]["eval/accuracy"] >= 0.95, [r.get("eval/accuracy") for r in rows]
     assert rows[-1]["eval/margin"] > start["eval/margin"]
