@@ -145,6 +145,28 @@ def test_a_critic_adapter_under_ddp_makes_the_update_of_one_process(updates):
     assert "second LoRA adapter" in b["fsdp_refusal"] and "ddp" in b["fsdp_refusal"]
 
 
+@pytest.mark.slow
+def test_a_critic_adapter_under_ddp_resumes_exactly_and_exports_as_save_model(tmp_path):
+    """DDP on 2 ranks, a LoRA policy with a critic adapter: a fresh Trainer resumed from the
+    first checkpoint ends on bitwise the weights of the uninterrupted run, and the sharded
+    checkpoint exports (merged, and adapters alone) what save_model writes from the live
+    trainer, the critic adapter under critic/."""
+    pytest.importorskip("peft")
+    from ppolm.checkpoint.run_export import export_run
+    from test_run_export import assert_same_files
+
+    done = launch("lora_export", tmp_path, CRITIC="adapter")
+    assert done.returncode == 0, done.stderr[-6000:]
+    runs = torch.load(tmp_path / "resume.pt", weights_only=False)
+    assert any(".critic." in k for k in runs["whole"])
+    assert max_diff(runs["whole"], runs["resumed"]) == 0.0
+    export_run(tmp_path, tmp_path / "merged")
+    export_run(tmp_path, tmp_path / "adapters", merge=False)
+    assert (tmp_path / "live" / "critic" / "adapter_model.safetensors").is_file()
+    assert_same_files(tmp_path / "merged", tmp_path / "live")
+    assert_same_files(tmp_path / "adapters", tmp_path / "live-adapters")
+
+
 def test_the_update_moved_the_weights(updates):
     """(So that the comparison above can fail: one Adam step of lr 1e-2 moves every weight.)"""
     sys.path.insert(0, str(WORKER.parent))

@@ -10,7 +10,8 @@ comparison, under plain ``python``). ``python worker.py MODE OUT``:
   final weights to OUT/final.pt.
 * ``engine_state``: the distributed engine's state_dict loaded into a fresh engine gives the
   same next update (OUT/engine_state.pt).
-* ``lora_export``: a LoRA run under DDP with checkpoints, and the live policy's save_model.
+* ``lora_export``: a LoRA run under DDP with checkpoints, and the live policy's save_model
+  (CRITIC=adapter: with a critic adapter, and a resume of it).
 * ``lookup``: two iterations of the multi-turn 'lookup' task; each rank writes the draws of
   its episodes' generators, in order, to OUT/draws-RANK.json.
 """
@@ -188,19 +189,35 @@ def train(out: Path) -> None:
 
 
 def lora_export(out: Path) -> None:
-    """DDP on the ranks, a LoRA policy with a shared value head: a short run with
-    checkpoints in OUT; rank 0 then writes the live policy with save_model into OUT/live
-    (merged) and OUT/live-adapters (the adapters alone)."""
+    """DDP on the ranks, a LoRA policy with a shared value head (CRITIC=adapter: a critic that
+    is a second adapter): a short run with checkpoints in OUT; rank 0 then writes the live
+    policy with save_model into OUT/live (merged) and OUT/live-adapters (the adapters alone).
+    With the critic adapter, a fresh Trainer also resumes from the first checkpoint (into
+    OUT/resumed) and rank 0 writes both runs' final weights to OUT/resume.pt."""
     tok = char_tokenizer(ALPHABET)
     env = TextGenerationEnv(PROMPTS, tok, CallableReward(count_a), max_new_tokens=4)
-    config = PPOConfig(iterations=2, batch_size=8, minibatch_size=4, learning_rate=1e-2,
-                       progress=False, output_dir=str(out), save_every=1)
-    policy = tiny_llama(len(tok), lora=True)
-    trainer = Trainer(policy, env, config, value_head=ValueHead(policy.hidden_size))
+    adapter = os.environ.get("CRITIC") == "adapter"
+
+    def build(folder: Path) -> Trainer:
+        config = PPOConfig(iterations=2, batch_size=8, minibatch_size=4, learning_rate=1e-2,
+                           progress=False, output_dir=str(folder), save_every=1)
+        policy = tiny_llama(len(tok), lora=True)
+        return Trainer(policy, env, config, value_head=ValueHead.adapter(policy) if adapter
+                       else ValueHead(policy.hidden_size))
+
+    trainer = build(out)
     trainer.train()
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
         trainer.save_model(out / "live")
         trainer.save_model(out / "live-adapters", merge=False)
+    if adapter:
+        resumed = build(out / "resumed")
+        resumed.resume(out / "checkpoints" / "iter-0000001")
+        resumed.train()
+        whole, again = full_state(trainer), full_state(resumed)
+        if rank == 0:
+            torch.save({"whole": whole, "resumed": again}, out / "resume.pt")
 
 
 def engine_step(engine, batch: int) -> None:

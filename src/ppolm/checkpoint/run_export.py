@@ -33,7 +33,7 @@ from ppolm.checkpoint.export import (
 from ppolm.checkpoint.sharded import MODELS, SafeLoadPlanner, read_metadata
 from ppolm.errors import CheckpointError
 from ppolm.policies.hf import HFPolicy, local_model_path
-from ppolm.policies.lora import is_peft
+from ppolm.policies.lora import CRITIC_ADAPTER, AdapterCritic, is_peft
 from ppolm.policies.pretrained import load_tokenizer
 from ppolm.policies.value import ValueHead
 
@@ -134,7 +134,12 @@ def _from_shards(folder: Path) -> tuple[HFPolicy, ValueHead | None]:
     if not head:
         return policy, None
     critic_state = _part(tensors, "value_head.critic.model.")
-    critic = HFPolicy(_rebuild(folder / POLICY_FOLDER, critic_state)) if critic_state else None
+    critic: HFPolicy | AdapterCritic | None = None
+    if critic_state:
+        critic = HFPolicy(_rebuild(folder / POLICY_FOLDER, critic_state))
+    elif CRITIC_ADAPTER in getattr(policy.model, "peft_config", {}):
+        # a critic adapter (ValueHead.adapter): its weights are among the policy's
+        critic = AdapterCritic(policy, name=CRITIC_ADAPTER, existing=True)
     value_head = ValueHead(policy.hidden_size, critic=critic)
     value_head.linear.load_state_dict(head)
     return policy, value_head

@@ -197,8 +197,12 @@ class AdapterDisabled(_AdapterView):
         raise CheckpointError("The LoRA reference has no weights of its own to load.")
 
 
+CRITIC_ADAPTER = "critic"        # the critic adapter's name in the policy's model
+
+
 class AdapterCritic(_AdapterView):
-    """A separate critic trunk as a second LoRA adapter (``name``) on a LoRA policy's base model.
+    """A separate critic trunk as a second LoRA adapter (``name``) on a LoRA policy's base model
+    (added to it; ``existing``: the policy's model has it already).
 
     The critic runs the policy's own modules with its adapter active instead of the policy's
     (``PeftModel.set_adapter``), so the base weights exist once and the critic trains only its
@@ -210,18 +214,23 @@ class AdapterCritic(_AdapterView):
     Shapes: as the policy's.
     """
 
-    def __init__(self, policy: Policy, peft_config: Any = None, name: str = "critic") -> None:
+    def __init__(self, policy: Policy, peft_config: Any = None, name: str = CRITIC_ADAPTER,
+                 existing: bool = False) -> None:
         model: Any = getattr(policy, "model", None)
         if not is_peft(model):
             raise ConfigError(f"a critic adapter needs a LoRA policy (HFPolicy with "
                               f"peft_config); {type(policy).__name__} has no adapters.")
-        if name in model.peft_config:
+        if existing:        # the adapter of a checkpoint's model, rebuilt for export
+            if name not in model.peft_config:
+                raise ConfigError(f"the policy has no adapter named {name!r}.")
+        elif name in model.peft_config:
             raise ConfigError(f"the policy already has an adapter named {name!r}.")
-        config = copy.deepcopy(peft_config or model.peft_config[model.active_adapter])
-        try:
-            model.add_adapter(name, config)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"Cannot add the critic adapter {name!r}: {e}") from None
+        else:
+            config = copy.deepcopy(peft_config or model.peft_config[model.active_adapter])
+            try:
+                model.add_adapter(name, config)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"Cannot add the critic adapter {name!r}: {e}") from None
         super().__init__(policy)
         self.name = name
         for p in self.adapter_parameters():                # peft leaves a new adapter frozen
