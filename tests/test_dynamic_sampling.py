@@ -47,6 +47,8 @@ def test_only_groups_with_a_signal_are_trained_on_and_the_batch_is_full(tok):
     assert sampled >= 16 + 4 * stats["groups_dropped"] and stats["groups_dropped"] >= 1
     row = trainer.iterate()
     assert row["zero_signal_groups"] == 0.0 and row["sampling_rounds"] >= 1
+    # the policy's mean score is over every episode sampled, the flat groups' 0.5 included
+    assert row["sampled_score_mean"] != row["score_mean"]
 
 
 def test_rounds_are_bounded_and_the_batch_completed_with_a_warning(tok):
@@ -56,7 +58,7 @@ def test_rounds_are_bounded_and_the_batch_completed_with_a_warning(tok):
         episodes, _ = trainer.collect()
     assert len(episodes.prompts) == 16
     assert trainer.sampler.stats == {"sampling_rounds": 3.0, "groups_dropped": 12.0,
-                                     "sampled_per_trained": 3.0}
+                                     "sampled_per_trained": 3.0, "sampled_score_mean": 1.0}
 
 
 def test_two_runs_from_a_seed_are_identical(tok):

@@ -140,7 +140,9 @@ class AlgorithmConfig:
     """DAPO's dynamic sampling (grouped estimators): a group whose rewards are all equal has
     no signal, so it is dropped and further prompt groups are sampled until the batch is full
     (at most ``max_sampling_rounds`` rounds; then the batch is completed with dropped groups,
-    with a warning). Logged: sampling_rounds, groups_dropped, sampled_per_trained."""
+    with a warning). Logged: sampling_rounds, groups_dropped, sampled_per_trained, and
+    sampled_score_mean (the mean score of every episode sampled: score_mean is the trained
+    batch's, without the groups that all scored alike)."""
     max_sampling_rounds: int = 4
     """With dynamic_sampling: the most sampling rounds per iteration (the first included)."""
 

@@ -69,6 +69,7 @@ class BatchSampler:
         kept: list[Episodes] = []
         spare: list[Episodes] = []
         have = rounds = sampled = dropped = 0
+        score_sum = 0.0
         while True:
             short = int(world.reduce_stats({"short": float(need - have)},
                                            maxed=("short",))["short"])
@@ -77,6 +78,7 @@ class BatchSampler:
             episodes = self.draw(policy, short * world.size, record, trunk)
             rounds += 1
             sampled += len(episodes.prompts)
+            score_sum += float(episodes.scores.sum())
             empty = zero_signal_groups(episodes.scores, k).tolist()         # (G,)
             signal = [g for g, e in enumerate(empty) if not e]
             kept.append(select_episodes(episodes, _rows(signal, k)))
@@ -93,9 +95,13 @@ class BatchSampler:
                           "hard or already solved.", stacklevel=2)
             batch = concat_episodes([batch, *spare])
         batch = select_episodes(batch, list(range(need * k)))
-        totals = world.reduce_stats({"sampled": float(sampled), "dropped": float(dropped)})
+        totals = world.reduce_stats({"sampled": float(sampled), "dropped": float(dropped),
+                                     "score_sum": score_sum})
+        # score_mean is the trained batch's, which leaves out the groups that all scored
+        # alike (solved ones too): the policy's own mean score is over every episode sampled
         self.stats = {"sampling_rounds": float(rounds), "groups_dropped": totals["dropped"],
-                      "sampled_per_trained": totals["sampled"] / cfg.batch_size}
+                      "sampled_per_trained": totals["sampled"] / cfg.batch_size,
+                      "sampled_score_mean": totals["score_sum"] / totals["sampled"]}
         return batch
 
 
