@@ -20,9 +20,11 @@ PROMPTS = ["ab", "jc", "ddd"]
 RESPONSES = ["aaaa", "b", "cgh"]
 
 
-@pytest.fixture
-def folders(tmp_path):
-    """A tiny causal LM folder (the policy's base) and a reward model trained from it."""
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny causal LM folder (the policy's base) and a reward model trained from it (once
+    for the module; a test that changes the folder copies it)."""
+    tmp_path = tmp_path_factory.mktemp("reward_model")
     tok = char_tokenizer(ALPHABET)
     torch.manual_seed(0)
     base = tiny_llama(len(tok))
@@ -49,15 +51,18 @@ def test_the_reward_is_the_normalised_score_of_prompt_plus_response(folders):
         raw.tolist(), abs=1e-5)
 
 
-def test_without_a_normalisation_the_default_is_refused(folders):
-    _, rm = folders
+def test_without_a_normalisation_the_default_is_refused(folders, tmp_path):
+    import shutil
+
+    rm = shutil.copytree(folders[1], tmp_path / "rm")
     (rm / NORMALIZATION_FILE).unlink()
     with pytest.raises(RewardError, match="normalize=False"):
         RewardModelReward(rm)
 
 
-def test_yaml_reward_model_and_critic_from_it(folders, tmp_path):
+def test_yaml_reward_model_and_critic_from_it(folders):
     base, rm = folders
+    tmp_path = rm.parent                 # relative paths in the YAML file: read from its folder
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     config = {"model": {"kind": "hf", "path": "base", "value": "separate", "value_from": "rm"},
               "prompts": "prompts.txt", "reward": {"model": "rm"}, "task": None,
