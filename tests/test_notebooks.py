@@ -4,9 +4,12 @@ and are kept in git without outputs."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
+
+from ppolm.observe.metrics import read_metrics
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -73,3 +76,24 @@ def test_tools_notebook_shows_smollm2_tool_episodes(tmp_path):
                       tmp_path)
     text = outputs_text(nb)
     assert text.count("--- episode") == 2 and "assistant:" in text
+
+
+def test_rlhf_pipeline_notebook_runs_the_three_stages(tmp_path):
+    nb = run_notebook("rlhf_pipeline.ipynb",
+                      "TINY = True\nTRAIN_PROMPTS = 200\nEVAL_PROMPTS = 32\nMAX_NEW_TOKENS = 8\n"
+                      "RM_LAYERS = None\nRM_EPOCHS = 4\nRM_BATCH_SIZE = 8\n"
+                      "RM_LEARNING_RATE = 3e-3\nITERATIONS = 3\nBATCH_SIZE = 8\n"
+                      "MINIBATCH_SIZE = 4\nTRAINABLE_LAYERS = 1\nLEARNING_RATE = 1e-2\n"
+                      "WARMUP_STEPS = 0\nEVAL_EVERY = 1\nTHREADS = 1", tmp_path)
+    text = outputs_text(nb)
+    # stage 2: the reward model learned the gold judge's rule from the pairs of stage 1
+    before, after = map(float, re.search(r"held-out pair accuracy: (\S+) before training, "
+                                         r"(\S+) after", text).groups())
+    assert after >= 0.9 and after > before, (before, after)
+    out = tmp_path / "runs" / "rlhf_notebook"
+    assert (out / "reward_model" / "model" / "reward_normalization.json").is_file()
+    # stage 3: the gold judge scored the held-out prompts before PPO and after each iteration,
+    # and PPO's metrics hold the same scores
+    gold = [float(g) for g in re.findall(r"iteration +\d+: KL +\S+, gold +([-\d.]+)", text)]
+    logged = [r["eval/score_mean"] for r in read_metrics(out / "ppo" / "metrics.jsonl")]
+    assert len(gold) == 4 and logged == pytest.approx(gold[1:], abs=1e-3)
