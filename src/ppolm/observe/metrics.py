@@ -19,13 +19,17 @@ from ppolm.rollout.types import Advantages, Rollout, TurnInfo
 #: The metric names an iteration logs, to metrics.jsonl and to every tracker alike
 #: (``explained_variance`` with a value function only, ``zero_signal_groups`` with
 #: samples_per_prompt > 1, turns_mean, truncated_fraction and tool_errors_mean with an
-#: interaction). Families named by a prefix come on top: see METRIC_PREFIXES.
+#: interaction, logprob_mismatch_* with the sampler's logprobs or tis_cap, the sampling_* and
+#: groups_dropped with dynamic_sampling). Families named by a prefix come on top: see
+#: METRIC_PREFIXES.
 METRIC_NAMES = (
     "iteration", "reward_mean", "reward_std", "score_mean", "score_std", "kl", "kl_coef",
     "entropy", "approx_kl", "clipfrac", "ratio_dev_first", "ratio_max_dev", "loss",
     "policy_loss", "value_loss", "value_clipfrac", "explained_variance", "grad_norm", "lr",
     "skipped_updates", "epochs_done", "response_length", "eos_fraction", "zero_signal_groups",
     "tokens_per_s", "episodes_per_s", "turns_mean", "truncated_fraction", "tool_errors_mean",
+    "logprob_mismatch_mean", "logprob_mismatch_max", "sampling_rounds", "groups_dropped",
+    "sampled_per_trained", "sampled_score_mean",
     "time_generate", "time_reward", "time_forward", "time_advantages", "time_train", "time_total",
 )
 #: Families of metric names: the parts of a combined reward (``reward/<part>``) and the
