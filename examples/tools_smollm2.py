@@ -5,8 +5,8 @@ The 135M model does not write the chat template's ``<tool_call>{...}</tool_call>
 own, and with one example exchange in the prompt it still mostly multiplies in its head. So
 the system prompt teaches a plainer call, one line ``CALC: 23*47``, every prompt shows one
 example exchange with it, and ``ToolInteraction(parser=parse_calc)`` reads it. The reward is 1
-when the model's last turn ends on the right product (its last integer), 0 otherwise: it pays
-for the answer, not for calling the tool.
+when the model's last turn answers the right product (read as ``ArithmeticReward`` reads an
+answer), 0 otherwise: it pays for the answer, not for calling the tool.
 
 Printed: held-out success without the tool (the base model, plain question), then held-out
 success and the share of episodes that called the tool before and after training, the KL to
