@@ -200,10 +200,12 @@ def trl_python(given: str | None) -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def run_side(side: str, python: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_side(side: str, python: str, args: argparse.Namespace, script: str = __file__
+             ) -> dict[str, Any]:
+    """Run ``script --side SIDE`` with ``python`` in a fresh process; what it wrote."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result = Path(f.name)
-    cmd = [python, __file__, "--side", side, "--result", str(result),
+    cmd = [python, script, "--side", side, "--result", str(result),
            "--iterations", str(args.iterations), "--eval-prompts", str(args.eval_prompts),
            "--threads", str(args.threads), "--seed", str(args.seed)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -217,6 +219,19 @@ def run_side(side: str, python: str, args: argparse.Namespace) -> dict[str, Any]
     out["process_seconds"] = time.perf_counter() - t0
     result.unlink()
     return out
+
+
+def compare(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print the held-out difference and the speedup of the two sides; write the JSON."""
+    if len(results) == 2:
+        p, t = results["ppolm"], results["trl"]
+        diff = p["after"]["success"] - t["after"]["success"]
+        se = (p["after"]["success_se"] ** 2 + t["after"]["success_se"] ** 2) ** 0.5
+        print(f"success ppolm - TRL: {diff:+.1%} ± {se:.1%}")
+        print(f"speedup={t['train_seconds'] / p['train_seconds']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results},
+                                              indent=1) + "\n")
 
 
 def last5(scores: list[float]) -> float:
@@ -247,15 +262,7 @@ def main() -> None:
         print(f"| {r['name']} | {r['episodes']} | {a['success']:.1%} ± {a['success_se']:.1%} | "
               f"{a['kl']:.2f} | {last5(r['train_scores']):.3f} | {r['train_seconds']:.1f} | "
               f"{r['train_seconds'] / r['episodes']:.3f} | {r['peak_rss_mib']:.0f} |")
-    if len(results) == 2:
-        p, t = results["ppolm"], results["trl"]
-        diff = p["after"]["success"] - t["after"]["success"]
-        se = (p["after"]["success_se"] ** 2 + t["after"]["success_se"] ** 2) ** 0.5
-        print(f"success ppolm - TRL: {diff:+.1%} ± {se:.1%}")
-        print(f"speedup={t['train_seconds'] / p['train_seconds']:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results},
-                                              indent=1) + "\n")
+    compare(results, args)
 
 
 if __name__ == "__main__":

@@ -42,16 +42,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from vs_trl_grpo import trl_python  # this folder, first on the path of a script run from it
+from vs_trl_grpo import (  # this folder, first on the path of a script run from it
+    compare,
+    run_side,
+    trl_python,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINABLE_LAYERS = 10
@@ -263,25 +265,6 @@ def side_main(args: argparse.Namespace) -> None:
 
 
 # --- the parent --------------------------------------------------------------------------------
-def run_side(side: str, python: str, args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result = Path(f.name)
-    cmd = [python, __file__, "--side", side, "--result", str(result),
-           "--iterations", str(args.iterations), "--eval-prompts", str(args.eval_prompts),
-           "--threads", str(args.threads), "--seed", str(args.seed)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    print(f"--- {side} ({python})", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode:
-        sys.exit(f"the {side} side failed (exit {proc.returncode}); its output is above.")
-    out = json.loads(result.read_text())
-    out["process_seconds"] = time.perf_counter() - t0
-    result.unlink()
-    return out
-
-
 def main() -> None:
     args = parse_args()
     if args.side:
@@ -289,7 +272,7 @@ def main() -> None:
         return
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     results = {s: run_side(s, sys.executable if s == "ppolm" else trl_python(args.trl_python),
-                           args) for s in sides}
+                           args, script=__file__) for s in sides}
     print(f"\nSmolLM2-135M-Instruct, a multiply tool (A * B, A, B in 10..99), {args.iterations} "
           f"generations x {BATCH} episodes ({SAMPLES_PER_PROMPT} per prompt), "
           f"{args.threads} threads")
@@ -305,15 +288,7 @@ def main() -> None:
         print(f"| {r['name']} | {r['episodes']} | {a['success']:.1%} ± {a['success_se']:.1%} | "
               f"{a['tool_use']:.0%} | {a['kl']:.2f} | {r['train_seconds']:.1f} | "
               f"{r['train_seconds'] / r['episodes']:.3f} | {r['peak_rss_mib']:.0f} |")
-    if len(results) == 2:
-        p, t = results["ppolm"], results["trl"]
-        diff = p["after"]["success"] - t["after"]["success"]
-        se = (p["after"]["success_se"] ** 2 + t["after"]["success_se"] ** 2) ** 0.5
-        print(f"success ppolm - TRL: {diff:+.1%} ± {se:.1%}")
-        print(f"speedup={t['train_seconds'] / p['train_seconds']:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results},
-                                              indent=1) + "\n")
+    compare(results, args)
 
 
 if __name__ == "__main__":
