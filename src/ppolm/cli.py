@@ -141,11 +141,8 @@ def _train(args: list[str], resume: bool) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     what = f"task={spec.task}" if spec.task and not spec.prompts else f"prompts={spec.prompts}"
-    n = trainer.world.size
-    ranks = f" on {n} rank{'s' if n > 1 else ''} ({spec.ppo.distributed})" if \
-        trainer.world.distributed else ""
     say(f"ppolm: training a {spec.model.kind} policy on {what} for "
-        f"{spec.ppo.iterations} iterations{ranks}")
+        f"{spec.ppo.iterations} iterations{_on_ranks(trainer.world, spec.ppo.distributed)}")
     history = trainer.train()
     if history:
         k = max(1, len(history) // 10)
@@ -189,7 +186,7 @@ def _train_rm(args: list[str], resume: bool) -> int:
         (out / "run.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     held = len(trainer.eval_pairs) if trainer.eval_pairs is not None else 0
     say(f"ppolm: training a reward model on {len(trainer.train_pairs)} pairs ({held} held out) "
-        f"for {trainer.total_steps} steps")
+        f"for {trainer.total_steps} steps{_on_ranks(trainer.world, spec.training.distributed)}")
     trainer.train()
     last = next((r for r in reversed(trainer.history) if "eval/accuracy" in r), None)
     if last is not None:
@@ -198,6 +195,13 @@ def _train_rm(args: list[str], resume: bool) -> int:
     say(f"metrics: {out / 'metrics.jsonl'}")
     say(f"model: {trainer.save_model(out / 'model')}")
     return 0
+
+
+def _on_ranks(world: Any, distributed: str) -> str:
+    """What a command says of the ranks: ' on 2 ranks (fsdp)' under torchrun, '' in one
+    process."""
+    n = world.size
+    return f" on {n} rank{'s' if n > 1 else ''} ({distributed})" if world.distributed else ""
 
 
 def command_line_defaults(ppo: dict[str, Any], name: str) -> dict[str, Any]:

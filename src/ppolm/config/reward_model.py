@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from ppolm.config.report_to import check_report_to
-from ppolm.config.sections import LRSchedule
+from ppolm.config.sections import Distributed, LRSchedule
 from ppolm.config.yaml_io import check_keys, check_types, load_yaml_mapping, parse_overrides
 from ppolm.errors import ConfigError
 
@@ -78,6 +78,10 @@ class RewardModelConfig:
     """bf16 autocast on CUDA (weights and optimizer state stay float32); ignored on CPU."""
     seed: int = 0
     """Seed of the pair order, the held-out split and a new head's initial weights."""
+    distributed: Distributed = "ddp"
+    """Under torchrun: 'ddp' (every rank holds the whole model; gradients all-reduced) or
+    'fsdp' (FSDP2: weights, gradients and AdamW state sharded over the ranks, each decoder
+    layer gathered while it runs; not with LoRA). As PPOConfig's."""
 
     # --- files and feedback ------------------------------------------------------------------
     output_dir: str | None = None
@@ -164,6 +168,12 @@ def _with_key_check(init: Callable[..., None]) -> Callable[..., None]:
 setattr(RewardModelConfig, "__init__",  # noqa: B010 (mypy)
         _with_key_check(RewardModelConfig.__init__))
 
+#: Why LoRA is refused under FSDP2 (``distributed='fsdp'``).
+FSDP_LORA = ("LoRA under distributed='fsdp' is not supported: the saved model merges the "
+             "adapters into the trunk, which FSDP2 holds in shards on the ranks; use "
+             "distributed='ddp' (the trained adapters are small, so DDP's copies cost little).")
+
+
 @dataclass
 class RewardModelSpec:
     """What ``ppolm train-rm`` reads: the model, the pairs and the settings."""
@@ -194,6 +204,8 @@ class RewardModelSpec:
             from ppolm.config.lora import lora_settings
 
             lora_settings(self.lora)
+            if self.training.distributed == "fsdp":
+                raise ConfigError(FSDP_LORA)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str],

@@ -18,7 +18,7 @@ gradient of the whole batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -85,11 +85,7 @@ class DistributedEngine(PlainEngine):
                               "on the policy's states, or ValueHead.adapter.")
         # Every rank starts from rank 0's weights (models built without a common seed too);
         # models built on the meta device read the same files on every rank instead.
-        for module in (policy, reference, value_head):
-            if module is not None:
-                for t in module.state_dict().values():
-                    if not t.is_meta:
-                        dist.broadcast(t, src=0)
+        broadcast_from_main(policy, reference, value_head)
         if self.strategy == "fsdp":
             if not any(True for _ in reference.parameters()):
                 raise ConfigError("this policy's reference runs the policy's own weights (LoRA "
@@ -143,22 +139,11 @@ class DistributedEngine(PlainEngine):
         self._wrap(policy, ignore=[n for n, p in policy.named_parameters() if id(p) in own])
         self._wrap(_AdapterWeights(critic), runs=critic)
 
-    def _mixed_precision(self) -> dict[str, Any]:
-        if self.device.type != "cuda" or not self.bf16:
-            return {}
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-        return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                  reduce_dtype=torch.float32)}
-
     def _shard(self, model: Policy) -> None:
         """``fully_shard`` each decoder layer, then the model (its embeddings, final norm and
         head); one forward over a one-token batch initialises FSDP2 from the model's root (the
         sampler later calls the trunk without going through the root's forward)."""
-        from torch.distributed.fsdp import fully_shard
-        kw = self._mixed_precision()
-        for layer in model.layers():
-            fully_shard(layer, **kw)
-        fully_shard(model, **kw)
+        shard_layers(model, model.layers(), self.device, self.bf16)
         if _on_meta(model):          # sharded first: each rank then reads only its shards
             _materialize(model, self.device)
         probe = torch.ones(1, 1, dtype=torch.long, device=self.device)
@@ -170,7 +155,7 @@ class DistributedEngine(PlainEngine):
 
     def _shard_head(self, linear: nn.Module) -> None:
         from torch.distributed.fsdp import fully_shard
-        fully_shard(linear, **self._mixed_precision())
+        fully_shard(linear, **mixed_precision(self.device, self.bf16))
 
     def _module(self, model: nn.Module) -> nn.Module:
         return self._wrapped.get(id(model), model)
@@ -232,6 +217,37 @@ class _AdapterWeights(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.critic(*args, **kwargs)
+
+
+def broadcast_from_main(*modules: nn.Module | None) -> None:
+    """Set every rank's parameters and buffers of ``modules`` to rank 0's (all ranks together;
+    tensors on the meta device are left out: each rank reads those from the same files)."""
+    for module in modules:
+        if module is not None:
+            for t in module.state_dict().values():
+                if not t.is_meta:
+                    dist.broadcast(t, src=0)
+
+
+def mixed_precision(device: torch.device, bf16: bool) -> dict[str, Any]:
+    """``fully_shard``'s mixed precision: bf16 parameters with float32 gradient reduction on
+    CUDA when ``bf16``; nothing otherwise."""
+    if device.type != "cuda" or not bf16:
+        return {}
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                              reduce_dtype=torch.float32)}
+
+
+def shard_layers(model: nn.Module, layers: Iterable[nn.Module], device: torch.device,
+                 bf16: bool) -> None:
+    """FSDP2's ``fully_shard`` on each of ``layers`` (a decoder's layers: each gathered only
+    while it runs), then on ``model`` (the rest: embeddings, final norm, heads)."""
+    from torch.distributed.fsdp import fully_shard
+    kw = mixed_precision(device, bf16)
+    for layer in layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
 
 
 def _named(module: nn.Module, prefix: str) -> list[str]:

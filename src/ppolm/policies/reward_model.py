@@ -132,7 +132,9 @@ class RewardModel(nn.Module):
         L = attention_mask.shape[1]
         last = (attention_mask.long() * torch.arange(L, device=hidden.device)).argmax(1)  # (B,)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return self.score(pooled).squeeze(-1).float()
+        # a tensor of its own, not a view: FSDP2 hooks a wrapped module's outputs and an
+        # in-place op on a view would skip the hook (it warns)
+        return self.score(pooled).squeeze(-1).float().clone()
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer whose ids do not fit the model's embeddings."""
@@ -140,6 +142,11 @@ class RewardModel(nn.Module):
             raise DataError(f"the tokenizer has {len(tokenizer)} tokens but the model's "
                             f"embeddings only {self.vocab_size}: it is not this model's "
                             "tokenizer (or its embeddings need resizing).")
+
+    def layers(self) -> list[nn.Module]:
+        """The trunk's decoder layers (what FSDP2 shards one by one; empty when not found)."""
+        found = decoder_layers(self.base_trunk)
+        return list(found[1]) if found is not None else []
 
     def train_top_layers(self, n: int) -> None:
         """Train only the top ``n`` decoder layers, the final norm and the head."""
@@ -157,36 +164,44 @@ class RewardModel(nn.Module):
             getattr(base, norm).requires_grad_(True)
         self.score.requires_grad_(True)
 
-    def to_transformers(self, pad_token_id: int) -> Any:
+    def to_transformers(self, pad_token_id: int, state: dict[str, Tensor] | None = None
+                        ) -> Any:
         """A new ``AutoModelForSequenceClassification`` (num_labels=1, ``pad_token_id`` set)
-        holding these weights (LoRA merged), on the CPU."""
+        holding these weights (LoRA merged), on the CPU; or the weights of ``state``, this
+        model's whole ``state_dict()`` gathered from elsewhere (FSDP2's shards; no LoRA)."""
         from transformers import AutoModelForSequenceClassification
 
         cfg = copy.deepcopy(self.config)
         cfg.num_labels, cfg.pad_token_id, cfg.architectures = 1, pad_token_id, None
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         text.pad_token_id = pad_token_id
-        trunk = merged_copy(self.trunk) if is_peft(self.trunk) else self.trunk
-        dtype = self.score.weight.dtype
-        out = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
+        if state is None:
+            trunk = merged_copy(self.trunk) if is_peft(self.trunk) else self.trunk
+            state = {**{f"trunk.{k}": v for k, v in trunk.state_dict().items()},
+                     "score.weight": self.score.weight}
+        head = state["score.weight"]
+        out = AutoModelForSequenceClassification.from_config(cfg, dtype=head.dtype)
         base = getattr(out, out.base_model_prefix)
         missing, unexpected = base.load_state_dict(
-            {k: v.detach().cpu() for k, v in trunk.state_dict().items()}, strict=False)
+            {k.removeprefix("trunk."): v.detach().cpu() for k, v in state.items()
+             if k.startswith("trunk.")}, strict=False)
         if unexpected or [k for k in missing if "rotary" not in k]:
             raise CheckpointError(f"the trunk does not fit {type(out).__name__}: missing "
                                   f"{missing[:3]}, unexpected {unexpected[:3]}.")
         with torch.no_grad():
-            out.score.weight.copy_(self.score.weight.detach().cpu())
+            out.score.weight.copy_(head.detach().cpu())
         return out.eval()
 
     def save_pretrained(self, path: str | Path, tokenizer: Any,
-                        normalization: Normalization | None = None) -> Path:
+                        normalization: Normalization | None = None,
+                        state: dict[str, Tensor] | None = None) -> Path:
         """Write an ``AutoModelForSequenceClassification`` folder (num_labels=1, pad_token_id
-        set), the tokenizer, and ``normalization`` (``NORMALIZATION_FILE``) when given."""
+        set), the tokenizer, and ``normalization`` (``NORMALIZATION_FILE``) when given;
+        ``state``: the weights to write instead of this model's (see ``to_transformers``)."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         pad = pad_token_id(tokenizer)
-        self.to_transformers(pad).save_pretrained(str(folder))
+        self.to_transformers(pad, state).save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
         if normalization is not None:
             write_normalization(folder, normalization)

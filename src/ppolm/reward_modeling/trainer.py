@@ -2,8 +2,9 @@
 
 The loop reads like the PPO Trainer's: ``train()`` runs ``train_step()`` (one AdamW step over
 ``batch_size`` pairs), ``evaluate()`` every ``eval_every`` steps, the callbacks, and ``save()``
-when due. Under torchrun the model is wrapped in DDP and each rank takes an equal share of each
-batch (the gradient average over the ranks is then the whole batch's mean).
+when due. Under torchrun the model is wrapped in DDP or sharded by FSDP2 (``distributed``,
+``ppolm.reward_modeling.ranks``) and each rank takes an equal share of each batch (the
+gradient average over the ranks is then the whole batch's mean).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ppolm.observe.callbacks import Callback, CallbackList
 from ppolm.observe.metrics import MetricsWriter
 from ppolm.parallel.world import World, init_process_group, launched
 from ppolm.policies.reward_model import Normalization, RewardModel, pad_token_id, score_rows
+from ppolm.reward_modeling import ranks
 from ppolm.reward_modeling.batches import (
     evaluate_pairs,
     pair_batch,
@@ -53,7 +55,7 @@ class RewardModelTrainer:
         columns: the data's names for prompt, chosen, rejected, margin.
         callbacks: ``ppolm.Callback`` instances; their hooks get this trainer (``iteration``
             is the step) and each step's metrics row.
-        peft_config: LoRA adapters on the trunk (``peft.LoraConfig``).
+        peft_config: LoRA adapters on the trunk (``peft.LoraConfig``; not with FSDP2).
     """
 
     def __init__(self, model: Any, tokenizer: Any, train_data: Any,
@@ -84,17 +86,18 @@ class RewardModelTrainer:
             raise DataError(f"{len(self.train_pairs)} training pairs, fewer than batch_size="
                             f"{c.batch_size}: lower batch_size or give more pairs.")
         self.model.to(self.device).eval()            # dropout off: scores are deterministic
+        self.sharded = self.world.distributed and c.distributed == "fsdp"
+        self.forward_model: Any = self.model
+        if self.world.distributed:
+            self.forward_model = ranks.wrap(self.model, c.distributed, self.device, c.bf16)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.params, OptimizerSettings(
             c.learning_rate, c.adam_eps, c.weight_decay, c.max_grad_norm))
-        self.forward_model: Any = self.model
-        if self.world.distributed:
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model)
         self.output_dir = Path(c.output_dir) if c.output_dir is not None else None
         path = self.output_dir / "metrics.jsonl" if self.output_dir is not None else None
         self.metrics = MetricsWriter(path if self.world.is_main else None)
         self.state = RunState(c, self.world, self.model, self.optimizer,
-                              path if self.world.is_main else None)
+                              path if self.world.is_main else None, sharded=self.sharded)
         self.callbacks = CallbackList([*(callbacks or []), *default_callbacks(c)])
         self.history: list[dict[str, Any]] = []
         self.last_samples: list[dict[str, Any]] = []     # (what the shared trackers read)
@@ -178,8 +181,8 @@ class RewardModelTrainer:
             loss_sum += loss.loss.detach() * share
             chosen.append(r_c.detach())
             rejected.append(r_r.detach())
-        norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm or math.inf)
-        finite = bool(torch.isfinite(norm))
+        norm = ranks.clip_gradients(self.params, c.max_grad_norm)
+        finite = math.isfinite(norm)
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -187,7 +190,7 @@ class RewardModelTrainer:
         r_c, r_r = torch.cat(chosen), torch.cat(rejected)
         return {"iteration": self.state.step, "epoch": (self.state.step - 1)
                 // self.steps_per_epoch, **self._batch_figures(loss_sum, r_c, r_r),
-                "grad_norm": float(norm), "skipped_updates": int(not finite), "lr": lr,
+                "grad_norm": norm, "skipped_updates": int(not finite), "lr": lr,
                 "time_step": time.perf_counter() - start}
 
     def _batch_figures(self, loss: Tensor, r_c: Tensor, r_r: Tensor) -> dict[str, float]:
@@ -208,9 +211,11 @@ class RewardModelTrainer:
         pair (empty without held-out pairs; every rank scores all of them)."""
         if self.eval_pairs is None:
             return {}
-        return evaluate_pairs(self.model, self.eval_pairs, self.config.eval_batch_size,
-                              self.pad_id, self.device, self.autocast,
-                              self.config.center_rewards_coefficient)
+        out = evaluate_pairs(self.model, self.eval_pairs, self.config.eval_batch_size,
+                             self.pad_id, self.device, self.autocast,
+                             self.config.center_rewards_coefficient)
+        ranks.reshard(self.model, self.sharded)
+        return out
 
     # --- state and files ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -247,7 +252,8 @@ class RewardModelTrainer:
         if not rows:
             raise DataError("the calibration set is empty: give some texts.")
         scores = score_rows(self.model, rows, self.config.eval_batch_size, self.pad_id,
-                                  self.device)
+                            self.device)
+        ranks.reshard(self.model, self.sharded)
         mean, std = score_statistics(scores)
         return Normalization(mean, std, len(rows))
 
@@ -255,10 +261,11 @@ class RewardModelTrainer:
         """The model as an ``AutoModelForSequenceClassification`` folder (num_labels=1,
         pad_token_id set; LoRA merged) with the tokenizer, and the normalisation measured on
         ``calibration`` (see ``normalization``) in ``reward_normalization.json``. Rank 0
-        writes it."""
+        writes it (under FSDP2 the whole weights gathered from the ranks' shards)."""
         norm = self.normalization(calibration)
+        state = ranks.full_state(self.model) if self.sharded else None
         self.world.on_main(lambda: None if self.model.save_pretrained(
-            path, self.tokenizer, norm) else None, "writing the reward model")
+            path, self.tokenizer, norm, state) else None, "writing the reward model")
         return Path(path)
 
 
