@@ -71,23 +71,27 @@ def parse_args() -> argparse.Namespace:
 
 
 def preference_pairs(policy: Any, tokenizer: Any, prompts: list[str], samples: int,
-                     seed: int, min_gap: float = 0.0) -> list[dict[str, Any]]:
+                     seed: int, min_gap: float = 0.0, chunk: int = 64) -> list[dict[str, Any]]:
     """Sample ``samples`` responses per prompt and pair them up (1st with 2nd, ...); VADER's
-    higher score is chosen, pairs closer than ``min_gap`` (and ties) dropped."""
-    vader = SentimentReward()
-    result = evaluate(policy, tokenizer, prompts, vader, max_new_tokens=48, seed=seed,
-                      add_special_tokens=False, samples_per_prompt=samples)
-    n = len(prompts)
-    by_prompt = [[result.samples[k * n + i] for k in range(samples)] for i in range(n)]
-    pairs = []
-    for group in by_prompt:
-        for a, b in zip(group[::2], group[1::2], strict=False):
-            gap = a.reward - b.reward
-            if abs(gap) <= min_gap or a.response == b.response:
-                continue
-            good, bad = (a, b) if gap > 0 else (b, a)
-            pairs.append({"prompt": a.prompt, "chosen": good.response, "rejected": bad.response,
-                          "gold_gap": abs(gap)})
+    higher score is chosen, pairs closer than ``min_gap`` (and ties) dropped. Sampled
+    ``chunk`` prompts at a time, with a progress line after each."""
+    vader, pairs, t0 = SentimentReward(), [], time.perf_counter()
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start: start + chunk]
+        result = evaluate(policy, tokenizer, part, vader, max_new_tokens=48, seed=seed + start,
+                          add_special_tokens=False, samples_per_prompt=samples)
+        n = len(part)
+        for i in range(n):
+            group = [result.samples[k * n + i] for k in range(samples)]
+            for a, b in zip(group[::2], group[1::2], strict=False):
+                gap = a.reward - b.reward
+                if abs(gap) <= min_gap or a.response == b.response:
+                    continue
+                good, bad = (a, b) if gap > 0 else (b, a)
+                pairs.append({"prompt": a.prompt, "chosen": good.response,
+                              "rejected": bad.response, "gold_gap": abs(gap)})
+        print(f"  sampled {start + n}/{len(prompts)} prompts x {samples}: {len(pairs)} pairs "
+              f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     return pairs
 
 

@@ -53,6 +53,12 @@ class RewardModelConfig:
     measured on the texts of this many pairs: held-out ones when there are, else training ones."""
     trainable_layers: int | None = None
     """Train only the top N decoder layers, the final norm and the head; None: everything."""
+    packing: bool = True
+    """Prefix-shared packing (``ppolm.reward_modeling.packing``): each pair's common prefix
+    (its prompt) computed once and no padding, through a 4-D attention mask; the scores equal
+    the plain forward's to float rounding. Checked on the first pairs when training starts and
+    turned off with a warning for a model whose attention does not take such a mask; False:
+    plain padded rows."""
 
     # --- the loss and the optimizer ----------------------------------------------------------
     center_rewards_coefficient: float | None = None

@@ -119,22 +119,39 @@ class RewardModel(nn.Module):
         """The ``transformers`` base model (under the PeftModel with LoRA)."""
         return self.trunk.get_base_model() if is_peft(self.trunk) else self.trunk
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor,
+                position_ids: Tensor | None = None, read_at: Tensor | None = None) -> Tensor:
         """The score of each sequence, at its last non-padding token, in float32.
 
-        Shapes: input_ids, attention_mask (B, L) -> (B,)."""
-        if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+        Shapes: input_ids, attention_mask (B, L) -> (B,). Packed rows
+        (``ppolm.reward_modeling.packing``): attention_mask (B, 1, L, L) additive, with
+        ``position_ids`` (B, L) and ``read_at`` (K, 2), the (row, column) of each token to
+        score -> (K,)."""
+        packed = attention_mask.dim() == 4
+        if input_ids.dim() != 2 or (not packed and input_ids.shape != attention_mask.shape):
             raise DataError(f"input_ids and attention_mask must both be (B, L), got "
                             f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}.")
+        if packed and (position_ids is None or read_at is None):
+            raise DataError("a 4-D (packed) attention_mask needs position_ids and read_at.")
         out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=positions_from_mask(attention_mask), use_cache=False)
+                         position_ids=position_ids if packed else
+                         positions_from_mask(attention_mask), use_cache=False)
         hidden = out.last_hidden_state                                        # (B, L, H)
-        L = attention_mask.shape[1]
-        last = (attention_mask.long() * torch.arange(L, device=hidden.device)).argmax(1)  # (B,)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        if packed:
+            assert read_at is not None
+            pooled = hidden[read_at[:, 0], read_at[:, 1]]                     # (K, H)
+        else:
+            L = attention_mask.shape[1]
+            last = (attention_mask.long() * torch.arange(L, device=hidden.device)).argmax(1)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         # a tensor of its own, not a view: FSDP2 hooks a wrapped module's outputs and an
         # in-place op on a view would skip the hook (it warns)
         return self.score(pooled).squeeze(-1).float().clone()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' floating dtype (that of a packed batch's attention mask)."""
+        return self.score.weight.dtype
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer whose ids do not fit the model's embeddings."""

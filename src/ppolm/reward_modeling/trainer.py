@@ -10,6 +10,7 @@ gradient average over the ranks is then the whole batch's mean).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ from ppolm.reward_modeling.callbacks import default_callbacks
 from ppolm.reward_modeling.data import PreferencePairs, tokenize_pairs
 from ppolm.reward_modeling.state import RunState
 from ppolm.training.schedule import lr_factor
+
+log = logging.getLogger(__name__)
 
 
 class RewardModelTrainer:
@@ -90,6 +93,7 @@ class RewardModelTrainer:
         self.forward_model: Any = self.model
         if self.world.distributed:
             self.forward_model = ranks.wrap(self.model, c.distributed, self.device, c.bf16)
+        self.packed = c.packing and self.packing_works()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.params, OptimizerSettings(
             c.learning_rate, c.adam_eps, c.weight_decay, c.max_grad_norm))
@@ -105,6 +109,35 @@ class RewardModelTrainer:
     def tokenize(self, data: Any, columns: dict[str, str] | None) -> PreferencePairs:
         return tokenize_pairs(data, self.tokenizer, columns, self.config.max_length,
                               self.model.vocab_size)
+
+    def packing_works(self) -> bool:
+        """Whether packed pairs score as plain rows on this model (its attention takes a 4-D
+        mask and position ids); checked on the first training pairs, a warning if not."""
+        attention = getattr(self.model.base_trunk.config, "_attn_implementation", None)
+        if attention not in ("sdpa", "eager"):   # others ignore a 4-D float mask, or fail hard
+            log.warning("packing is off: the %s attention implementation does not take a 4-D "
+                        "mask (sdpa and eager do); set packing=False to silence this.",
+                        attention)
+            return False
+        index = list(range(min(4, len(self.train_pairs))))
+        with torch.no_grad():
+            plain = torch.cat(score_pairs(self.model, pair_batch(
+                self.train_pairs, index, self.pad_id, self.device)))
+            try:
+                packed = torch.cat(score_pairs(self.model, pair_batch(
+                    self.train_pairs, index, self.pad_id, self.device, True, self.model.dtype)))
+                gap = float((packed - plain).abs().max())
+            except (RuntimeError, ValueError, TypeError) as error:      # mask refused
+                gap = math.inf
+                log.debug("packed forward failed: %s", error)
+        ranks.reshard(self.model, self.sharded)
+        rtol = 1e-3 if self.model.dtype == torch.float32 else 5e-2
+        if gap <= rtol * (1.0 + float(plain.abs().max())):
+            return True
+        log.warning("packing is off: %s scores packed pairs %.3g away from plain rows (its "
+                    "attention does not take a 4-D mask with position ids); set packing=False "
+                    "to silence this.", type(self.model.base_trunk).__name__, gap)
+        return False
 
     # --- the loop ----------------------------------------------------------------------------
     @property
@@ -171,7 +204,7 @@ class RewardModelTrainer:
         chosen, rejected, loss_sum = [], [], torch.zeros((), device=self.device)
         for first in range(0, len(index), micro):
             batch = pair_batch(self.train_pairs, index[first: first + micro], self.pad_id,
-                               self.device)
+                               self.device, self.packed, self.model.dtype)
             r_c, r_r = score_pairs(self.forward_model, batch, self.autocast())
             loss = bradley_terry_loss(r_c, r_r, batch.margin, c.center_rewards_coefficient)
             # a micro-batch's mean weighted by its share of this rank's batch: the gradient is
@@ -213,7 +246,7 @@ class RewardModelTrainer:
             return {}
         out = evaluate_pairs(self.model, self.eval_pairs, self.config.eval_batch_size,
                              self.pad_id, self.device, self.autocast,
-                             self.config.center_rewards_coefficient)
+                             self.config.center_rewards_coefficient, self.packed)
         ranks.reshard(self.model, self.sharded)
         return out
 
