@@ -17,6 +17,9 @@ Install (once):
 Run (every stage; the sizes below are the defaults):
     python examples/rlhf_smollm2.py
 
+The labelled pairs are written to the output folder (pairs_train.jsonl, pairs_eval.jsonl);
+``--pairs FOLDER`` trains on those of an earlier run instead of sampling again.
+
 A smoke run of a few minutes:
     python examples/rlhf_smollm2.py --train-prompts 16 --eval-prompts 8 --rm-epochs 1 \
         ppo.iterations=2 ppo.batch_size=4 ppo.minibatch_size=4 ppo.average_last=0
@@ -65,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rm-lr", type=float, default=3e-5)
     p.add_argument("--eval-every", type=int, default=8, help="PPO iterations between evals")
     p.add_argument("--reward-model", help="a reward model folder saved before: skip stages 1-2")
+    p.add_argument("--pairs", type=Path, help="a folder with the pairs_train.jsonl and "
+                   "pairs_eval.jsonl an earlier run wrote: skip stage 1")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="runs/rlhf_smollm2")
     return p.parse_args()
@@ -119,10 +124,17 @@ def train_reward_model(args: argparse.Namespace, held_out: list[str], out: Path,
     """Stages 1 and 2: pairs labelled by VADER, and the reward model trained on them."""
     t0 = time.perf_counter()
     base, tokenizer = load_smollm2()
-    train_prompts = chat_prompts(tokenizer, movie_review_prompts("train")[:args.train_prompts])
-    train_pairs = preference_pairs(base, tokenizer, train_prompts, args.pair_samples, seed=1)
-    eval_pairs = preference_pairs(base, tokenizer, held_out, args.pair_samples, seed=2,
-                                  min_gap=0.1)
+    files = [(args.pairs or out) / f"pairs_{part}.jsonl" for part in ("train", "eval")]
+    if args.pairs:                              # pairs sampled and labelled by an earlier run
+        train_pairs, eval_pairs = ([json.loads(line) for line in f.read_text().splitlines()]
+                                   for f in files)
+    else:
+        prompts = chat_prompts(tokenizer, movie_review_prompts("train")[:args.train_prompts])
+        train_pairs = preference_pairs(base, tokenizer, prompts, args.pair_samples, seed=1)
+        eval_pairs = preference_pairs(base, tokenizer, held_out, args.pair_samples, seed=2,
+                                      min_gap=0.1)
+        for f, rows in zip(files, (train_pairs, eval_pairs), strict=True):
+            f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     seconds["pairs"] = time.perf_counter() - t0
     print(f"pairs: {len(train_pairs)} for training, {len(eval_pairs)} held out "
           f"({seconds['pairs'] / 60:.1f} min)")
