@@ -4,6 +4,7 @@ equal with and without it, and packing turned off for a model whose attention ca
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 
@@ -13,10 +14,12 @@ import transformers as tf
 
 from conftest import ALPHABET, tiny_gpt2, tiny_llama
 from ppolm import char_tokenizer
+from ppolm.config.reward_model import RewardModelConfig
 from ppolm.policies.reward_model import RewardModel
 from ppolm.reward_modeling.batches import pair_batch, score_pairs
-from ppolm.reward_modeling.data import PreferencePairs
-from ppolm.reward_modeling.packing import fill_rows, pack_pairs, shared_prefix
+from ppolm.reward_modeling.data import PreferencePairs, tokenize_pairs
+from ppolm.reward_modeling.packing import fill_rows, pack_pairs, pair_groups, shared_prefix
+from ppolm.reward_modeling.trainer import RewardModelTrainer
 from test_reward_model_trainer import trainer
 
 V = len(char_tokenizer(ALPHABET))
@@ -144,3 +147,82 @@ def test_a_model_that_cannot_pack_trains_plain_with_a_warning(make, caplog):
     assert not t.packed
     assert "packing is off" in caplog.text
     assert t.train()[-1]["loss"] > 0
+
+
+def test_texts_that_pairs_share_run_once_in_one_tree():
+    """Prompt 1 2 3, responses A = 4 5, B = 6, C = 7 8 9 compared as A>B, A>C, C>B."""
+    A, B, C = [1, 2, 3, 4, 5], [1, 2, 3, 6], [1, 2, 3, 7, 8, 9]
+    p = pack_pairs([A, A, C], [B, C, B], pad_id=0, row_tokens=100)
+    # distinct texts in order of first appearance (chosen sides, then rejected): A, C, B
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5, 7, 8, 9, 6]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 3]]
+    allowed = (p.attention_mask[0, 0] == 0).int()
+    assert allowed[8].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 1]          # B: prompt and itself
+    assert allowed[7].tolist() == [1, 1, 1, 0, 0, 1, 1, 1, 0]          # C's last token
+    assert p.chosen_at.tolist() == [[0, 4], [0, 4], [0, 7]]
+    assert p.rejected_at.tolist() == [[0, 8], [0, 7], [0, 8]]
+    assert p.real == 9
+
+
+def test_pairs_linked_by_a_shared_text_are_one_group():
+    A, B, C, D, E, F, G = ([i] for i in range(3, 10))
+    assert pair_groups([A, C, B, F, D], [B, D, E, G, A]) == [[0, 1, 2, 4], [3]]
+    assert pair_groups([A, C], [B, D]) == [[0], [1]]
+
+
+def ranked_rows(prompts: int, k: int, seed: int = 0) -> list[dict[str, str]]:
+    """k responses per prompt compared each with each: more 'a's is chosen (ties skipped)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(prompts):
+        prompt = "".join(rng.choice("bcdefghij") for _ in range(rng.randint(3, 6))) + "j"
+        answers = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(3, 8)))
+                   for _ in range(k)]
+        for x, y in itertools.combinations(answers, 2):
+            if x.count("a") != y.count("a") and x != y:
+                good, bad = (x, y) if x.count("a") > y.count("a") else (y, x)
+                rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
+    return rows
+
+
+def test_ranked_responses_score_as_separate_texts_in_fewer_tokens():
+    torch.manual_seed(0)
+    model = RewardModel(tiny_llama(V)).eval()
+    tok = char_tokenizer(ALPHABET)
+    pairs = tokenize_pairs(ranked_rows(3, 4), tok)
+    index = list(range(len(pairs)))
+    with torch.no_grad():
+        plain = score_pairs(model, pair_batch(pairs, index, 0))
+        packed_batch = pair_batch(pairs, index, 0, packed=True)
+        packed = score_pairs(model, packed_batch)
+    for a, b in zip(plain, packed, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    distinct = {tuple(t) for t in pairs.chosen + pairs.rejected}
+    assert packed_batch.real < sum(len(t) for t in distinct)       # and each prompt once
+
+
+def test_grouped_batches_hold_whole_groups_shuffled_each_epoch():
+    tok = char_tokenizer(ALPHABET)
+    data = ranked_rows(40, 3, seed=1)
+    cfg = RewardModelConfig(batch_size=6, group_pairs=True, epochs=2, progress=False,
+                            learning_rate=1e-3)
+    t = RewardModelTrainer(tiny_llama(V), tok, data, cfg)
+    group_of = {k: g for g, members in enumerate(t.groups) for k in members}
+    sizes = {g: len(m) for g, m in enumerate(t.groups)}
+    assert max(sizes.values()) <= 3 and len(t.groups) < len(data)
+    epochs = []
+    for epoch in range(2):
+        order = [k for s in range(t.steps_per_epoch)
+                 for k in t.batch_index(epoch * t.steps_per_epoch + s)]
+        assert len(set(order)) == len(order) == t.steps_per_epoch * 6
+        # consecutive: a group's pairs come together (split only at a batch's end)
+        runs = [group_of[order[0]]]
+        for k in order[1:]:
+            if group_of[k] != runs[-1]:
+                runs.append(group_of[k])
+        assert len(runs) == len(set(runs))
+        epochs.append(order)
+    assert epochs[0] != epochs[1]
+    again = RewardModelTrainer(tiny_llama(V), tok, data, cfg)
+    assert [again.batch_index(s) for s in range(3)] == [t.batch_index(s) for s in range(3)]
+    assert all(r["loss"] > 0 for r in t.train())

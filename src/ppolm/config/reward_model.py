@@ -59,6 +59,11 @@ class RewardModelConfig:
     the plain forward's to float rounding. Checked on the first pairs when training starts and
     turned off with a warning for a model whose attention does not take such a mask; False:
     plain padded rows."""
+    group_pairs: bool = False
+    """Keep the pairs that share a response in one batch (the K responses of a prompt compared
+    each with each): each epoch shuffles the groups and the pairs inside them, not the pairs
+    one by one. As InstructGPT, which trained all of a prompt's comparisons together so a
+    response is in one update per epoch, not K-1; packed, each response then runs once."""
 
     # --- the loss and the optimizer ----------------------------------------------------------
     center_rewards_coefficient: float | None = None

@@ -13,9 +13,14 @@ in its own text, at the same position, so its hidden state is the same (to float
 scores are read at the last token of each suffix. Several trees share a row (the mask is block
 diagonal over them) and the rows are filled evenly, so almost no token is padding.
 
-The shared prefix is the longest common run of token ids, cut so that each suffix keeps at
-least one token (the score is read at a suffix's last token). Shapes are written as K pairs,
-N rows of T tokens.
+A text that several pairs of the batch hold (the K responses of a prompt compared each with
+each, InstructGPT's comparisons) is run once: the pairs linked by shared texts make one tree,
+their common prefix and then each distinct text's suffix, and each pair reads its two scores
+from it.
+
+The shared prefix is the longest common run of token ids of the tree's texts, cut so that each
+suffix keeps at least one token (the score is read at a suffix's last token). Shapes are
+written as K pairs, N rows of T tokens.
 """
 
 from __future__ import annotations
@@ -58,12 +63,47 @@ class PackedPairs:
         return torch.cat([self.chosen_at, self.rejected_at])
 
 
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the common start of ``a`` and ``b``, leaving each at least one token."""
-    n, limit = 0, min(len(a), len(b)) - 1
-    while n < limit and a[n] == b[n]:
+def shared_prefix(*texts: list[int]) -> int:
+    """Length of the common start of ``texts``, leaving each at least one token."""
+    n, limit = 0, min(len(t) for t in texts) - 1
+    while n < limit and all(t[n] == texts[0][n] for t in texts[1:]):
         n += 1
     return n
+
+
+def linked_groups(links: list[tuple[int, int]], count: int) -> list[list[int]]:
+    """The groups of items 0..count-1 that ``links`` (pairs of items) connect, each in order of
+    its first item, items in order."""
+    parent = list(range(count))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in links:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for i in range(count):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def pair_groups(chosen: list[list[int]], rejected: list[list[int]]) -> list[list[int]]:
+    """The pairs that share a text (the same chosen or rejected token ids), linked into groups:
+    each group's pair indices in order, the groups in order of their first pair."""
+    texts: dict[tuple[int, ...], int] = {}
+    for t in (*chosen, *rejected):
+        texts.setdefault(tuple(t), len(texts))
+    owner: dict[int, int] = {}                  # a text -> the first pair holding it
+    links = []
+    for k, (c, r) in enumerate(zip(chosen, rejected, strict=True)):
+        for text in (texts[tuple(c)], texts[tuple(r)]):
+            links.append((owner.setdefault(text, k), k))
+    return linked_groups(links, len(chosen))
 
 
 def fill_rows(sizes: list[int], row_tokens: int = ROW_TOKENS) -> list[list[int]]:
@@ -89,38 +129,49 @@ def pack_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int,
     if len(chosen) != len(rejected) or not chosen:
         raise ValueError(f"pack_pairs needs as many chosen as rejected texts (at least one), "
                          f"got {len(chosen)} and {len(rejected)}.")
-    prefix = [shared_prefix(c, r) for c, r in zip(chosen, rejected, strict=True)]
-    sizes = [len(c) + len(r) - p for c, r, p in zip(chosen, rejected, prefix, strict=True)]
+    texts: dict[tuple[int, ...], int] = {}               # each distinct text once, numbered
+    for t in (*chosen, *rejected):
+        texts.setdefault(tuple(t), len(texts))
+    K = len(chosen)
+    sides = [(texts[tuple(c)], texts[tuple(r)]) for c, r in zip(chosen, rejected, strict=True)]
+    distinct = list(texts)
+    # chosen and rejected of a pair in a tree, so are the pairs sharing a text
+    trees = linked_groups(sides, len(distinct))
+    prefix = [shared_prefix(*(list(distinct[i]) for i in tree)) for tree in trees]
+    sizes = [P + sum(len(distinct[i]) - P for i in tree) for tree, P in zip(trees, prefix,
+                                                                             strict=True)]
     fills = fill_rows(sizes, row_tokens)
     T = max(sum(sizes[k] for k in row) for row in fills)
-    N, K = len(fills), len(chosen)
+    N = len(fills)
     ids = torch.full((N, T), pad_id, dtype=torch.long)
     pos = torch.zeros((N, T), dtype=torch.long)
     allow = torch.eye(T, dtype=torch.bool).repeat(N, 1, 1)      # padding sees itself only
-    chosen_at = torch.zeros((K, 2), dtype=torch.long)
-    rejected_at = torch.zeros((K, 2), dtype=torch.long)
+    read = torch.zeros((len(distinct), 2), dtype=torch.long)    # each text's scored token
     for j, row in enumerate(fills):
         o = 0
         for k in row:
-            P, c, r = prefix[k], chosen[k][prefix[k]:], rejected[k][prefix[k]:]
-            C, R = len(c), len(r)
-            ids[j, o: o + P + C + R] = torch.tensor(chosen[k][:P] + c + r, dtype=torch.long)
-            pos[j, o: o + P + C] = torch.arange(P + C)
-            pos[j, o + P + C: o + P + C + R] = torch.arange(P, P + R)
-            prefix_cols, a, b = slice(o, o + P), o + P, o + P + C
-            allow[j, o: o + P, prefix_cols] = _causal(P)
-            allow[j, a: b, prefix_cols] = True
-            allow[j, a: b, a: b] = _causal(C)
-            allow[j, b: b + R, prefix_cols] = True
-            allow[j, b: b + R, b: b + R] = _causal(R)
-            chosen_at[k] = torch.tensor([j, b - 1])
-            rejected_at[k] = torch.tensor([j, b + R - 1])
-            o += P + C + R
+            P, tree = prefix[k], trees[k]
+            ids[j, o: o + P] = torch.tensor(distinct[tree[0]][:P], dtype=torch.long)
+            pos[j, o: o + P] = torch.arange(P)
+            allow[j, o: o + P, o: o + P] = _causal(P)
+            a = o + P
+            for i in tree:                      # each text's suffix after the shared prefix
+                suffix = distinct[i][P:]
+                b = a + len(suffix)
+                ids[j, a: b] = torch.tensor(suffix, dtype=torch.long)
+                pos[j, a: b] = torch.arange(P, P + len(suffix))
+                allow[j, a: b, o: o + P] = True
+                allow[j, a: b, a: b] = _causal(len(suffix))
+                read[i] = torch.tensor([j, b - 1])
+                a = b
+            o = a
     mask = torch.zeros((N, 1, T, T), dtype=dtype).masked_fill(
         ~allow[:, None], torch.finfo(dtype).min)
     m = None if margin is None else torch.tensor(margin, dtype=torch.float32, device=device)
-    return PackedPairs(ids.to(device), pos.to(device), mask.to(device), chosen_at.to(device),
-                       rejected_at.to(device), m, sum(sizes))
+    index = torch.tensor(sides, dtype=torch.long).reshape(K, 2)
+    return PackedPairs(ids.to(device), pos.to(device), mask.to(device),
+                       read[index[:, 0]].to(device), read[index[:, 1]].to(device), m,
+                       sum(sizes))
 
 
 def _causal(n: int) -> Tensor:

@@ -37,6 +37,7 @@ from ppolm.reward_modeling.batches import (
 )
 from ppolm.reward_modeling.callbacks import default_callbacks
 from ppolm.reward_modeling.data import PreferencePairs, tokenize_pairs
+from ppolm.reward_modeling.packing import pair_groups
 from ppolm.reward_modeling.state import RunState
 from ppolm.training.schedule import lr_factor
 
@@ -85,6 +86,8 @@ class RewardModelTrainer:
             self.eval_pairs = self.tokenize(eval_data, columns)
         elif c.eval_fraction:
             self.train_pairs, self.eval_pairs = split(pairs, c.eval_fraction, c.seed)
+        self.groups = pair_groups(self.train_pairs.chosen, self.train_pairs.rejected) \
+            if c.group_pairs else None
         if len(self.train_pairs) < c.batch_size:
             raise DataError(f"{len(self.train_pairs)} training pairs, fewer than batch_size="
                             f"{c.batch_size}: lower batch_size or give more pairs.")
@@ -179,12 +182,18 @@ class RewardModelTrainer:
 
     def batch_index(self, step: int) -> list[int]:
         """The pairs of optimizer step ``step`` (0-based): the epoch's shuffle (seeded by the
-        seed and the epoch) cut into batches; under torchrun this rank's share."""
+        seed and the epoch; with ``group_pairs`` whole groups, each shuffled inside) cut into
+        batches; under torchrun this rank's share."""
         epoch, k = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train_pairs), generator=g)
+        if self.groups is None:
+            order = torch.randperm(len(self.train_pairs), generator=g).tolist()
+        else:                                   # whole groups, each shuffled inside
+            order = [group[i] for group in (self.groups[j] for j in torch.randperm(
+                len(self.groups), generator=g).tolist())
+                for i in torch.randperm(len(group), generator=g).tolist()]
         b = self.config.batch_size
-        return self.world.share(order[k * b: (k + 1) * b].tolist())
+        return self.world.share(order[k * b: (k + 1) * b])
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda" and self.config.bf16:
