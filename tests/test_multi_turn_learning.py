@@ -21,7 +21,9 @@ from ppolm import (
 from ppolm.rollout.tasks import make_task
 
 # (policy, estimator) -> (iterations, learning rate). Seed 0, 64 episodes an iteration, one
-# torch thread; the best 5-iteration means measured (docs/experiments.md, 2026-12-07).
+# torch thread; the best 5-iteration means measured (docs/experiments.md, 2026-12-07). GRPO
+# samples with dynamic sampling: without it the transformer crossed 0.9 only near iteration
+# 200 on one machine and not at all on another (best 0.866); with it, at about iteration 50.
 SETTINGS = {
     ("transformer", "gae"): (200, 1e-3),
     ("lstm", "gae"): (100, 3e-3),
@@ -48,7 +50,8 @@ def train_lookup(kind: str, estimator: str, iterations: int, lr: float, seed: in
     env = TextGenerationEnv(task.prompts, tok, task.reward, max_new_tokens=task.max_new_tokens,
                             interaction=task.interaction, max_turns=task.max_turns, seed=seed)
     group = (dict(advantage_estimator="grpo", samples_per_prompt=8, kl_mode="loss",
-                  kl_estimator="k3") if estimator == "grpo" else {})
+                  kl_estimator="k3", dynamic_sampling=True, max_sampling_rounds=4)
+             if estimator == "grpo" else {})
     config = PPOConfig(iterations=iterations, batch_size=64, minibatch_size=16,
                        learning_rate=lr, kl_coef=0.01, seed=seed, progress=False,
                        device="cpu", **group)
@@ -60,7 +63,8 @@ def train_lookup(kind: str, estimator: str, iterations: int, lr: float, seed: in
 def test_the_policy_learns_to_ask_and_to_use_the_answer(kind, estimator, one_thread):
     iterations, lr = SETTINGS[(kind, estimator)]
     history = train_lookup(kind, estimator, iterations, lr)
-    scores = [r["score_mean"] for r in history]
+    # (with dynamic sampling, the mean over every episode sampled, not only those trained on)
+    scores = [r.get("sampled_score_mean", r["score_mean"]) for r in history]
     windows = [sum(scores[i: i + 5]) / 5 for i in range(len(scores) - 4)]
     assert windows[0] < 0.1, windows[0]               # it starts knowing nothing
     assert max(windows) >= 0.9, max(windows)
