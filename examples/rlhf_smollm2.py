@@ -1,9 +1,10 @@
 """The classical RLHF pipeline on SmolLM2-135M-Instruct, on a CPU: preferences -> reward model
 -> PPO, with VADER standing in for the human labeller.
 
-1. Pairs: two responses per training prompt from the base model; the one VADER scores higher is
-   chosen (ties dropped). Held-out pairs come the same way from the held-out prompts; the
-   reward model's accuracy is measured on those whose VADER scores differ by at least 0.1.
+1. Pairs: two responses per training prompt from the base model (``--pair-samples K``: K, each
+   two of them a pair); the one VADER scores higher is chosen (ties dropped). Held-out pairs
+   come the same way from the held-out prompts; the reward model's accuracy is measured on
+   those whose VADER scores differ by at least 0.1.
 2. Reward model: SmolLM2 with a scalar head (its top layers trained) on the pairs, saved as an
    AutoModelForSequenceClassification folder with its score normalisation.
 3. PPO against the learned reward model (normalised), the critic started from it; VADER (the
@@ -28,6 +29,7 @@ A smoke run of a few minutes:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -62,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-prompts", type=int, default=294, help="prompts for training pairs")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts")
     p.add_argument("--pair-samples", type=int, default=2,
-                   help="responses per prompt; every two of them make a pair")
+                   help="responses per prompt; each two of them make a pair")
     p.add_argument("--rm-layers", type=int, default=6, help="reward model: top layers trained")
     p.add_argument("--rm-epochs", type=int, default=2)
     p.add_argument("--rm-lr", type=float, default=3e-5)
@@ -77,9 +79,10 @@ def parse_args() -> argparse.Namespace:
 
 def preference_pairs(policy: Any, tokenizer: Any, prompts: list[str], samples: int,
                      seed: int, min_gap: float = 0.0, chunk: int = 64) -> list[dict[str, Any]]:
-    """Sample ``samples`` responses per prompt and pair them up (1st with 2nd, ...); VADER's
-    higher score is chosen, pairs closer than ``min_gap`` (and ties) dropped. Sampled
-    ``chunk`` prompts at a time, with a progress line after each."""
+    """Sample ``samples`` responses per prompt and pair each with each (K responses give
+    K(K-1)/2 pairs, as InstructGPT's labellers ranked K); VADER's higher score is chosen,
+    pairs closer than ``min_gap`` (and ties) dropped. Sampled ``chunk`` prompts at a time,
+    with a progress line after each."""
     vader, pairs, t0 = SentimentReward(), [], time.perf_counter()
     for start in range(0, len(prompts), chunk):
         part = prompts[start: start + chunk]
@@ -88,7 +91,7 @@ def preference_pairs(policy: Any, tokenizer: Any, prompts: list[str], samples: i
         n = len(part)
         for i in range(n):
             group = [result.samples[k * n + i] for k in range(samples)]
-            for a, b in zip(group[::2], group[1::2], strict=False):
+            for a, b in itertools.combinations(group, 2):
                 gap = a.reward - b.reward
                 if abs(gap) <= min_gap or a.response == b.response:
                     continue
@@ -139,7 +142,9 @@ def train_reward_model(args: argparse.Namespace, held_out: list[str], out: Path,
     print(f"pairs: {len(train_pairs)} for training, {len(eval_pairs)} held out "
           f"({seconds['pairs'] / 60:.1f} min)")
     t0 = time.perf_counter()
+    # group_pairs: with K > 2 responses a prompt, its pairs share responses; one batch
     rm_config = RewardModelConfig(epochs=args.rm_epochs, batch_size=16, micro_batch_size=8,
+                                  group_pairs=args.pair_samples > 2,
                                   learning_rate=args.rm_lr, trainable_layers=args.rm_layers,
                                   eval_every=10, output_dir=str(out / "reward_model"),
                                   overwrite=True)
