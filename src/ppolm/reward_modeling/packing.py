@@ -92,17 +92,23 @@ def linked_groups(links: list[tuple[int, int]], count: int) -> list[list[int]]:
     return list(groups.values())
 
 
-def pair_groups(chosen: list[list[int]], rejected: list[list[int]]) -> list[list[int]]:
-    """The pairs that share a text (the same chosen or rejected token ids), linked into groups:
-    each group's pair indices in order, the groups in order of their first pair."""
+def number_texts(chosen: list[list[int]], rejected: list[list[int]]
+                 ) -> tuple[list[tuple[int, ...]], list[tuple[int, int]]]:
+    """Each distinct text once, in order of first appearance (chosen sides, then rejected), and
+    each pair's (chosen, rejected) numbers in that list."""
     texts: dict[tuple[int, ...], int] = {}
     for t in (*chosen, *rejected):
         texts.setdefault(tuple(t), len(texts))
+    sides = [(texts[tuple(c)], texts[tuple(r)]) for c, r in zip(chosen, rejected, strict=True)]
+    return list(texts), sides
+
+
+def pair_groups(chosen: list[list[int]], rejected: list[list[int]]) -> list[list[int]]:
+    """The pairs that share a text (the same chosen or rejected token ids), linked into groups:
+    each group's pair indices in order, the groups in order of their first pair."""
+    _, sides = number_texts(chosen, rejected)
     owner: dict[int, int] = {}                  # a text -> the first pair holding it
-    links = []
-    for k, (c, r) in enumerate(zip(chosen, rejected, strict=True)):
-        for text in (texts[tuple(c)], texts[tuple(r)]):
-            links.append((owner.setdefault(text, k), k))
+    links = [(owner.setdefault(text, k), k) for k, pair in enumerate(sides) for text in pair]
     return linked_groups(links, len(chosen))
 
 
@@ -129,12 +135,8 @@ def pack_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int,
     if len(chosen) != len(rejected) or not chosen:
         raise ValueError(f"pack_pairs needs as many chosen as rejected texts (at least one), "
                          f"got {len(chosen)} and {len(rejected)}.")
-    texts: dict[tuple[int, ...], int] = {}               # each distinct text once, numbered
-    for t in (*chosen, *rejected):
-        texts.setdefault(tuple(t), len(texts))
     K = len(chosen)
-    sides = [(texts[tuple(c)], texts[tuple(r)]) for c, r in zip(chosen, rejected, strict=True)]
-    distinct = list(texts)
+    distinct, sides = number_texts(chosen, rejected)
     # chosen and rejected of a pair in a tree, so are the pairs sharing a text
     trees = linked_groups(sides, len(distinct))
     prefix = [shared_prefix(*(list(distinct[i]) for i in tree)) for tree in trees]
