@@ -11,8 +11,10 @@ Measures, on this machine and with the threads torch uses:
 then times ppolm's own sampler (``ppolm.rollout.sampling.generate``: the trunk over the cache,
 the head on the last position, the softmax and the draw) on SmolLM2-135M-Instruct at batch 8,
 32 and 64, float32 and ``cpu_bf16`` (CPU autocast): the prefill of the prompts and one decoding
-step (the mean step of a ``--new-tokens`` generation, every row kept alive). Each phase is
-printed beside its floor, the larger of
+step (the mean step of a ``--new-tokens`` generation, every row kept alive), the step twice:
+``decode`` with the model's own ``DynamicCache`` (the plain engine's sampler) and ``static``
+with the fast CPU engine's decoder over a preallocated cache (``static_decoding``, its
+default). Each phase is printed beside its floor, the larger of
 
 * compute: its matmul FLOPs at the large-matmul (2048^3) rate (the rate at its own shapes is
   printed beside it: how much of the gap is small matrices), and
@@ -20,7 +22,8 @@ printed beside its floor, the larger of
   cache once per decoding step) at the measured read bandwidth,
 
 and the run ends with one line ``decode_fraction_of_floor=X``: floor / measured time of a float32
-decoding step at batch 32 (1.0 would be at the floor). Raw figures go to
+decoding step at batch 32 as the default CPU engine takes it (``static``; 1.0 would be at the
+floor), after the same for ``decode`` (``decode_fraction_of_floor_dynamic=X``). Raw figures go to
 benchmarks/results/roofline.json. Method and the latest figures: docs/performance.md.
 
     python benchmarks/roofline.py            # about two minutes on 2 cores
@@ -125,25 +128,41 @@ def floors(shapes: dict[str, Any], rows: int, ctx: int, rates: dict[tuple[int, i
 def time_phases(policy: Any, tok: Any, batch: int, prompt_len: int, new_tokens: int,
                 dtype: str, repeats: int) -> dict[str, float]:
     """Seconds of the prefill and of one mean decoding step of ppolm's sampler."""
+    from ppolm.engines.fast_cpu.decoding import StaticDecoder
+    from ppolm.engines.fast_cpu.views import view_of
     from ppolm.rollout.sampling import generate
 
+    view = view_of(policy)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, tok.vocab_size - 100, (batch, prompt_len), generator=g)
     mask = torch.ones_like(ids)
 
-    def run(n: int) -> None:
+    def run(n: int, static: bool) -> None:
         with torch.no_grad(), precision(dtype):
             generate(policy, ids, mask, n, eos_token_id=None, pad_token_id=0,
-                     generator=torch.Generator().manual_seed(1))
+                     generator=torch.Generator().manual_seed(1),
+                     trunk=StaticDecoder(view) if static else None)
 
     def prefill() -> None:
         with torch.no_grad(), precision(dtype):
             policy.trunk(ids, mask, cache=None, use_cache=True)
 
-    t_prefill = best_seconds(prefill, repeats)
-    t_one = best_seconds(lambda: run(1), repeats)
-    t_many = best_seconds(lambda: run(new_tokens + 1), max(1, repeats // 2), warmup=1)
-    return {"prefill_s": t_prefill, "decode_step_s": (t_many - t_one) / new_tokens}
+    out = {"prefill_s": best_seconds(prefill, repeats)}
+    # The two kinds of step alternate, so that a slower minute of a shared machine falls on both.
+    steps: dict[bool, list[float]] = {False: [], True: []}
+    for static in (False, True):
+        run(new_tokens + 1, static)                                     # warm-up
+    for _ in range(max(1, repeats // 2)):
+        for static in (False, True):
+            t0 = time.perf_counter()
+            run(1, static)
+            t1 = time.perf_counter()
+            run(new_tokens + 1, static)
+            t2 = time.perf_counter()
+            steps[static].append(((t2 - t1) - (t1 - t0)) / new_tokens)
+    out["decode_step_s"] = statistics.median(steps[False])
+    out["static_step_s"] = statistics.median(steps[True])
+    return out
 
 
 def main() -> None:
@@ -178,7 +197,7 @@ def main() -> None:
               f"{'compute ms':>10} {'at shapes':>9} {'memory ms':>9} {'floor ms':>8} "
               f"{'of floor':>8}")
     print(header)
-    fraction = None
+    fraction: dict[str, float] = {}
     for dtype in dtypes:
         for batch in batches:
             decode_rates = {(k, n): matmul_rate(batch, k, n, dtype, repeats)
@@ -195,7 +214,8 @@ def main() -> None:
             f_pre = floors(shapes, batch * args.prompt_len, args.prompt_len // 2,
                            prefill_rates, ref[dtype], bw["read_GBps"], batch, 0)
             for phase, seconds, f in (("prefill", t["prefill_s"], f_pre),
-                                      ("decode", t["decode_step_s"], f_dec)):
+                                      ("decode", t["decode_step_s"], f_dec),
+                                      ("static", t["static_step_s"], f_dec)):
                 share = f["floor_s"] / seconds
                 print(f"{dtype:>7} {batch:>5} {phase:>7} {f['gflop']:>6.1f} "
                       f"{1e3 * seconds:>9.1f} {1e3 * f['compute_s']:>10.1f} "
@@ -204,14 +224,15 @@ def main() -> None:
                 out["runs"].append({"dtype": dtype, "batch": batch, "phase": phase,
                                     "seconds": seconds, **f, "fraction_of_floor": share,
                                     "matmul_GFLOPs": {f"{k}x{n}": r for (k, n), r in
-                                                      (decode_rates if phase == "decode"
-                                                       else prefill_rates).items()}})
-                if dtype == "float32" and batch == 32 and phase == "decode":
-                    fraction = share
+                                                      (prefill_rates if phase == "prefill"
+                                                       else decode_rates).items()}})
+                if dtype == "float32" and batch == 32 and phase != "prefill":
+                    fraction[phase] = share
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"raw figures: {args.out}")
-    print(f"decode_fraction_of_floor={fraction:.3f}")
+    print(f"decode_fraction_of_floor_dynamic={fraction['decode']:.3f}")
+    print(f"decode_fraction_of_floor={fraction['static']:.3f}")
 
 
 if __name__ == "__main__":

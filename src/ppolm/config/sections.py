@@ -196,13 +196,18 @@ class FastCPUSettings:
     """With frozen lower layers (``freeze_lower_layers``), run them once per rollout (from the
     sampling pass) and start every training forward, and the reference's when it shares them,
     above them. Used only where the split trunk is checked to equal the whole trunk."""
+    static_decoding: bool = True
+    """Decoding steps of Llama-family ``transformers`` models (Llama, Mistral, Qwen2, SmolLM2)
+    over a KV cache allocated once per rollout, with the mask and rotary angles made once per
+    step, instead of ``DynamicCache`` growing by a copy each step. Used only where a probe
+    gives the model's own hidden states."""
 
 
 @dataclass
 class SystemConfig(FastCPUSettings):
     """How the numbers are computed: the engine, the device, precision, the seed; the fast CPU
     engine's switches (``cpu_bf16``, ``compile``, ``keep_freed_memory``,
-    ``reuse_frozen_layers``) are declared with that engine (``FastCPUSettings``)."""
+    ``reuse_frozen_layers``, ``static_decoding``) are declared with that engine (``FastCPUSettings``)."""
 
     engine: EngineName = "auto"
     """'plain' (torch as users know it: AdamW, clip_grad_norm_, autocast on CUDA), 'fast_cpu'

@@ -25,12 +25,13 @@ from ppolm.engines.base import (
 )
 from ppolm.engines.fast_cpu.attention import cpu_bf16_supported, float32_attention
 from ppolm.engines.fast_cpu.clipping import clip_factor, grad_norm, step_with_factor
+from ppolm.engines.fast_cpu.decoding import StaticDecoder, decodes_like, supported
 from ppolm.engines.fast_cpu.forward import OnEmbeds, forward_response, trunk_hidden
 from ppolm.engines.fast_cpu.frozen import BottomRecorder, frozen_split
 from ppolm.engines.fast_cpu.grad_buffers import GradBuffers
 from ppolm.engines.fast_cpu.memory import keep_freed_memory
 from ppolm.engines.fast_cpu.optim import AdamW
-from ppolm.engines.fast_cpu.views import FastView, view_of
+from ppolm.engines.fast_cpu.views import FastView, HFView, view_of
 from ppolm.errors import ConfigError
 from ppolm.policies.base import Policy, response_slice
 from ppolm.policies.value import ValueHead
@@ -64,6 +65,7 @@ class FastCPUEngine(Engine):
         self.depth, self.ref_shares_bottom = 0, False
         self.on_embeds: OnEmbeds | None = None
         self.views: dict[Policy, FastView] = {}
+        self._decodes: dict[Policy, bool] = {}      # static_decoding's probe, per policy
         self._recorder: BottomRecorder | None = None
         self._bottom: Tensor | None = None          # (B, L, H) of the last batch seen whole
         self._bottom_of: Tensor | None = None       # that batch's input_ids
@@ -131,10 +133,26 @@ class FastCPUEngine(Engine):
 
     def sampling_trunk(self, policy: Policy) -> StepTrunk | None:
         view = self.view(policy)
-        if self.depth and policy is self.policy and view.records_bottom:
-            self._recorder = BottomRecorder(view, self.depth)
-            return self._recorder
-        return None
+        depth = self.depth if (self.depth and policy is self.policy
+                               and view.records_bottom) else 0
+        trunk: BottomRecorder | None = None
+        if self.static_decodes(policy):
+            assert isinstance(view, HFView)
+            trunk = StaticDecoder(view, depth)
+        elif depth:
+            trunk = BottomRecorder(view, depth)
+        if depth:
+            self._recorder = trunk
+        return trunk
+
+    def static_decodes(self, policy: Policy) -> bool:
+        """Whether ``policy``'s decoding steps run over a preallocated cache
+        (``static_decoding``): a model family ``decoding`` runs, checked once on a probe."""
+        if policy not in self._decodes:
+            view = self.view(policy)
+            self._decodes[policy] = bool(self.settings.static_decoding and supported(view)
+                                         and decodes_like(view, self.device))
+        return self._decodes[policy]
 
     # --- forward passes ------------------------------------------------------------------------
     def forward_response(self, model: Policy, seqs: Sequences, temperature: float, *,
