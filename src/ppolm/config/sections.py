@@ -207,7 +207,8 @@ class FastCPUSettings:
 class SystemConfig(FastCPUSettings):
     """How the numbers are computed: the engine, the device, precision, the seed; the fast CPU
     engine's switches (``cpu_bf16``, ``compile``, ``keep_freed_memory``,
-    ``reuse_frozen_layers``, ``static_decoding``) are declared with that engine (``FastCPUSettings``)."""
+    ``reuse_frozen_layers``, ``static_decoding``) are declared with that engine
+    (``FastCPUSettings``)."""
 
     engine: EngineName = "auto"
     """'plain' (torch as users know it: AdamW, clip_grad_norm_, autocast on CUDA), 'fast_cpu'
