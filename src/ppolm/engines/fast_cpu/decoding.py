@@ -161,9 +161,8 @@ class StaticDecoder(BottomRecorder):
             later = torch.ones(n, total, dtype=torch.bool, device=ids.device).triu(past + 1)
             allowed = allowed & ~later
         # As the model's SDPA attention decides, so that the sums are the same: no mask where
-        # no row is padded and the new tokens see all keys, else one.
-        full = n == 1 or past == 0
-        mask_arg = None if full and bool(mask.all()) else allowed
+        # no row is padded and one new token sees every key, else the mask.
+        mask_arg = None if n == 1 and bool(mask.all()) else allowed
         for i, layer in enumerate(self.layers):
             if self.depth and i == self.depth:
                 self.parts.append(x)
