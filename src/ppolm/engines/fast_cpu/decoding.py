@@ -155,14 +155,15 @@ class StaticDecoder(BottomRecorder):
         x = base.embed_tokens(ids)                                       # (B, n, H)
         cos, sin = base.rotary_emb(x, positions_from_mask(mask)[:, past:])
         cos, sin = cos[:, None], sin[:, None]                            # (B, 1, n, d)
-        # A key is seen if its row fed it, and (among the new tokens) if it is not later.
-        allowed = mask[:, None, None, :].bool()                          # (B, 1, 1, total)
-        if n > 1:
-            later = torch.ones(n, total, dtype=torch.bool, device=ids.device).triu(past + 1)
-            allowed = allowed & ~later
         # As the model's SDPA attention decides, so that the sums are the same: no mask where
-        # no row is padded and one new token sees every key, else the mask.
-        mask_arg = None if n == 1 and bool(mask.all()) else allowed
+        # no row is padded and one new token sees every key; else a key is seen if its row fed
+        # it, and (among the new tokens) if it is not later.
+        allowed: Tensor | None = None
+        if n > 1 or not bool(mask.all()):
+            allowed = mask[:, None, None, :].bool()                      # (B, 1, 1, total)
+            if n > 1:
+                later = torch.ones(n, total, dtype=torch.bool, device=ids.device).triu(past + 1)
+                allowed = allowed & ~later
         for i, layer in enumerate(self.layers):
             if self.depth and i == self.depth:
                 self.parts.append(x)
@@ -177,7 +178,7 @@ class StaticDecoder(BottomRecorder):
             cache.values[i, :, :, past:total] = v
             keys, values = cache.keys[i, :, :, :total], cache.values[i, :, :, :total]
             with torch.autocast(x.device.type, enabled=False):          # float32 attention
-                a = self.attend(q.float(), keys, values, mask_arg, attn.scaling)
+                a = self.attend(q.float(), keys, values, allowed, attn.scaling)
             x = x + attn.o_proj(a.transpose(1, 2).reshape(B, n, self.heads * self.head_dim))
             x = x + self.mlp[i](layer.post_attention_layernorm(x))
         cache.length = total
