@@ -5,25 +5,30 @@ Measures, on this machine and with the threads torch uses:
 
 1. the matmul rate (GFLOP/s) at the shapes one decoding step of SmolLM2-135M multiplies (the
    batch's rows by each weight matrix: 576x576, 576x192, 576x1536, 1536x576 and the 576x49152
-   head) and at 2048x2048, float32 and bf16;
+   head) and at 2048x2048, float32 and bf16, with two kernels: torch's ``a @ b`` and oneDNN's
+   over a weight packed for it (``engines/fast_cpu/packed.py``); the faster of the two counts;
 2. the memory bandwidth: a large copy (read + write bytes) and a large sum (read only);
 
 then times ppolm's own sampler (``ppolm.rollout.sampling.generate``: the trunk over the cache,
 the head on the last position, the softmax and the draw) on SmolLM2-135M-Instruct at batch 8,
 32 and 64, float32 and ``cpu_bf16`` (CPU autocast): the prefill of the prompts and one decoding
-step (the mean step of a ``--new-tokens`` generation, every row kept alive), the step twice:
-``decode`` with the model's own ``DynamicCache`` (the plain engine's sampler) and ``static``
-with the fast CPU engine's decoder over a preallocated cache (``static_decoding``, its
-default). Each phase is printed beside its floor, the larger of
+step (the mean step of a ``--new-tokens`` generation, every row kept alive), the step three
+times: ``decode`` with the model's own ``DynamicCache`` (the plain engine's sampler),
+``static`` with the fast CPU engine's decoder over a preallocated cache (``static_decoding``)
+and the weights as stored, and ``packed``, the same over weights packed for oneDNN
+(``packed_weights``; the engine's default). Each phase is printed beside its floor, the larger
+of
 
-* compute: its matmul FLOPs at the large-matmul (2048^3) rate (the rate at its own shapes is
-  printed beside it: how much of the gap is small matrices), and
+* compute: its matmul FLOPs at the large-matmul (2048^3) rate, the faster kernel's fastest
+  timing (the rate at its own shapes is printed beside it: how much of the gap is small
+  matrices), and
 * memory: the bytes it must read (every weight once, float32 as the model holds them; the KV
-  cache once per decoding step) at the measured read bandwidth,
+  cache once per decoding step) at the measured read bandwidth (the fastest timing),
 
 and the run ends with one line ``decode_fraction_of_floor=X``: floor / measured time of a float32
-decoding step at batch 32 as the default CPU engine takes it (``static``; 1.0 would be at the
-floor), after the same for ``decode`` (``decode_fraction_of_floor_dynamic=X``). Raw figures go to
+decoding step at batch 32 as the default CPU engine takes it (1.0 would be at the
+floor; ``packed``), after the same for ``decode`` and ``static``
+(``decode_fraction_of_floor_dynamic=X``, ``decode_fraction_of_floor_static=X``). Raw figures go to
 benchmarks/results/roofline.json. Method and the latest figures: docs/performance.md.
 
     python benchmarks/roofline.py            # about two minutes on 2 cores
@@ -46,9 +51,11 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results" / "roofline.json"
 
 
-def best_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    """The median of ``repeats`` timings of ``fn`` after ``warmup`` calls (the median, not the
-    minimum: a decoding step's cost includes what it allocates)."""
+def best_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2,
+                 pick: Callable[[list[float]], float] = statistics.median) -> float:
+    """The median (or ``pick``) of ``repeats`` timings of ``fn`` after ``warmup`` calls. Phases
+    take the median, not the minimum: a decoding step's cost includes what it allocates; the
+    machine's rates (the floors) take the fastest, ``min``: what the hardware can do."""
     for _ in range(warmup):
         fn()
     times = []
@@ -56,7 +63,7 @@ def best_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return pick(times)
 
 
 @contextlib.contextmanager
@@ -68,23 +75,37 @@ def precision(dtype: str) -> Iterator[None]:
         yield
 
 
-def matmul_rate(m: int, k: int, n: int, dtype: str, repeats: int) -> float:
-    """GFLOP/s of (m, k) @ (k, n) with float32 operands (under autocast for bf16, as the
-    policy's weights are float32)."""
+def matmul_rates(m: int, k: int, n: int, dtype: str, repeats: int) -> dict[str, float]:
+    """GFLOP/s of (m, k) @ (k, n) with two kernels: ``torch``, ``a @ b`` with float32 operands
+    (under autocast for bf16, as the policy's weights are float32), and ``packed``, oneDNN's
+    over the weight packed once (bf16: cast once), as the fast engine's decoder multiplies;
+    the fastest of ``repeats``."""
+    from ppolm.engines.fast_cpu import packed
+
     a, b = torch.randn(m, k), torch.randn(k, n)
     with precision(dtype):
-        seconds = best_seconds(lambda: a @ b, repeats)
-    return 2 * m * k * n / seconds / 1e9
+        rates = {"torch": best_seconds(lambda: a @ b, repeats, pick=min)}
+    if packed.available():
+        weight = b.T.contiguous().to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        product = packed.PackedLinear(weight, None)
+        rates["packed"] = best_seconds(lambda: product(a), repeats, pick=min)
+    return {kernel: 2 * m * k * n / seconds / 1e9 for kernel, seconds in rates.items()}
+
+
+def matmul_rate(m: int, k: int, n: int, dtype: str, repeats: int) -> float:
+    """GFLOP/s of (m, k) @ (k, n), the faster kernel's (``matmul_rates``)."""
+    return max(matmul_rates(m, k, n, dtype, repeats).values())
 
 
 def bandwidth(repeats: int) -> dict[str, float]:
-    """GB/s of a 512 MB copy (read + write bytes) and of a 512 MB sum (read)."""
+    """GB/s of a 512 MB copy (read + write bytes) and of a 512 MB sum (read), the fastest of
+    ``repeats``."""
     x = torch.empty(128 * 2**20)                     # 512 MB of float32
     x.fill_(1.0)
     y = torch.empty_like(x)
     nbytes = x.numel() * 4
-    copy = best_seconds(lambda: y.copy_(x), repeats)
-    read = best_seconds(lambda: x.sum(), repeats)
+    copy = best_seconds(lambda: y.copy_(x), repeats, pick=min)
+    read = best_seconds(lambda: x.sum(), repeats, pick=min)
     return {"copy_GBps": 2 * nbytes / copy / 1e9, "read_GBps": nbytes / read / 1e9}
 
 
@@ -137,31 +158,33 @@ def time_phases(policy: Any, tok: Any, batch: int, prompt_len: int, new_tokens: 
     ids = torch.randint(100, tok.vocab_size - 100, (batch, prompt_len), generator=g)
     mask = torch.ones_like(ids)
 
-    def run(n: int, static: bool) -> None:
+    kinds = ("decode", "static", "packed")
+
+    def run(n: int, kind: str) -> None:
+        trunk = None if kind == "decode" else StaticDecoder(view, pack=kind == "packed")
         with torch.no_grad(), precision(dtype):
             generate(policy, ids, mask, n, eos_token_id=None, pad_token_id=0,
-                     generator=torch.Generator().manual_seed(1),
-                     trunk=StaticDecoder(view) if static else None)
+                     generator=torch.Generator().manual_seed(1), trunk=trunk)
 
     def prefill() -> None:
         with torch.no_grad(), precision(dtype):
             policy.trunk(ids, mask, cache=None, use_cache=True)
 
     out = {"prefill_s": best_seconds(prefill, repeats)}
-    # The two kinds of step alternate, so that a slower minute of a shared machine falls on both.
-    steps: dict[bool, list[float]] = {False: [], True: []}
-    for static in (False, True):
-        run(new_tokens + 1, static)                                     # warm-up
+    # The kinds of step alternate, so that a slower minute of a shared machine falls on each.
+    steps: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for kind in kinds:
+        run(new_tokens + 1, kind)                                       # warm-up
     for _ in range(max(1, repeats // 2)):
-        for static in (False, True):
+        for kind in kinds:
             t0 = time.perf_counter()
-            run(1, static)
+            run(1, kind)
             t1 = time.perf_counter()
-            run(new_tokens + 1, static)
+            run(new_tokens + 1, kind)
             t2 = time.perf_counter()
-            steps[static].append(((t2 - t1) - (t1 - t0)) / new_tokens)
-    out["decode_step_s"] = statistics.median(steps[False])
-    out["static_step_s"] = statistics.median(steps[True])
+            steps[kind].append(((t2 - t1) - (t1 - t0)) / new_tokens)
+    for kind in kinds:
+        out[f"{kind}_step_s"] = statistics.median(steps[kind])
     return out
 
 
@@ -189,9 +212,13 @@ def main() -> None:
           f"GB/s; SmolLM2 weights {4 * shapes['params'] / 1e6:.0f} MB float32", flush=True)
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "torch": torch.__version__,
                            "bandwidth": bw, "params": shapes["params"], "runs": []}
-    ref = {d: matmul_rate(2048, 2048, 2048, d, repeats) for d in dtypes}
-    print("matmul 2048^3: " + ", ".join(f"{d} {r:.0f} GFLOP/s" for d, r in ref.items()))
+    kernels = {d: matmul_rates(2048, 2048, 2048, d, repeats) for d in dtypes}
+    ref = {d: max(rates.values()) for d, rates in kernels.items()}
+    print("matmul 2048^3 GFLOP/s: " + ", ".join(
+        f"{d} " + " ".join(f"{kernel} {r:.0f}" for kernel, r in rates.items())
+        for d, rates in kernels.items()))
     out["matmul_2048"] = ref
+    out["matmul_2048_kernels"] = kernels
 
     header = (f"{'dtype':>7} {'batch':>5} {'phase':>7} {'GFLOP':>6} {'time ms':>9} "
               f"{'compute ms':>10} {'at shapes':>9} {'memory ms':>9} {'floor ms':>8} "
@@ -215,7 +242,8 @@ def main() -> None:
                            prefill_rates, ref[dtype], bw["read_GBps"], batch, 0)
             for phase, seconds, f in (("prefill", t["prefill_s"], f_pre),
                                       ("decode", t["decode_step_s"], f_dec),
-                                      ("static", t["static_step_s"], f_dec)):
+                                      ("static", t["static_step_s"], f_dec),
+                                      ("packed", t["packed_step_s"], f_dec)):
                 share = f["floor_s"] / seconds
                 print(f"{dtype:>7} {batch:>5} {phase:>7} {f['gflop']:>6.1f} "
                       f"{1e3 * seconds:>9.1f} {1e3 * f['compute_s']:>10.1f} "
@@ -232,7 +260,8 @@ def main() -> None:
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"raw figures: {args.out}")
     print(f"decode_fraction_of_floor_dynamic={fraction['decode']:.3f}")
-    print(f"decode_fraction_of_floor={fraction['static']:.3f}")
+    print(f"decode_fraction_of_floor_static={fraction['static']:.3f}")
+    print(f"decode_fraction_of_floor={fraction['packed']:.3f}")
 
 
 if __name__ == "__main__":

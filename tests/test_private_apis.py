@@ -97,6 +97,23 @@ def test_mkldnn_bf16_probe_answers():
     assert isinstance(bool(probe()), bool)
 
 
+def test_mkldnn_packed_linear_operators_compute_a_linear_map():
+    # engines/fast_cpu/packed.py packs the decoder's weights once per rollout with the first
+    # and multiplies with the second (packed_weights); it is off where they are missing.
+    from ppolm.engines.fast_cpu import packed
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    assert packed.available(), ("torch.ops.mkldnn._reorder_linear_weight or _linear_pointwise is "
+                                "gone: engines/fast_cpu/packed.py needs another packed kernel")
+    w, b, x = torch.randn(8, 5), torch.randn(8), torch.randn(3, 5)
+    out = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), b,
+                                             "none", [], "")
+    torch.testing.assert_close(out, nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5,
+                               msg="torch.ops.mkldnn._linear_pointwise over a reordered weight "
+                                   "no longer computes x @ w.T + b")
+
+
 def test_optimizer_step_wrapper_exposes_the_plain_step():
     # engines/fast_cpu/optim.py calls AdamW.step without torch's hook wrapper, so its own
     # step (wrapped the same way) runs the optimizer hooks once.

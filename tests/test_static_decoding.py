@@ -109,7 +109,7 @@ def test_lora_adapters_are_called_as_they_are():
     view = view_of(policy)
     assert decodes_like(view, "cpu")
     decoder = StaticDecoder(view)
-    assert decoder.qkv[0].weight is None and decoder.mlp[0].gate_up.weight is None
+    assert decoder.qkv[0].product is None and decoder.mlp[0].gate_up.product is None
     theirs, ours = sample(policy, None), sample(policy, decoder)
     assert torch.equal(ours.tokens, theirs.tokens) and torch.equal(ours.hidden, theirs.hidden)
 
@@ -122,19 +122,26 @@ def test_models_of_other_families_keep_their_own_cache():
     assert engine.sampling_trunk(gpt2.policy) is None
 
 
+def short_run(tok, **settings) -> Trainer:
+    """Two iterations of a tiny Llama on the fast engine with ``settings`` (not yet trained)."""
+    torch.manual_seed(0)
+    policy = HFPolicy(tiny_llama(len(tok)))
+    env = TextGenerationEnv(["ab", "cde", "f"], tok, CallableReward(
+        lambda ps, rs: [r.count("a") / 6 for r in rs]), max_new_tokens=6, seed=0)
+    trainer = Trainer(policy, env, PPOConfig(
+        iterations=2, batch_size=8, minibatch_size=4, seed=0, progress=False,
+        engine="fast_cpu", **settings))
+    assert isinstance(trainer.engine, FastCPUEngine)
+    return trainer
+
+
 def test_the_switch_and_a_training_run_with_and_without_it(tok):
-    """static_decoding on (the default) and off: the same run, the same numbers."""
+    """static_decoding on (the default; over the weights as stored) and off: the same run, the
+    same numbers."""
     histories = []
     for static in (True, False):
-        torch.manual_seed(0)
-        policy = HFPolicy(tiny_llama(len(tok)))
-        env = TextGenerationEnv(["ab", "cde", "f"], tok, CallableReward(
-            lambda ps, rs: [r.count("a") / 6 for r in rs]), max_new_tokens=6, seed=0)
-        trainer = Trainer(policy, env, PPOConfig(
-            iterations=2, batch_size=8, minibatch_size=4, seed=0, progress=False,
-            engine="fast_cpu", static_decoding=static))
-        assert isinstance(trainer.engine, FastCPUEngine)
-        trunk = trainer.engine.sampling_trunk(policy)
+        trainer = short_run(tok, static_decoding=static, packed_weights=False)
+        trunk = trainer.engine.sampling_trunk(trainer.policy)
         assert isinstance(trunk, StaticDecoder) is static
         histories.append(trainer.train())
     for a, b in zip(*histories, strict=True):

@@ -31,7 +31,8 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 
 
 # One decoding step of a trunk: (new ids (B, Lnew), attention mask (B, Lpast + Lnew), cache)
-# -> (hidden states (B, Lnew, H), the updated cache).
+# -> (hidden states (B, Lnew, H), the updated cache). One with a ``head`` attribute (hidden
+# (B, H) -> logits (B, V)) has the next-token logits computed by it instead of ``policy.head``.
 StepTrunk = Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]]
 
 # Tokens per block of the two-level inverse CDF in ``draw``.
@@ -151,7 +152,8 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
     sequences up to float rounding (the cache sums in another order).
 
     ``trunk`` replaces ``policy.trunk`` for the decoding steps (an engine that keeps something
-    from them passes its own; it must return what ``policy.trunk`` would).
+    from them passes its own; it must return what ``policy.trunk`` would, and its ``head``,
+    if it has one, what ``policy.head`` would).
 
     ``keep=True`` also returns the ``Past`` (the cache); given as ``past``, the rows go on from
     it: ``input_ids`` are then only the new tokens after the cached ones (the previous pass's
@@ -171,6 +173,8 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
             return trunk(ids, mask, cache)
         return policy.trunk(ids, mask, cache=cache, use_cache=True)
 
+    # the trunk's own head where it has one (the same map, e.g. over weights packed for it)
+    head: Callable[[Tensor], Tensor] = getattr(trunk, "head", None) or policy.head
     hiddens: list[Tensor] = []                                        # (B, H) each
     logprobs: list[Tensor] = []                                       # (B,) each
     if past is None:
@@ -184,7 +188,7 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
             fed = attention_mask[:, -1].bool()[:, None]               # left-padded: any new
             state = torch.where(fed, hidden[:, -1], state)
     last = state                                                      # after the last fed token
-    logits = next_logits(policy, state)                               # (B, V)
+    logits = next_logits(head, state)                               # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # The attention mask grows one column per step: preallocated, filled as rows stay alive.
     P = attention_mask.shape[1]
@@ -220,7 +224,7 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
         state = hidden[:, -1]
         if keep:
             last = torch.where(alive[:, None], state, last)
-        logits = next_logits(policy, state)
+        logits = next_logits(head, state)
     # (the last drawn token was not fed: the cache holds P + steps - 1 positions)
     kept = Past(cache, mask[:, : P + steps - 1], last) if keep else None
     if not record:
@@ -229,6 +233,6 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
                    logprobs=torch.stack(logprobs, 1), hidden=torch.stack(hiddens, 1), past=kept)
 
 
-def next_logits(policy: Policy, hidden: Tensor) -> Tensor:
-    """float32 logits of the next token. Shapes: (B, H) -> (B, V)."""
-    return policy.head(hidden).float()
+def next_logits(head: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
+    """float32 logits of the next token from the policy's ``head``. Shapes: (B, H) -> (B, V)."""
+    return head(hidden).float()

@@ -7,7 +7,8 @@ builds the attention mask again and goes through the attention dispatch of every
 trunk runs the same modules (the norms, projections and MLP of each decoder layer are called as
 they are, adapters included) but writes each step's keys and values into a buffer allocated
 once per rollout, computes the rotary angles and the attention mask once per step for every
-layer, and calls SDPA directly.
+layer, and calls SDPA directly. With ``pack`` its matrix products (the head's too) run over
+weights packed once for oneDNN (``packed.py``: float32 rounding, not bitwise).
 
 A ``StepTrunk`` for ``ppolm.rollout.sampling.generate``: the prefill runs the model itself
 (its ``DynamicCache`` is copied into the buffer), every later call runs ``step``. It is used only
@@ -18,6 +19,7 @@ With ``depth`` it also keeps the input of decoder layer ``depth`` of every fed t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ppolm.engines.fast_cpu.frozen import BottomRecorder
+from ppolm.engines.fast_cpu.packed import linear as packed_linear
 from ppolm.engines.fast_cpu.views import FastView, HFView
 from ppolm.policies.base import positions_from_mask
 from ppolm.policies.hf import decoder_layers
@@ -87,7 +90,7 @@ class StaticDecoder(BottomRecorder):
 
     Shapes: ids (B, Lnew), mask (B, Lpast + Lnew) -> hidden (B, Lnew, H), the cache."""
 
-    def __init__(self, view: HFView, depth: int = 0) -> None:
+    def __init__(self, view: HFView, depth: int = 0, pack: bool = False) -> None:
         super().__init__(view, depth)
         self.lm = view.policy.lm
         base = self.lm.base_model
@@ -98,9 +101,16 @@ class StaticDecoder(BottomRecorder):
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self.qkv = [Projections([m.q_proj, m.k_proj, m.v_proj])
-                    for m in (layer.self_attn for layer in self.layers)]
-        self.mlp = [GatedMLP(layer.mlp) for layer in self.layers]
+        attns = [layer.self_attn for layer in self.layers]
+        self.qkv = [Projections([m.q_proj, m.k_proj, m.v_proj], pack) for m in attns]
+        self.out = [Projections([m.o_proj], pack) for m in attns]
+        self.mlp = [GatedMLP(layer.mlp, pack) for layer in self.layers]
+        self.vocab = Projections([self.lm.get_output_embeddings()], pack)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """The policy's head (``HFPolicy.head``) through ``Projections``. Shapes: (B, H) ->
+        (B, V)."""
+        return self.vocab(hidden)[0]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
                ) -> Tensor:
@@ -179,7 +189,7 @@ class StaticDecoder(BottomRecorder):
             keys, values = cache.keys[i, :, :, :total], cache.values[i, :, :, :total]
             with torch.autocast(x.device.type, enabled=False):          # float32 attention
                 a = self.attend(q.float(), keys, values, allowed, attn.scaling)
-            x = x + attn.o_proj(a.transpose(1, 2).reshape(B, n, self.heads * self.head_dim))
+            x = x + self.out[i](a.transpose(1, 2).reshape(B, n, self.heads * self.head_dim))[0]
             x = x + self.mlp[i](layer.post_attention_layernorm(x))
         cache.length = total
         out: Tensor = base.norm(x)
@@ -188,44 +198,47 @@ class StaticDecoder(BottomRecorder):
 
 class Projections:
     """Linear maps of the same input as one product when they are plain ``nn.Linear`` modules
-    (their weights concatenated when made: once per rollout), else each module called (adapters
-    included). Shapes: (..., H) -> one (..., out_i) per map."""
+    (their weights concatenated when made: once per rollout; with ``pack``, packed for oneDNN,
+    ``packed.py``), else each module called (adapters included). Shapes: (..., H) -> one
+    (..., out_i) per map."""
 
-    def __init__(self, linears: list[Any]) -> None:
+    def __init__(self, linears: list[Any], pack: bool = False) -> None:
         self.linears = linears
         self.sizes = [int(m.weight.shape[0]) for m in linears]
-        self.weight: Tensor | None = None
-        self.bias: Tensor | None = None
+        self.product: Callable[[Tensor], Tensor] | None = None
         biases: list[Tensor] = [m.bias for m in linears
                                 if type(m) is nn.Linear and m.bias is not None]
         if not all(type(m) is nn.Linear for m in linears) or len(biases) not in (0, len(linears)):
             return                                  # adapters, or some biased: call each
         with torch.no_grad():
-            self.weight = torch.cat([m.weight for m in linears])
-            self.bias = torch.cat(biases) if biases else None
-            device = self.weight.device.type
+            weight = torch.cat([m.weight for m in linears]) if len(linears) > 1 \
+                else linears[0].weight.detach()
+            bias = (torch.cat(biases) if len(biases) > 1 else biases[0].detach()) \
+                if biases else None
+            device = weight.device.type
             if torch.is_autocast_enabled(device):   # cast once, as autocast casts each call
                 low = torch.get_autocast_dtype(device)
-                self.weight = self.weight.to(low)
-                self.bias = self.bias.to(low) if self.bias is not None else None
+                weight = weight.to(low)
+                bias = bias.to(low) if bias is not None else None
+        self.product = packed_linear(weight, bias, pack)
 
     def __call__(self, x: Tensor) -> list[Tensor]:
-        if self.weight is None:
+        if self.product is None:
             return [m(x) for m in self.linears]
-        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        out = self.product(x)
+        return [out] if len(self.sizes) == 1 else list(out.split(self.sizes, dim=-1))
 
 
 class GatedMLP:
     """``down(silu(gate(x)) * up(x))`` with gate and up as one product (``Projections``)."""
 
-    def __init__(self, mlp: Any) -> None:
-        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj])
-        self.down = mlp.down_proj
+    def __init__(self, mlp: Any, pack: bool = False) -> None:
+        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], pack)
+        self.down = Projections([mlp.down_proj], pack)
 
     def __call__(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x)
-        out: Tensor = self.down(F.silu(gate) * up)
-        return out
+        return self.down(F.silu(gate) * up)[0]
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -236,15 +249,16 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def decodes_like(view: HFView, device: torch.device | str) -> bool:
-    """Whether ``StaticDecoder`` gives the model's own hidden states on a probe: two
-    left-padded prompts, then three steps (one row ending early) and a two-token feed."""
+def decodes_like(view: HFView, device: torch.device | str, pack: bool = False) -> bool:
+    """Whether ``StaticDecoder`` (with ``pack``) gives the model's own hidden states and logits
+    on a probe: two left-padded prompts, then three steps (one row ending early) and a
+    two-token feed."""
     policy = view.policy
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, policy.vocab_size, (2, 6), generator=gen).to(device)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    ours_dec = StaticDecoder(view)
+    ours_dec = StaticDecoder(view, pack=pack)
     ours, cache = ours_dec(ids, mask, None)
     theirs, dynamic = policy.trunk(ids, mask, use_cache=True)
     pairs = [(ours[mask.bool()], theirs[mask.bool()])]
@@ -255,4 +269,5 @@ def decodes_like(view: HFView, device: torch.device | str) -> bool:
         theirs, dynamic = policy.trunk(new, mask, cache=dynamic, use_cache=True)
         fed = mask[:, -n:].bool()
         pairs.append((ours[fed], theirs[fed]))
+    pairs.append((ours_dec.head(ours[:, -1]), policy.head(theirs[:, -1])))
     return all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5) for a, b in pairs)

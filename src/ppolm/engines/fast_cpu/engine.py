@@ -138,7 +138,7 @@ class FastCPUEngine(Engine):
         trunk: BottomRecorder | None = None
         if self.static_decodes(policy):
             assert isinstance(view, HFView)
-            trunk = StaticDecoder(view, depth)
+            trunk = StaticDecoder(view, depth, pack=self.settings.packed_weights)
         elif depth:
             trunk = BottomRecorder(view, depth)
         if depth:
@@ -151,7 +151,8 @@ class FastCPUEngine(Engine):
         if policy not in self._decodes:
             view = self.view(policy)
             self._decodes[policy] = bool(self.settings.static_decoding and supported(view)
-                                         and decodes_like(view, self.device))
+                                         and decodes_like(view, self.device,
+                                                          self.settings.packed_weights))
         return self._decodes[policy]
 
     # --- forward passes ------------------------------------------------------------------------
