@@ -151,6 +151,10 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         return reward(prompts, completions)
 
     out = tempfile.mkdtemp(prefix="vs_trl_grpo_trl_")
+    # TRL builds its reference model from the policy's config name, a Hub id here that cannot
+    # be reached offline: the starting weights saved locally, under that name instead.
+    model.save_pretrained(Path(out) / "reference")
+    model.config._name_or_path = str(Path(out) / "reference")
     config = GRPOConfig(
         output_dir=out, max_steps=args.iterations * (BATCH // MINIBATCH),
         per_device_train_batch_size=MINIBATCH, gradient_accumulation_steps=1,
