@@ -188,7 +188,7 @@ def generate(policy: Policy, input_ids: Tensor, attention_mask: Tensor, max_new_
             fed = attention_mask[:, -1].bool()[:, None]               # left-padded: any new
             state = torch.where(fed, hidden[:, -1], state)
     last = state                                                      # after the last fed token
-    logits = next_logits(head, state)                               # (B, V)
+    logits = next_logits(head, state)                                 # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # The attention mask grows one column per step: preallocated, filled as rows stay alive.
     P = attention_mask.shape[1]
