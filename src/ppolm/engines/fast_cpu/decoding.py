@@ -211,10 +211,8 @@ class Projections:
         if not all(type(m) is nn.Linear for m in linears) or len(biases) not in (0, len(linears)):
             return                                  # adapters, or some biased: call each
         with torch.no_grad():
-            weight = torch.cat([m.weight for m in linears]) if len(linears) > 1 \
-                else linears[0].weight.detach()
-            bias = (torch.cat(biases) if len(biases) > 1 else biases[0].detach()) \
-                if biases else None
+            weight = joined([m.weight for m in linears])
+            bias = joined(biases) if biases else None
             device = weight.device.type
             if torch.is_autocast_enabled(device):   # cast once, as autocast casts each call
                 low = torch.get_autocast_dtype(device)
@@ -227,6 +225,12 @@ class Projections:
             return [m(x) for m in self.linears]
         out = self.product(x)
         return [out] if len(self.sizes) == 1 else list(out.split(self.sizes, dim=-1))
+
+
+def joined(tensors: list[Tensor]) -> Tensor:
+    """The tensors concatenated along their first dimension (a copy), or the one tensor itself
+    (no copy)."""
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0].detach()
 
 
 class GatedMLP:
