@@ -206,14 +206,19 @@ class FastCPUSettings:
     weights packed once per rollout for oneDNN's kernel: about twice ``F.linear``'s speed at
     a batch's few rows. float32 sums in another order (sampled logprobs equal to float32
     rounding, not bitwise); bf16 equals autocast's. Where torch has oneDNN."""
+    prefill_once: bool = True
+    """With ``static_decoding``, a prompt that fills several rows of a rollout
+    (``samples_per_prompt`` > 1) is run through the model once before decoding, its states
+    copied to each of its rows. A batch of another size sums in another order: sampled
+    logprobs equal to float32 rounding, not bitwise."""
 
 
 @dataclass
 class SystemConfig(FastCPUSettings):
     """How the numbers are computed: the engine, the device, precision, the seed; the fast CPU
     engine's switches (``cpu_bf16``, ``compile``, ``keep_freed_memory``,
-    ``reuse_frozen_layers``, ``static_decoding``, ``packed_weights``) are declared with that engine
-    (``FastCPUSettings``)."""
+    ``reuse_frozen_layers``, ``static_decoding``, ``packed_weights``, ``prefill_once``) are
+    declared with that engine (``FastCPUSettings``)."""
 
     engine: EngineName = "auto"
     """'plain' (torch as users know it: AdamW, clip_grad_norm_, autocast on CUDA), 'fast_cpu'

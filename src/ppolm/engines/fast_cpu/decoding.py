@@ -90,8 +90,10 @@ class StaticDecoder(BottomRecorder):
 
     Shapes: ids (B, Lnew), mask (B, Lpast + Lnew) -> hidden (B, Lnew, H), the cache."""
 
-    def __init__(self, view: HFView, depth: int = 0, pack: bool = False) -> None:
+    def __init__(self, view: HFView, depth: int = 0, pack: bool = False,
+                 prefill_once: bool = False) -> None:
         super().__init__(view, depth)
+        self.prefill_once = prefill_once
         self.lm = view.policy.lm
         base = self.lm.base_model
         found = decoder_layers(base)
@@ -138,20 +140,28 @@ class StaticDecoder(BottomRecorder):
         return hidden, cache
 
     def prefill(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, StaticKV]:
-        """The model itself over the prompts; its cache copied into a new buffer."""
+        """The model itself over the prompts; its cache copied into a new buffer. With
+        ``prefill_once``, a prompt that fills several rows (``samples_per_prompt``) is run once
+        and its states copied to each of its rows."""
+        rows = distinct_rows(ids, mask) if self.prefill_once else None
+        if rows is not None:
+            first, copies = rows
+            ids, mask = ids[first], mask[first]
         if self.depth:
             hidden, bottom, dynamic = self.view.trunk_and_bottom(ids, mask, self.depth,
                                                                  use_cache=True)
-            self.parts.append(bottom)
+            self.parts.append(bottom if rows is None else bottom[copies])
         else:
             hidden, dynamic = self.view.policy.trunk(ids, mask, use_cache=True)
-        B, L = ids.shape
+        if rows is not None:
+            hidden = hidden[copies]
+        B, L = hidden.shape[0], ids.shape[1]
         shape = (len(self.layers), B, self.kv_heads, L + GROWTH, self.head_dim)
         keys = hidden.new_zeros(shape, dtype=torch.float32)
         values = torch.zeros_like(keys)
         for i, layer in enumerate(dynamic.layers):
-            keys[i, :, :, :L] = layer.keys
-            values[i, :, :, :L] = layer.values
+            keys[i, :, :, :L] = layer.keys if rows is None else layer.keys[copies]
+            values[i, :, :, :L] = layer.values if rows is None else layer.values[copies]
         return hidden, StaticKV(keys, values, L)
 
     def step(self, ids: Tensor, mask: Tensor, cache: StaticKV) -> Tensor:
@@ -243,6 +253,22 @@ class GatedMLP:
     def __call__(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x)
         return self.down(F.silu(gate) * up)[0]
+
+
+def distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The rows to run (the first of each distinct prompt, in order) and, for every row, which
+    of them it copies; None when no prompt repeats. Shapes: ids, mask (B, L) -> (U,), (B,)."""
+    seen: dict[tuple[int, ...], int] = {}
+    first: list[int] = []
+    copies: list[int] = []
+    for row, key in enumerate(map(tuple, torch.cat([ids, mask], dim=1).tolist())):
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(row)
+        copies.append(seen[key])
+    if len(first) == len(copies):
+        return None
+    return (torch.tensor(first, device=ids.device), torch.tensor(copies, device=ids.device))
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

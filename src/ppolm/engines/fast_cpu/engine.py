@@ -138,7 +138,8 @@ class FastCPUEngine(Engine):
         trunk: BottomRecorder | None = None
         if self.static_decodes(policy):
             assert isinstance(view, HFView)
-            trunk = StaticDecoder(view, depth, pack=self.settings.packed_weights)
+            trunk = StaticDecoder(view, depth, pack=self.settings.packed_weights,
+                                  prefill_once=self.settings.prefill_once)
         elif depth:
             trunk = BottomRecorder(view, depth)
         if depth:
