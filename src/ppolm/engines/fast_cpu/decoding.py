@@ -144,24 +144,26 @@ class StaticDecoder(BottomRecorder):
         ``prefill_once``, a prompt that fills several rows (``samples_per_prompt``) is run once
         and its states copied to each of its rows."""
         rows = distinct_rows(ids, mask) if self.prefill_once else None
+
+        def spread(t: Tensor) -> Tensor:            # a result of the rows run, to every row
+            return t if rows is None else t[rows[1]]
+
         if rows is not None:
-            first, copies = rows
-            ids, mask = ids[first], mask[first]
+            ids, mask = ids[rows[0]], mask[rows[0]]
         if self.depth:
             hidden, bottom, dynamic = self.view.trunk_and_bottom(ids, mask, self.depth,
                                                                  use_cache=True)
-            self.parts.append(bottom if rows is None else bottom[copies])
+            self.parts.append(spread(bottom))
         else:
             hidden, dynamic = self.view.policy.trunk(ids, mask, use_cache=True)
-        if rows is not None:
-            hidden = hidden[copies]
+        hidden = spread(hidden)
         B, L = hidden.shape[0], ids.shape[1]
         shape = (len(self.layers), B, self.kv_heads, L + GROWTH, self.head_dim)
         keys = hidden.new_zeros(shape, dtype=torch.float32)
         values = torch.zeros_like(keys)
         for i, layer in enumerate(dynamic.layers):
-            keys[i, :, :, :L] = layer.keys if rows is None else layer.keys[copies]
-            values[i, :, :, :L] = layer.values if rows is None else layer.values[copies]
+            keys[i, :, :, :L] = spread(layer.keys)
+            values[i, :, :, :L] = spread(layer.values)
         return hidden, StaticKV(keys, values, L)
 
     def step(self, ids: Tensor, mask: Tensor, cache: StaticKV) -> Tensor:

@@ -4,8 +4,8 @@ Why: a decoding step multiplies a few rows (the batch) by every weight matrix of
 kernel ``F.linear`` takes on a CPU (a GEMM over the weight as stored) reaches a fraction of the
 machine's rate at these shapes, and re-reads the weight in an unfriendly order at every call;
 oneDNN's kernel over a weight reordered once into its own layout is about twice as fast there
-(docs/performance.md, "Packed weights"). The weights change after every update, so they are
-packed once per rollout (about a copy of the weights).
+(docs/performance.md, "Decoding over packed weights"). The weights change after every
+update, so they are packed once per rollout (about a copy of the weights).
 
 Numbers: float32 products sum in another order than ``F.linear``'s, so they equal it to float32
 rounding (about 1e-6 relative), not bitwise; bf16 products (a weight cast to bf16, as autocast
