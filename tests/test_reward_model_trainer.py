@@ -1,5 +1,5 @@
 """RewardModelTrainer: a rule learned from pairs, exact resume, gradient accumulation, the
-exported folder read by transformers, LoRA, the callbacks and metrics.jsonl."""
+exported folder read by transformers, LoRA, the callbacks and metrics.jsonl, CPU bf16."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import torch
 from conftest import ALPHABET, tiny_gpt2, tiny_llama
 from ppolm import Callback, ConfigError, char_tokenizer
 from ppolm.config.reward_model import RewardModelConfig
+from ppolm.engines.fast_cpu.attention import cpu_bf16_supported
+from ppolm.maths.preference import bradley_terry_loss
 from ppolm.observe.metrics import read_metrics
+from ppolm.reward_modeling.batches import pair_batch, score_pairs
 from ppolm.reward_modeling.trainer import RewardModelTrainer
 
 
@@ -43,12 +46,16 @@ def trainer(tmp_path=None, model=None, **settings):
                               data[:96], cfg, eval_data=data[96:])
 
 
-def test_a_rule_is_learned_to_95_percent_held_out():
+needs_bf16 = pytest.mark.skipif(not cpu_bf16_supported(), reason="no CPU bf16 support")
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, pytest.param(True, marks=needs_bf16)])
+def test_a_rule_is_learned_to_95_percent_held_out(cpu_bf16):
     tok = char_tokenizer(ALPHABET)
     data = preference_rows(600, seed=1)
     torch.manual_seed(0)
     cfg = RewardModelConfig(epochs=1, batch_size=16, learning_rate=3e-3, eval_every=30,
-                            progress=False)
+                            progress=False, cpu_bf16=cpu_bf16)
     t = RewardModelTrainer(tiny_llama(len(tok)), tok, data[:480], cfg, eval_data=data[480:])
     start = t.evaluate()
     rows = t.train()
@@ -167,3 +174,35 @@ def test_lora_trains_adapters_and_the_head_and_exports_merged(tmp_path):
         assert torch.allclose(t.model(enc.input_ids, enc.attention_mask),
                               loaded(input_ids=enc.input_ids,
                                      attention_mask=enc.attention_mask).logits[:, 0], atol=1e-5)
+
+
+@needs_bf16
+def test_cpu_bf16_runs_the_products_in_bf16_and_keeps_the_state_float32():
+    """The same batch from the same weights: bf16 products move the scores by bf16 rounding
+    (more than float32's, less than 1e-2), the gradient keeps its direction, and weights,
+    gradients and AdamW's moments stay float32."""
+    scores, grads = {}, {}
+    for bf16 in (False, True):
+        t = trainer(steps=1, max_grad_norm=None, cpu_bf16=bf16)
+        batch = pair_batch(t.train_pairs, list(range(8)), t.pad_id, "cpu", t.packed)
+        c, r = score_pairs(t.model, batch, t.autocast())
+        bradley_terry_loss(c, r).loss.backward()
+        scores[bf16], grads[bf16] = c.detach(), torch.cat([p.grad.flatten() for p in t.params])
+        assert c.dtype == torch.float32
+        if bf16:
+            t.optimizer.zero_grad()
+            t.train()
+            assert all(p.dtype == torch.float32 for p in t.model.parameters())
+            assert all(s["exp_avg"].dtype == torch.float32
+                       for s in t.optimizer.state_dict()["state"].values())
+    gap = (scores[True] - scores[False]).abs().max().item()
+    assert 1e-5 < gap < 1e-2, gap
+    cosine = torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0)
+    assert cosine > 0.999, cosine
+
+
+def test_cpu_bf16_is_refused_on_a_cpu_without_bf16(monkeypatch):
+    monkeypatch.setattr("ppolm.reward_modeling.trainer.cpu_bf16_supported", lambda: False)
+    with pytest.raises(ConfigError, match="cpu_bf16=True, but PyTorch reports no bf16"):
+        trainer(steps=1, cpu_bf16=True)
+    trainer(steps=1)                        # float32 needs no bf16 support

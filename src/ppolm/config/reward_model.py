@@ -86,7 +86,12 @@ class RewardModelConfig:
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
     bf16: bool = True
-    """bf16 autocast on CUDA (weights and optimizer state stay float32); ignored on CPU."""
+    """bf16 autocast on CUDA (weights and optimizer state stay float32); on CPU see
+    ``cpu_bf16``."""
+    cpu_bf16: bool = False
+    """bf16 autocast on CPU, for CPUs with bf16 matrix units (AVX-512 BF16, AMX): the products
+    in bf16, attention in float32; weights, gradients and AdamW stay float32. Refused on a CPU
+    without bf16 support; ignored on CUDA. As PPO's fast_cpu setting of that name."""
     seed: int = 0
     """Seed of the pair order, the held-out split and a new head's initial weights."""
     distributed: Distributed = "ddp"

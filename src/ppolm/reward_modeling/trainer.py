@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,8 +23,9 @@ from torch import Tensor
 from ppolm.config.reward_model import RewardModelConfig
 from ppolm.engines.base import OptimizerSettings
 from ppolm.engines.factory import resolve_device
+from ppolm.engines.fast_cpu.attention import cpu_bf16_supported, float32_attention
 from ppolm.engines.plain import make_adamw
-from ppolm.errors import DataError
+from ppolm.errors import ConfigError, DataError
 from ppolm.maths.preference import bradley_terry_loss, score_statistics
 from ppolm.observe.callbacks import Callback, CallbackList
 from ppolm.observe.metrics import MetricsWriter
@@ -68,6 +70,9 @@ class RewardModelTrainer:
                  peft_config: Any = None) -> None:
         self.config = c = config if config is not None else RewardModelConfig()
         self.device = resolve_device(c.device)
+        if c.cpu_bf16 and self.device.type == "cpu" and not cpu_bf16_supported():
+            raise ConfigError("cpu_bf16=True, but PyTorch reports no bf16 support for this CPU "
+                              "(it needs AVX-512 BF16 or AMX); leave cpu_bf16 off (float32).")
         if launched():                               # under torchrun: join the group
             init_process_group(self.device, timeout_s=600.0)
         self.world = World.current()
@@ -198,6 +203,8 @@ class RewardModelTrainer:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda" and self.config.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.device.type == "cpu" and self.config.cpu_bf16:
+            return cpu_autocast()
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, Any]:
@@ -309,6 +316,14 @@ class RewardModelTrainer:
         self.world.on_main(lambda: None if self.model.save_pretrained(
             path, self.tokenizer, norm, state) else None, "writing the reward model")
         return Path(path)
+
+
+@contextlib.contextmanager
+def cpu_autocast() -> Iterator[None]:
+    """CPU bf16 autocast with attention kept in float32 (PyTorch's CPU attention kernels are
+    slower in bf16; docs/performance.md)."""
+    with float32_attention(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
 
 
 def split(pairs: PreferencePairs, fraction: float, seed: int
