@@ -189,6 +189,7 @@ def test_cpu_bf16_runs_the_products_in_bf16_and_keeps_the_state_float32():
         bradley_terry_loss(c, r).loss.backward()
         scores[bf16], grads[bf16] = c.detach(), torch.cat([p.grad.flatten() for p in t.params])
         assert c.dtype == torch.float32
+        assert all(p.grad.dtype == torch.float32 for p in t.params)
         if bf16:
             t.optimizer.zero_grad()
             t.train()
