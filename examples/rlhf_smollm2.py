@@ -21,8 +21,10 @@ Run (every stage; the sizes below are the defaults):
 The labelled pairs are written to the output folder (pairs_train.jsonl, pairs_eval.jsonl);
 ``--pairs FOLDER`` trains on those of an earlier run instead of sampling again.
 
-The 73% reward model of docs/experiments.md (2026-12-08: 8 responses a prompt, all layers, two
-epochs, the second from the first's saved model; about 2 hours on 2 cores with PPO):
+The recipe of the 73% reward model in docs/experiments.md (2026-12-08: 8 responses a prompt,
+all layers, two epochs, the second from the first's saved model; about 2 hours on 2 cores with
+PPO). Pairs sampled anew differ from that run's, whose held-out pairs came from 4 responses a
+prompt:
     python examples/rlhf_smollm2.py --pair-samples 8 --rm-layers 30 --rm-epochs 1 \
         --rm-lr 5e-5 --rm-set batch_size=56 warmup_steps=5 eval_every=20 --rm-only \
         --out runs/rlhf_k8
@@ -31,7 +33,7 @@ epochs, the second from the first's saved model; about 2 hours on 2 cores with P
         --rm-set batch_size=56 trainable_layers=null seed=1 eval_every=20 \
         --out runs/rlhf_k8b ppo.iterations=48 ppo.average_last=0
 ``--rm-set cpu_bf16=true`` trains the reward model with bf16 products on a CPU that has them
-(about 1.6x faster a step; docs/performance.md).
+(1.5-1.6x faster a step; docs/performance.md).
 
 A smoke run of a few minutes:
     python examples/rlhf_smollm2.py --train-prompts 16 --eval-prompts 8 --rm-epochs 1 \
