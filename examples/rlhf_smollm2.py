@@ -56,6 +56,7 @@ from ppolm import (
     Callback,
     ConfigError,
     EvalCallback,
+    RewardModel,
     RewardModelConfig,
     RewardModelReward,
     RewardModelTrainer,
@@ -149,20 +150,19 @@ def reward_model_config(args: argparse.Namespace, out: Path) -> RewardModelConfi
     sampling, so a typo stops the run at once)."""
     if args.rm_from and not (Path(args.rm_from) / "config.json").is_file():
         raise SystemExit(f"--rm-from {args.rm_from}: no saved model there (no config.json)")
-    # group_pairs: with K > 2 responses a prompt, its pairs share responses; one batch
-    settings = {"epochs": args.rm_epochs, "batch_size": 16, "micro_batch_size": 8,
-                "group_pairs": args.pair_samples > 2, "learning_rate": args.rm_lr,
-                "trainable_layers": args.rm_layers, "eval_every": 10,
-                "output_dir": str(out / "reward_model"), "overwrite": True}
+    given = {}
     for item in args.rm_set:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--rm-set takes KEY=VALUE, got {item!r}")
-        settings[key] = yaml.safe_load(value)
-    if isinstance(settings["batch_size"], int) and not any(
-            item.startswith("micro_batch_size=") for item in args.rm_set):
-        b = settings["batch_size"]          # two micro-batches when it halves evenly
-        settings["micro_batch_size"] = b // 2 if b % 2 == 0 and b > 1 else b
+        given[key] = yaml.safe_load(value)
+    b = given.get("batch_size", 16)             # two micro-batches when it halves evenly
+    micro = b // 2 if isinstance(b, int) and b % 2 == 0 and b > 1 else b
+    # group_pairs: with K > 2 responses a prompt, its pairs share responses; one batch
+    settings = {"epochs": args.rm_epochs, "batch_size": b, "micro_batch_size": micro,
+                "group_pairs": args.pair_samples > 2, "learning_rate": args.rm_lr,
+                "trainable_layers": args.rm_layers, "eval_every": 10,
+                "output_dir": str(out / "reward_model"), "overwrite": True, **given}
     try:
         return RewardModelConfig(**settings)
     except ConfigError as e:            # an unknown key, a value of the wrong type
@@ -190,11 +190,8 @@ def train_reward_model(args: argparse.Namespace, held_out: list[str], out: Path,
     print(f"pairs: {len(train_pairs)} for training, {len(eval_pairs)} held out "
           f"({seconds['pairs'] / 60:.1f} min)")
     t0 = time.perf_counter()
-    model = base
-    if args.rm_from:                    # a saved reward model: its trunk and head
-        from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained(args.rm_from,
-                                                                   dtype=torch.float32)
+    # a saved reward model (its trunk and head), or a new head on the base model
+    model = RewardModel(args.rm_from) if args.rm_from else base
     rm_trainer = RewardModelTrainer(model, tokenizer, train_pairs, rm_config,
                                     eval_data=eval_pairs)
     rm_trainer.train()

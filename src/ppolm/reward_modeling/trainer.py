@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,7 +22,7 @@ from torch import Tensor
 from ppolm.config.reward_model import RewardModelConfig
 from ppolm.engines.base import OptimizerSettings
 from ppolm.engines.factory import resolve_device
-from ppolm.engines.fast_cpu.attention import cpu_bf16_supported, float32_attention
+from ppolm.engines.fast_cpu.attention import cpu_bf16_autocast, cpu_bf16_supported
 from ppolm.engines.plain import make_adamw
 from ppolm.errors import ConfigError, DataError
 from ppolm.maths.preference import bradley_terry_loss, score_statistics
@@ -204,7 +203,7 @@ class RewardModelTrainer:
         if self.device.type == "cuda" and self.config.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         if self.device.type == "cpu" and self.config.cpu_bf16:
-            return cpu_autocast()
+            return cpu_bf16_autocast()
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, Any]:
@@ -316,14 +315,6 @@ class RewardModelTrainer:
         self.world.on_main(lambda: None if self.model.save_pretrained(
             path, self.tokenizer, norm, state) else None, "writing the reward model")
         return Path(path)
-
-
-@contextlib.contextmanager
-def cpu_autocast() -> Iterator[None]:
-    """CPU bf16 autocast with attention kept in float32 (PyTorch's CPU attention kernels are
-    slower in bf16; docs/performance.md)."""
-    with float32_attention(), torch.autocast("cpu", dtype=torch.bfloat16):
-        yield
 
 
 def split(pairs: PreferencePairs, fraction: float, seed: int

@@ -49,6 +49,15 @@ def float32_attention() -> Iterator[None]:
 
 
 
+def cpu_bf16_autocast() -> contextlib.ExitStack:
+    """CPU bf16 autocast with attention kept in float32 (``float32_attention``): what
+    ``cpu_bf16`` runs under, in the fast engine and in the reward-model trainer."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    stack.enter_context(float32_attention())
+    return stack
+
+
 def cpu_bf16_supported() -> bool:
     """Whether PyTorch's CPU kernels support bf16 products on this CPU."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)

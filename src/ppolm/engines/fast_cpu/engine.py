@@ -23,7 +23,7 @@ from ppolm.engines.base import (
     trainable_parameters,
     trained_modules,
 )
-from ppolm.engines.fast_cpu.attention import cpu_bf16_supported, float32_attention
+from ppolm.engines.fast_cpu.attention import cpu_bf16_autocast, cpu_bf16_supported
 from ppolm.engines.fast_cpu.clipping import clip_factor, grad_norm, step_with_factor
 from ppolm.engines.fast_cpu.decoding import StaticDecoder, decodes_like, supported
 from ppolm.engines.fast_cpu.forward import OnEmbeds, forward_response, trunk_hidden
@@ -110,10 +110,7 @@ class FastCPUEngine(Engine):
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if not self.settings.cpu_bf16:
             return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        stack.enter_context(float32_attention())
-        return stack
+        return cpu_bf16_autocast()
 
     @contextlib.contextmanager
     def rollout(self) -> Iterator[None]:
